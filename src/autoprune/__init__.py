@@ -1,0 +1,32 @@
+"""autoprune: automatic loss-aware structured pruning for PyTorch CNNs and hybrids."""
+
+from .api import build_model, complexity, evaluate, train
+from .data import list_datasets, load_dataset, make_loader
+from .errors import AutopruneError, CheckpointError, DataNotFoundError, UnknownNameError
+from .measure import count_macs, count_params, profile_model
+from .models import create_model, list_models, load_weights
+from .train import TrainConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutopruneError",
+    "CheckpointError",
+    "DataNotFoundError",
+    "TrainConfig",
+    "UnknownNameError",
+    "__version__",
+    "build_model",
+    "complexity",
+    "count_macs",
+    "count_params",
+    "create_model",
+    "evaluate",
+    "list_datasets",
+    "list_models",
+    "load_dataset",
+    "load_weights",
+    "make_loader",
+    "profile_model",
+    "train",
+]

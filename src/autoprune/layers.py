@@ -22,8 +22,6 @@ class ChannelPadShortcut(nn.Module):
     layer's shape.
     """
 
-    index: torch.Tensor
-
     def __init__(self, in_channels: int, out_channels: int, stride: int = 2) -> None:
         super().__init__()
         if out_channels < in_channels:

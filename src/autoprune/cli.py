@@ -1,0 +1,227 @@
+"""``autoprune`` command line: a thin layer over :mod:`autoprune.api`.
+
+User errors (:class:`~autoprune.errors.AutopruneError`) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import api
+from .data import DATASETS, dataset_info, default_data_root
+from .errors import AutopruneError
+from .measure import available_backends, profile_model
+from .models import MODELS, model_info
+from .train import SCHEDULES, TrainConfig
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Make trained PyTorch CNNs smaller and faster by automatic structured pruning.",
+)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+# Options shared by several commands, declared once.
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="Zoo name, tv:NAME, timm:NAME, or file.py:factory.")
+]
+ModelFileOpt = Annotated[
+    str | None, typer.Option("--model-file", help="file.py:factory building your own nn.Module.")
+]
+WeightsOpt = Annotated[Path | None, typer.Option("--weights", "-w", help="Checkpoint to load.")]
+DataOpt = Annotated[str, typer.Option("--data", "-d", help="Dataset name (autoprune datasets).")]
+DataRootOpt = Annotated[
+    Path | None,
+    typer.Option("--data-root", help="Where the dataset files are [default: ~/.cache/autoprune-data]."),
+]
+InputSizeOpt = Annotated[
+    int | None, typer.Option("--input-size", help="Resize images to N x N (bilinear).")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+
+def _model_name(model: str | None, model_file: str | None) -> str:
+    if model_file:
+        return model_file
+    if model:
+        return model
+    raise AutopruneError("give --model NAME or --model-file file.py:factory")
+
+
+@app.command("models")
+def models_cmd(pattern: Annotated[str, typer.Argument()] = "*") -> None:
+    """List the model zoo."""
+    table = Table("name", "input", "classes", "dataset", "description")
+    for name in MODELS.names(pattern):
+        info = model_info(name)
+        shape = "x".join(map(str, info.input_size))
+        table.add_row(name, shape, str(info.num_classes), info.dataset, info.description)
+    out.print(table)
+
+
+@app.command("datasets")
+def datasets_cmd() -> None:
+    """List the datasets."""
+    table = Table("name", "classes", "image", "description")
+    for entry in DATASETS:
+        info = dataset_info(entry.name)
+        h, w = info.image_size
+        shape = f"{info.channels}x{h}x{w}" if h else "from files"
+        table.add_row(entry.name, str(info.num_classes or "from files"), shape,
+                      entry.meta["description"])
+    out.print(table)
+
+
+@app.command("train")
+def train_cmd(
+    data: DataOpt,
+    model: ModelOpt = "",
+    model_file: ModelFileOpt = None,
+    weights: WeightsOpt = None,
+    data_root: DataRootOpt = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory.")] = None,
+    epochs: int = 1,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after N optimizer steps.")] = None,
+    batch_size: int = 128,
+    lr: float = 0.05,
+    weight_decay: float = 5e-4,
+    schedule: Annotated[str, typer.Option(help=f"One of: {', '.join(SCHEDULES.names())}.")] = "cosine",
+    warmup: Annotated[float, typer.Option(help="Warm-up as a fraction of the steps.")] = 0.0,
+    label_smoothing: float = 0.0,
+    seed: int = 0,
+    device: DeviceOpt = "auto",
+    input_size: InputSizeOpt = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train (or fine-tune) a model; checkpoints every epoch when --out is given."""
+    SCHEDULES.entry(schedule)  # fail before loading data
+    config = TrainConfig(
+        epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, schedule=schedule, warmup_fraction=warmup,
+        label_smoothing=label_smoothing, seed=seed, progress=not no_progress,
+    )
+    _, result = api.train(
+        _model_name(model, model_file), data, config=config, weights=weights,
+        data_root=data_root, device=device, out_dir=out_dir, resume=resume, input_size=input_size,
+    )
+    history = [asdict(r) for r in result.history]
+    if as_json:
+        out.print_json(json.dumps({"history": history, "steps": result.steps}))
+    elif out_dir is not None:
+        out.print(f"saved to {out_dir}")
+
+
+@app.command("eval")
+def eval_cmd(
+    data: DataOpt,
+    model: ModelOpt = "",
+    model_file: ModelFileOpt = None,
+    weights: WeightsOpt = None,
+    data_root: DataRootOpt = None,
+    split: str = "test",
+    batch_size: int = 256,
+    device: DeviceOpt = "auto",
+    input_size: InputSizeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Accuracy and loss on a dataset split, with the model's MACs and parameters."""
+    net, dataset = api.model_and_data(
+        _model_name(model, model_file), data, split, weights=weights, data_root=data_root
+    )
+    result = api.evaluate(net, dataset, batch_size=batch_size, device=device, input_size=input_size)
+    report = {
+        "accuracy": round(result.accuracy, 4),
+        "loss": round(result.loss, 6),
+        **api.complexity(net, dataset, input_size),
+        "samples": result.samples,
+    }
+    if as_json:
+        out.print_json(json.dumps(report))
+    else:
+        out.print(
+            f"accuracy {report['accuracy']:.2f}%  loss {report['loss']:.4f}  "
+            f"MACs {report['macs'] / 1e6:.2f} M  params {report['params'] / 1e6:.3f} M  "
+            f"({report['samples']} images of {dataset.info.name} {split})"
+        )
+
+
+@app.command("profile")
+def profile_cmd(
+    model: ModelOpt = "",
+    model_file: ModelFileOpt = None,
+    weights: WeightsOpt = None,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="Take the input size from it.")] = None,
+    input_size: InputSizeOpt = None,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,64",
+    backends: Annotated[
+        str | None, typer.Option(help=f"Comma-separated; installed: {', '.join(available_backends())}.")
+    ] = None,
+    repeats: int = 20,
+    no_latency: Annotated[bool, typer.Option("--no-latency")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """MACs, parameters and latency (median of repeated runs after warm-up)."""
+    net = api.build_model(_model_name(model, model_file), weights=weights)
+    example = api.example_input(net, data, input_size)
+    chosen = [] if no_latency else (backends.split(",") if backends else None)
+    result = profile_model(
+        net, tuple(example.shape[1:]), batch_sizes=[int(b) for b in batch_sizes.split(",")],
+        backends=chosen, repeats=repeats,
+    )
+    if as_json:
+        out.print_json(json.dumps(result.to_dict()))
+        return
+    out.print(f"MACs {result.macs / 1e6:.2f} M  params {result.params / 1e6:.3f} M  "
+              f"input {'x'.join(map(str, result.input_shape))}")
+    for lat in result.latency:
+        out.print(f"{lat.backend:>12} batch {lat.batch_size:>3}: {lat.median_ms:8.2f} ms  "
+                  f"({lat.images_per_s:.0f} img/s, median of {lat.repeats})")
+
+
+@app.command("demo")
+def demo_cmd(
+    out_dir: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/demo"),
+    epochs: int = 1,
+    data_root: DataRootOpt = None,
+) -> None:
+    """The whole pipeline on data that ships: train a small CNN on Fashion-MNIST, evaluate it."""
+    config = TrainConfig(epochs=epochs, batch_size=128, lr=0.05)
+    net, result = api.train("smallcnn", "fashion-mnist", config=config, data_root=data_root,
+                            out_dir=out_dir)
+    last = result.history[-1]
+    cost = api.complexity(net, "fashion-mnist")
+    out.print(f"smallcnn on fashion-mnist: test accuracy {last.val_accuracy:.2f}%, "
+              f"MACs {cost['macs'] / 1e6:.2f} M, params {cost['params'] / 1e3:.1f} k; "
+              f"run directory: {out_dir}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except AutopruneError as error:
+        err.print(f"error: {error}", markup=False, highlight=False)
+        sys.exit(2)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        err.print("interrupted", markup=False)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

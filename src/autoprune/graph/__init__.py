@@ -1,0 +1,23 @@
+"""Coupled channel groups, trial removal by masking, and physical removal.
+
+Built on Torch-Pruning's ``DependencyGraph`` with our own rules: option-A shortcuts
+(:class:`~autoprune.layers.ChannelPadShortcut`, also rewritten from ``F.pad``), checks for
+layers and ops it would get wrong, exact MAC accounting and exact masking.
+"""
+
+from ._fx import NORMALIZED_ATTR, normalize_model
+from .groups import ChannelGroup, Member
+from .masking import ChannelMask, mask_channels
+from .pruning_graph import DEFAULT_PRUNABLE_TYPES, PruningGraph, build_graph
+
+__all__ = [
+    "DEFAULT_PRUNABLE_TYPES",
+    "NORMALIZED_ATTR",
+    "ChannelGroup",
+    "ChannelMask",
+    "Member",
+    "PruningGraph",
+    "build_graph",
+    "mask_channels",
+    "normalize_model",
+]

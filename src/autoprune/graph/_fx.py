@@ -1,0 +1,166 @@
+"""Rewrite option-A shortcuts written with ``F.pad`` into :class:`ChannelPadShortcut` layers.
+
+A channel-dim ``F.pad`` ties the channels before and after it together with an offset that only
+"p zeros on each side" can express, so Torch-Pruning merges the stages around it (and with them
+the whole network) into one group. Users write it in a lambda (akamaster's ``LambdaLayer``) or
+directly in ``forward``; either way the layer whose own code contains the pad is traced with
+torch.fx (its children stay opaque), the pad and the strided subsample before it become one
+``ChannelPadShortcut`` submodule, and the traced layer replaces the original in its parent.
+Only layers that contain such a pad change; their children keep their names and objects.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..errors import AutopruneError
+from ..layers import ChannelPadShortcut
+
+NORMALIZED_ATTR = "_autoprune_rewritten"
+"""Attribute set on the model :func:`normalize_model` returned, naming the rewritten layers
+("" is the model itself); loaders re-apply :func:`normalize_model` when they see it."""
+
+_PAD_FUNCTIONS = (F.pad, torch._C._nn.pad, torch.constant_pad_nd)
+_PAD_ARGS = ("input", "pad", "mode", "value")
+
+
+class _ShallowTracer(fx.Tracer):
+    """Traces one layer's own ``forward``; every child module stays a single call."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _channel_pad(node: fx.Node) -> tuple[int, int] | None:
+    """(before, after) zero channels added by a constant-zero pad of dim 1 of a 4-D tensor."""
+    if node.op != "call_function" or node.target not in _PAD_FUNCTIONS:
+        return None
+    names = ("input", "pad", "value") if node.target is torch.constant_pad_nd else _PAD_ARGS
+    params = {**dict(zip(names, node.args)), **node.kwargs}
+    pad, mode, value = params.get("pad"), params.get("mode"), params.get("value")
+    if not isinstance(pad, Sequence) or len(pad) != 6 or not all(isinstance(p, int) for p in pad):
+        return None
+    if mode not in (None, "constant") or value not in (None, 0):
+        return None
+    if any(pad[:4]) or min(pad[4:]) < 0 or not any(pad[4:]):
+        return None
+    return pad[4], pad[5]
+
+
+def _subsample(node: Any) -> tuple[fx.Node, int]:
+    """``x[:, :, ::s, ::s]`` -> (x, s); any other node -> (node, 1)."""
+    if (
+        isinstance(node, fx.Node)
+        and node.op == "call_function"
+        and node.target is operator.getitem
+        and isinstance(node.args[1], tuple)
+        and len(node.args[1]) == 4
+        and all(isinstance(s, slice) for s in node.args[1])
+    ):
+        full, full2, s1, s2 = node.args[1]
+        if full == full2 == slice(None) and s1 == s2 and s1.start is None and s1.stop is None:
+            if isinstance(s1.step, int) and s1.step > 1:
+                return node.args[0], s1.step
+    return node, 1
+
+
+def _find_pads(module: nn.Module) -> fx.GraphModule | None:
+    """The module traced shallowly, when its own code pads channels; None otherwise."""
+    if type(module).__module__.startswith("torch.") or isinstance(module, ChannelPadShortcut):
+        return None
+    try:
+        graph = _ShallowTracer().trace(module)
+    except Exception:  # not traceable (data-dependent control flow): the graph check reports it
+        return None
+    if not any(_channel_pad(n) for n in graph.nodes):
+        return None
+    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    return gm.train(module.training)
+
+
+def _capture_inputs(
+    model: nn.Module, example_inputs: tuple, targets: dict[str, nn.Module]
+) -> dict[str, tuple]:
+    captured: dict[str, tuple] = {}
+    handles = [
+        m.register_forward_pre_hook(lambda _m, args, name=name: captured.setdefault(name, args))
+        for name, m in targets.items()
+    ]
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def _rewrite(gm: fx.GraphModule, args: tuple) -> None:
+    ShapeProp(gm).propagate(*args)
+    for k, node in enumerate([n for n in gm.graph.nodes if _channel_pad(n)]):
+        before, after = _channel_pad(node)  # type: ignore[misc]
+        source, stride = _subsample(node.args[0])
+        in_channels = source.meta["tensor_meta"].shape[1]
+        out_channels = in_channels + before + after
+        layer = ChannelPadShortcut(in_channels, out_channels, stride)
+        index = torch.full((out_channels,), -1, dtype=torch.long)
+        index[before : before + in_channels] = torch.arange(in_channels)
+        layer.set_index(index, in_channels)
+        name = "channel_pad" if k == 0 else f"channel_pad{k}"
+        while hasattr(gm, name):
+            name += "_"
+        gm.add_submodule(name, layer)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, (source,))
+        sliced = node.args[0]
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        if sliced is not source and not sliced.users:
+            gm.graph.erase_node(sliced)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def normalize_model(
+    model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None
+) -> nn.Module:
+    """Rewrite channel-dim ``F.pad`` shortcuts into :class:`ChannelPadShortcut` layers.
+
+    Returns ``model`` itself, untouched, when nothing needs rewriting (every zoo model).
+    Otherwise the layers containing such a pad are replaced in place (a pad in the model's own
+    ``forward`` makes the returned model a new :class:`torch.fx.GraphModule`); the result
+    computes exactly what the original did and names the rewritten layers in
+    ``NORMALIZED_ATTR``. ``example_inputs`` are needed then, to learn each pad's input width.
+    """
+    found = {name: gm for name, m in model.named_modules() if (gm := _find_pads(m)) is not None}
+    if not found:
+        return model
+    if example_inputs is None:
+        names = ", ".join(repr(n) for n in found)
+        raise AutopruneError(
+            f"layers {names} pad channels with F.pad; pass example_inputs to normalize_model "
+            "so they can be rewritten"
+        )
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    modules = dict(model.named_modules())
+    captured = _capture_inputs(model, inputs, {name: modules[name] for name in found})
+    done = [name for name in found if name in captured]  # a layer never called stays as is
+    # Parents first, each found in the current tree, so a rewritten parent gets the new child.
+    for name in sorted(done, key=lambda n: n.count(".") if n else -1):
+        gm = found[name]
+        _rewrite(gm, captured[name])
+        if name:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, gm)
+        else:
+            model = gm
+    rewritten = tuple(getattr(model, NORMALIZED_ATTR, ())) + tuple(done)
+    setattr(model, NORMALIZED_ATTR, rewritten)
+    return model

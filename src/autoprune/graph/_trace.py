@@ -1,0 +1,132 @@
+"""One traced forward that gives Torch-Pruning its graph and records what it does not keep.
+
+Torch-Pruning rebuilds the graph from autograd nodes, which carry no shapes. Running its trace
+under a :class:`~torch.overrides.TorchFunctionMode` lets us see every op's operand shapes, so we
+can tell where channels are *not* carried one to one (an op that would silently merge or break
+groups), where they meet a tensor that cannot be pruned (the model input, a constant), and how
+many MACs each conv/linear costs per channel pair.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from math import prod
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+from ._rules import CONV_TYPES
+
+
+@dataclass(frozen=True)
+class OpRecord:
+    """Shapes around one functional op whose output has autograd history."""
+
+    name: str
+    operands: tuple[torch.Size, ...]  # operands with autograd history
+    constants: tuple[torch.Size, ...]  # operands without it (model input, buffers, literals)
+    output: torch.Size
+    internal: bool  # ran inside a layer with its own pruner (its internals are its business)
+
+
+class TraceRecorder(TorchFunctionMode):
+    """Records op shapes, per-layer MAC units and the widths of black-box layers.
+
+    ``mac_units[layer]`` is the factor with ``MACs(layer) = unit * w.shape[0] * w.shape[1]``
+    (batch x output positions x kernel size for a conv, rows for a linear): it does not change
+    when channels are removed, so MACs after pruning follow from weight shapes alone. This is
+    the count :func:`torch.utils.flop_counter.FlopCounterMode` makes (FLOPs / 2, no bias).
+    """
+
+    def __init__(self, model: nn.Module, black_boxes: Iterable[nn.Module]) -> None:
+        super().__init__()
+        self.ops: dict[Any, OpRecord] = {}
+        self.mac_units: dict[nn.Module, int] = defaultdict(int)
+        self.widths: dict[nn.Module, tuple[int, int]] = {}
+        self.outputs: set[Any] = set()  # grad_fns of the model's outputs
+        self._depth = 0
+        self._handles = [model.register_forward_hook(self._model_output)]
+        for m in model.modules():
+            if isinstance(m, (*CONV_TYPES, nn.Linear)):
+                self._handles.append(m.register_forward_hook(self._count_macs))
+        for m in black_boxes:
+            self._handles.append(m.register_forward_pre_hook(self._enter))
+            self._handles.append(m.register_forward_hook(self._leave))
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        for h in self._handles:
+            h.remove()
+
+    def __torch_function__(
+        self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        grad_fn = getattr(out, "grad_fn", None) if isinstance(out, torch.Tensor) else None
+        if grad_fn is not None and grad_fn not in self.ops:
+            tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            self.ops[grad_fn] = OpRecord(
+                name=getattr(func, "__name__", str(func)),
+                operands=tuple(t.shape for t in tensors if t.requires_grad),
+                constants=tuple(t.shape for t in tensors if not t.requires_grad),
+                output=out.shape,
+                internal=self._depth > 0,
+            )
+        return out
+
+    def _model_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.outputs.update(
+            t.grad_fn for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.grad_fn
+        )
+
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        self._depth += 1
+
+    def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._depth -= 1
+        first_in = next((t for t in tree_leaves(args) if isinstance(t, torch.Tensor)), None)
+        first_out = next((t for t in tree_leaves(output) if isinstance(t, torch.Tensor)), None)
+        if first_in is not None and first_out is not None and first_in.dim() > 1:
+            self.widths[module] = (first_in.shape[1], first_out.shape[1])
+
+    def _count_macs(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        w = module.weight
+        if isinstance(module, nn.Linear):
+            self.mac_units[module] += output.numel() // output.shape[-1]
+            return
+        transposed = getattr(module, "transposed", False)
+        positions = (args[0] if transposed else output).shape
+        self.mac_units[module] += prod(positions[:1]) * prod(positions[2:]) * prod(w.shape[2:])
+
+
+def channel_dim(ndim: int, tokens_last: bool) -> int:
+    """Torch-Pruning's convention: channels are dim 1, except in (batch, tokens, dim) tensors."""
+    return -1 if ndim == 3 and tokens_last else 1
+
+
+def breaks_channels(rec: OpRecord, tokens_last: bool) -> tuple[int, int] | None:
+    """(in, out) widths when an op Torch-Pruning treats as element-wise changes the width."""
+    if len(rec.output) < 2:
+        return None
+    width = rec.output[channel_dim(len(rec.output), tokens_last)]
+    for shape in rec.operands:
+        if len(shape) >= 2:
+            w_in = shape[channel_dim(len(shape), tokens_last)]
+            if w_in not in (1, width):
+                return w_in, width
+    return None
+
+
+def meets_constant(rec: OpRecord, tokens_last: bool) -> bool:
+    """Whether an element-wise op combines channels with a tensor that cannot be pruned."""
+    if len(rec.output) < 2:
+        return False
+    width = rec.output[channel_dim(len(rec.output), tokens_last)]
+    return width > 1 and any(
+        len(s) >= 2 and s[channel_dim(len(s), tokens_last)] == width for s in rec.constants
+    )

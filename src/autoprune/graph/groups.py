@@ -1,0 +1,151 @@
+"""Channel groups: the unit the search removes channels from, with exact MAC accounting."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._rules import CONV_TYPES
+
+Removed = dict[nn.Module, tuple[int, int]]  # layer -> (out-channels removed, in-channels removed)
+
+
+@dataclass(frozen=True, eq=False)
+class Member:
+    """One layer of a group and which of its sides the group's channels run through.
+
+    ``idxs[k]`` is a channel of that side and ``group_idxs[k]`` the group channel it belongs
+    to (a group channel can own several: a flattened feature map feeds ``h * w`` inputs of a
+    linear layer). Per-channel layers (BatchNorm, depthwise convs) touch both sides at once.
+    """
+
+    layer: str
+    kind: str
+    in_channels: bool
+    out_channels: bool
+    module: nn.Module = field(repr=False)
+    idxs: torch.Tensor = field(repr=False)
+    group_idxs: torch.Tensor = field(repr=False)
+
+    @property
+    def consumer(self) -> bool:
+        """Reads the group's channels and mixes them into others (conv, linear, shortcut input)."""
+        return self.in_channels and not self.out_channels
+
+    def count(self, group_idxs: torch.Tensor) -> int:
+        """How many of this member's channels go when ``group_idxs`` go."""
+        return int(torch.isin(self.group_idxs, group_idxs).sum())
+
+
+class MacTable:
+    """MACs of every conv and linear layer as a function of its current weight shape.
+
+    ``units[layer] * w.shape[0] * w.shape[1]`` is exactly what ``FlopCounterMode`` counts for a
+    layer (FLOPs / 2, bias excluded) on the traced inputs; the unit holds however many channels
+    are removed, so predictions stay exact after any number of pruning steps.
+    """
+
+    def __init__(self, units: Mapping[nn.Module, int]) -> None:
+        self.units = dict(units)
+
+    def layer_macs(self, module: nn.Module, out_removed: int = 0, in_removed: int = 0) -> int:
+        w0, w1 = module.weight.shape[:2]
+        if isinstance(module, CONV_TYPES):
+            if module.transposed:  # weight is (in, out / groups, ...)
+                w0, w1 = w0 - in_removed, w1 - out_removed
+            elif module.groups == module.in_channels == module.out_channels and w1 == 1:
+                w0 -= out_removed  # depthwise: one input channel per filter, always
+            else:
+                w0, w1 = w0 - out_removed, w1 - in_removed
+        else:
+            w0, w1 = w0 - out_removed, w1 - in_removed
+        return self.units[module] * w0 * w1
+
+    def total(self, removed: Removed | None = None) -> int:
+        removed = removed or {}
+        return sum(self.layer_macs(m, *removed.get(m, (0, 0))) for m in self.units)
+
+    def saved(self, removed: Removed) -> int:
+        return sum(
+            self.layer_macs(m) - self.layer_macs(m, *r) for m, r in removed.items() if m in self.units
+        )
+
+
+class ChannelGroup:
+    """Channels that must be removed together, and what removing them costs and saves.
+
+    ``channels`` counts group channels; removing group channel ``c`` removes every member
+    channel whose ``group_idxs`` entry is ``c``. A group is valid until the graph is pruned:
+    ask :meth:`PruningGraph.groups` (or ``graph.group(name)``) again after every prune.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        members: Sequence[Member],
+        channels: int,
+        macs: MacTable,
+        root: tuple[nn.Module, Any],
+        version: int,
+    ) -> None:
+        self.name = name
+        self.members = tuple(members)
+        self.channels = channels
+        self.root = root  # (module, Torch-Pruning handler) the group is rebuilt from
+        self.version = version
+        self.cache: dict[Any, Any] = {}  # per-group derived data (criteria), dropped with it
+        self._macs = macs
+        self._multiplicity = {m: _multiplicity(m, channels) for m in self.members}
+
+    def __repr__(self) -> str:
+        return (
+            f"ChannelGroup({self.name!r}, channels={self.channels}, "
+            f"members={len(self.members)}, macs_per_channel={self.macs_per_channel})"
+        )
+
+    @property
+    def macs_per_channel(self) -> int:
+        """MACs the first removed channel saves (later ones may save less: see macs_saved)."""
+        return self.macs_saved(1)
+
+    def removed(self, n_or_idxs: int | Sequence[int] | torch.Tensor) -> Removed:
+        """Per layer, the (out, in) channels that removing ``n_or_idxs`` takes away.
+
+        An int ``n`` stands for any ``n`` channels; that is exact when every group channel
+        owns the same number of channels in each member, which holds for all but channel
+        slices (there, pass the indices).
+        """
+        out: dict[nn.Module, list[int]] = {}
+        if isinstance(n_or_idxs, int):
+            counts = {m: _times(self._multiplicity[m], n_or_idxs, self.name) for m in self.members}
+        else:
+            idxs = torch.as_tensor(n_or_idxs, dtype=torch.long)
+            counts = {m: m.count(idxs) for m in self.members}
+        for m, k in counts.items():
+            acc = out.setdefault(m.module, [0, 0])
+            acc[0] += k if m.out_channels else 0
+            acc[1] += k if m.in_channels else 0
+        return {module: (a, b) for module, (a, b) in out.items()}
+
+    def macs_saved(self, n_or_idxs: int | Sequence[int] | torch.Tensor) -> int:
+        """Exact MACs saved by removing ``n`` (any) or the given channels of this group alone.
+
+        Exact also when a layer has both sides in the group (depthwise convs, a conv inside a
+        residual loop), where the saving is not linear in ``n``.
+        """
+        return self._macs.saved(self.removed(n_or_idxs))
+
+
+def _multiplicity(member: Member, channels: int) -> int | None:
+    counts = torch.bincount(member.group_idxs, minlength=channels)
+    return int(counts[0]) if bool((counts == counts[0]).all()) else None
+
+
+def _times(multiplicity: int | None, n: int, group: str) -> int:
+    if multiplicity is None:
+        raise ValueError(f"group {group!r} maps channels unevenly; pass channel indices")
+    return multiplicity * n

@@ -1,0 +1,122 @@
+"""Trial removal: make the model compute exactly what it would without some channels, in place.
+
+A removed channel's only effect on the output runs through the layers that *read* it and mix
+it into other channels: convs, linears, shortcuts (a group's consumers). Everything between
+its producers and those consumers (BatchNorm, activations, depthwise convs, residual adds,
+concatenations) is per channel. So zeroing the channel at the input of every consumer is
+exactly removal, whatever the producers, biases or BatchNorm statistics put into it; no
+weights are touched, no copy is made. The one per-channel layer that is not per channel is
+LayerNorm (its statistics run across channels): it is recomputed on the kept channels.
+
+Masks stack: several groups, or the same group twice, can be masked at once; every layer gets
+one hook that applies the union of what is masked in it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from .groups import ChannelGroup
+    from .pruning_graph import PruningGraph
+
+class MaskState:
+    """The channels masked in each layer right now, and the hooks that apply them."""
+
+    def __init__(self) -> None:
+        self._stacks: dict[nn.Module, list[torch.Tensor]] = {}
+        self._merged: dict[nn.Module, torch.Tensor] = {}
+        self._hooks: dict[nn.Module, torch.utils.hooks.RemovableHandle] = {}
+
+    @property
+    def active(self) -> bool:
+        return bool(self._stacks)
+
+    def push(self, module: nn.Module, idxs: torch.Tensor, kind: str) -> None:
+        stack = self._stacks.setdefault(module, [])
+        stack.append(idxs)
+        self._merge(module)
+        if module not in self._hooks:
+            if kind == "layernorm":
+                self._hooks[module] = module.register_forward_hook(self._layernorm_hook)
+            else:
+                dim = -1 if kind == "linear" else 1
+                self._hooks[module] = module.register_forward_pre_hook(self._zero_hook(dim))
+
+    def pop(self, module: nn.Module, idxs: torch.Tensor) -> None:
+        stack = self._stacks[module]
+        stack.remove(next(t for t in stack if t is idxs))
+        if stack:
+            self._merge(module)
+            return
+        del self._stacks[module], self._merged[module]
+        self._hooks.pop(module).remove()
+
+    def _merge(self, module: nn.Module) -> None:
+        stack = self._stacks[module]
+        self._merged[module] = stack[0] if len(stack) == 1 else torch.cat(stack).unique()
+
+    def _zero_hook(self, dim: int) -> Callable[[nn.Module, tuple], tuple]:
+        def hook(module: nn.Module, args: tuple) -> tuple:
+            x = args[0]
+            return (x.index_fill(dim, self._merged[module].to(x.device), 0.0), *args[1:])
+
+        return hook
+
+    def _layernorm_hook(
+        self, module: nn.LayerNorm, args: tuple, output: torch.Tensor
+    ) -> torch.Tensor:
+        x = args[0]
+        keep = torch.ones(x.shape[-1], dtype=torch.bool, device=x.device)
+        keep[self._merged[module].to(x.device)] = False
+        w = module.weight[keep] if module.weight is not None else None
+        b = module.bias[keep] if module.bias is not None else None
+        y = F.layer_norm(x[..., keep], (int(keep.sum()),), w, b, module.eps)
+        return output.new_zeros(output.shape).index_copy(-1, keep.nonzero().flatten(), y)
+
+
+class ChannelMask:
+    """Handle of one trial removal: active from creation until :meth:`remove` (or ``with``)."""
+
+    def __init__(self, state: MaskState, pieces: list[tuple[nn.Module, torch.Tensor, str]]) -> None:
+        self._state = state
+        self._pieces = pieces
+        for module, idxs, kind in pieces:
+            state.push(module, idxs, kind)
+
+    def remove(self) -> None:
+        """Undo the mask; calling it again does nothing."""
+        for module, idxs, _ in self._pieces:
+            self._state.pop(module, idxs)
+        self._pieces = []
+
+    def __enter__(self) -> ChannelMask:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def mask_channels(
+    graph: PruningGraph,
+    group: ChannelGroup | str | Mapping[ChannelGroup | str, Sequence[int] | torch.Tensor],
+    idxs: Sequence[int] | torch.Tensor | None = None,
+) -> ChannelMask:
+    """Make ``graph.model`` behave as if ``idxs`` of ``group`` were physically removed.
+
+    ``mask_channels(graph, group, idxs)`` or ``mask_channels(graph, {group: idxs, ...})``;
+    use it as a context manager or call ``.remove()``. Validated like :meth:`PruningGraph.prune`.
+    """
+    pieces: list[tuple[nn.Module, torch.Tensor, str]] = []
+    for g, ids in graph.resolve(group, idxs):
+        for member in g.members:
+            if member.consumer or member.kind == "layernorm":
+                hit = member.idxs[torch.isin(member.group_idxs, ids)]
+                if hit.numel():
+                    pieces.append((member.module, hit, member.kind))
+    return ChannelMask(graph.masks, pieces)

@@ -1,0 +1,368 @@
+"""The pruning graph: Torch-Pruning's dependency graph plus our rules, groups and checks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from ..errors import AutopruneError
+from ..layers import ChannelPadShortcut
+from ._fx import normalize_model
+from ._rules import (
+    TP_DUMMY_OPS,
+    TP_PARAM_TYPES,
+    ChannelPadPruner,
+    OpaquePruner,
+    member_kind,
+)
+from ._trace import TraceRecorder, breaks_channels, meets_constant
+from .groups import ChannelGroup, MacTable, Member, Removed
+from .masking import MaskState
+
+Inputs = torch.Tensor | Sequence[torch.Tensor]
+Selection = ChannelGroup | str | Mapping[ChannelGroup | str, Sequence[int] | torch.Tensor]
+DEFAULT_PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+class PruningGraph:
+    """Channel groups of a model, their exact MAC costs, and physical removal.
+
+    Build it with :func:`build_graph`. ``groups()`` lists the prunable groups; ``frozen`` says
+    why the others (the classifier's outputs, ignored layers, ...) are not. ``prune`` removes
+    channels for good and refreshes the groups; :func:`~autoprune.graph.mask_channels` tries a
+    removal without changing any weight.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: tuple[torch.Tensor, ...],
+        dependency_graph: tp.DependencyGraph,
+        macs: MacTable,
+        *,
+        ignored: frozenset[nn.Module],
+        root_types: tuple[type[nn.Module], ...],
+        output_nodes: set[tp.dependency.Node],
+        constant_nodes: set[tp.dependency.Node],
+        barriers: dict[tp.dependency.Node, str],
+    ) -> None:
+        self.model = model
+        self.example_inputs = example_inputs
+        self.masks = MaskState()
+        self._dg = dependency_graph
+        self._macs = macs
+        self._ignored = ignored
+        self._root_types = root_types
+        self._output_nodes = output_nodes
+        self._constant_nodes = constant_nodes
+        self._barriers = barriers
+        self._version = 0
+        self._groups: dict[str, ChannelGroup] | None = None
+        self._frozen: dict[str, str] = {}
+
+    # ----------------------------------------------------------------------------- groups
+    def groups(self) -> list[ChannelGroup]:
+        """Every prunable group, in model order (cached until the next prune)."""
+        if self._groups is None:
+            self._collect()
+        assert self._groups is not None
+        return list(self._groups.values())
+
+    def group(self, name: str) -> ChannelGroup:
+        """The current group named ``name`` (names survive pruning)."""
+        self.groups()
+        assert self._groups is not None
+        try:
+            return self._groups[name]
+        except KeyError:
+            reason = self._frozen.get(name)
+            if reason:
+                raise AutopruneError(f"group {name!r} cannot be pruned: {reason}") from None
+            raise AutopruneError(f"no channel group named {name!r}") from None
+
+    @property
+    def frozen(self) -> dict[str, str]:
+        """Groups that are never pruned, with the reason (e.g. the classifier's outputs)."""
+        self.groups()
+        return dict(self._frozen)
+
+    def _collect(self) -> None:
+        names = {m: n for n, m in self.model.named_modules()}
+        order = {m: i for i, m in enumerate(names)}
+        groups: list[ChannelGroup] = []
+        self._frozen = {}
+        for tp_group in self._dg.get_all_groups(root_module_types=self._root_types):
+            members, reason, barrier = self._members(tp_group, names)
+            outs = [m for m in members if m.out_channels] or members
+            name = min(outs, key=lambda m: order[m.module]).layer
+            if barrier and not any(m.module in self._ignored for m in members):
+                raise AutopruneError(barrier)
+            if reason:
+                self._frozen[name] = reason
+                continue
+            root = tp_group[0].dep
+            groups.append(
+                ChannelGroup(
+                    name,
+                    sorted(members, key=lambda m: order[m.module]),
+                    len(tp_group[0].idxs),
+                    self._macs,
+                    (root.target.module, root.handler),
+                    self._version,
+                )
+            )
+        groups.sort(key=lambda g: order[self.model.get_submodule(g.name)])
+        self._groups = {g.name: g for g in groups}
+
+    def _members(
+        self, tp_group: tp.dependency.Group, names: dict[nn.Module, str]
+    ) -> tuple[list[Member], str | None, str | None]:
+        members: list[Member] = []
+        reason: str | None = None
+        barrier: str | None = None
+        for item in tp_group.items:
+            node, handler = item.dep.target, item.dep.handler
+            module = node.module
+            if isinstance(module, tp.ops._OutputOp) or (
+                node in self._output_nodes and self._dg.is_out_channel_pruning_fn(handler)
+            ):
+                reason = reason or "its channels are the model's output"
+            if isinstance(module, TP_DUMMY_OPS):
+                if node in self._constant_nodes:
+                    reason = reason or "its channels meet the model input or a constant tensor"
+                barrier = barrier or self._barriers.get(node)
+                continue
+            if isinstance(module, tp.ops._OutputOp):
+                continue
+            name = names.get(module) if isinstance(module, nn.Module) else None
+            if name is None:  # an nn.Parameter used outside its layer
+                reason = reason or "it includes a parameter used outside its layer"
+                continue
+            kind = member_kind(module)
+            if module in self._ignored:
+                reason = f"ignored layer {name!r}"
+            elif kind is None:
+                reason = reason or f"layer {name!r} ({type(module).__name__}) cannot lose channels"
+            members.append(
+                Member(
+                    layer=name,
+                    kind=kind or "other",
+                    in_channels=self._dg.is_in_channel_pruning_fn(handler),
+                    out_channels=self._dg.is_out_channel_pruning_fn(handler),
+                    module=module,
+                    idxs=torch.as_tensor(item.idxs, dtype=torch.long),
+                    group_idxs=torch.as_tensor(item.root_idxs, dtype=torch.long),
+                )
+            )
+        return members, reason, barrier
+
+    # --------------------------------------------------------------------- selections, MACs
+    def resolve(
+        self, group: Selection, idxs: Sequence[int] | torch.Tensor | None = None
+    ) -> list[tuple[ChannelGroup, torch.Tensor]]:
+        """Check a removal and return it as (current group, sorted channel indices) pairs.
+
+        Accepts ``(group, idxs)`` or ``({group: idxs, ...})``, groups as objects or names.
+        Refuses duplicate or out-of-range indices, a group given twice, stale group objects
+        and any removal that would leave a group without channels.
+        """
+        if isinstance(group, Mapping):
+            if idxs is not None:
+                raise TypeError("give channel indices inside the mapping, not as idxs")
+            selection = group
+        else:
+            if idxs is None:
+                raise TypeError("idxs is required when a single group is given")
+            selection = {group: idxs}
+        plan: list[tuple[ChannelGroup, torch.Tensor]] = []
+        seen: set[str] = set()
+        for key, ids in selection.items():
+            g = self._current(key)
+            if g.name in seen:
+                raise AutopruneError(f"group {g.name!r} is selected twice")
+            seen.add(g.name)
+            t = torch.as_tensor(ids, dtype=torch.long).flatten()
+            if t.unique().numel() != t.numel():
+                raise AutopruneError(f"channel indices for group {g.name!r} repeat; give each once")
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= g.channels):
+                raise AutopruneError(
+                    f"channel indices for group {g.name!r} must lie in [0, {g.channels})"
+                )
+            if t.numel() >= g.channels:
+                raise AutopruneError(
+                    f"removing {t.numel()} of {g.channels} channels would leave group "
+                    f"{g.name!r} empty; keep at least 1"
+                )
+            plan.append((g, t.sort().values))
+        return plan
+
+    def _current(self, key: ChannelGroup | str) -> ChannelGroup:
+        if isinstance(key, ChannelGroup):
+            if key.version != self._version:
+                raise AutopruneError(
+                    f"group {key.name!r} is from before the last prune; "
+                    f"use graph.group({key.name!r}) for its current state"
+                )
+            return key
+        return self.group(key)
+
+    def macs(
+        self, group: Selection | None = None, idxs: Sequence[int] | torch.Tensor | None = None
+    ) -> int:
+        """MACs of all conv and linear layers, now or after removing a selection.
+
+        Exact for any combination of groups, including layers whose input and output
+        channels sit in two different selected groups (their savings are not additive).
+        """
+        removed: Removed = {}
+        for g, ids in self.resolve(group, idxs) if group is not None else []:
+            for module, (a, b) in g.removed(ids).items():
+                ra, rb = removed.get(module, (0, 0))
+                removed[module] = (ra + a, rb + b)
+        return self._macs.total(removed)
+
+    # ---------------------------------------------------------------------------- pruning
+    def prune(self, group: Selection, idxs: Sequence[int] | torch.Tensor | None = None) -> None:
+        """Physically remove channels (same arguments as :meth:`resolve`).
+
+        The model stays a plain ``nn.Module`` (it trains, scripts and exports); previously
+        returned groups become stale, ``groups()``/``group(name)`` give the new ones.
+        """
+        plan = self.resolve(group, idxs)
+        if self.masks.active:
+            raise AutopruneError("remove the active channel masks before pruning")
+        for g, ids in plan:
+            if ids.numel():
+                module, handler = g.root
+                self._dg.get_pruning_group(module, handler, ids.tolist()).prune()
+        if any(ids.numel() for _, ids in plan):
+            self._version += 1
+            self._groups = None
+
+
+def build_graph(
+    model: nn.Module,
+    example_inputs: Inputs,
+    *,
+    ignored_layers: Iterable[str | nn.Module] = (),
+    prunable_types: tuple[type[nn.Module], ...] = DEFAULT_PRUNABLE_TYPES,
+) -> PruningGraph:
+    """Trace ``model`` once and find its groups of coupled channels.
+
+    ``model`` is first passed through :func:`normalize_model` (channel-dim ``F.pad``
+    shortcuts become :class:`ChannelPadShortcut` layers); use ``graph.model`` afterwards.
+    ``ignored_layers`` (names or modules; a container means all its layers) keep their shape:
+    every group touching them is frozen. Groups are rooted at ``prunable_types`` outputs. The
+    classifier's outputs and the model input's channels are never pruned.
+    """
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    model = normalize_model(model, inputs)
+    ignored = _resolve_ignored(model, ignored_layers)
+    black_boxes = _black_boxes(model, ignored)
+    opaque = OpaquePruner()
+    pruners: dict[type, tp.pruner.BasePruningFunc] = {ChannelPadShortcut: ChannelPadPruner()}
+    pruners.update({type(m): opaque for m in black_boxes})
+    shortcuts = [m for m in model.modules() if isinstance(m, ChannelPadShortcut)]
+    recorder = TraceRecorder(model, [*black_boxes, *shortcuts])
+    opaque.channels = recorder.widths  # filled by the forward, read by tp's shape inference
+    modes = {m: m.training for m in model.modules()}  # tp's trace leaves the model in eval
+    try:
+        with torch.enable_grad(), recorder:
+            dg = tp.DependencyGraph().build_dependency(
+                model, inputs, customized_pruners=pruners, verbose=False
+            )
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    constant_nodes, barriers = _check_ops(dg, recorder)
+    graph = PruningGraph(
+        model,
+        inputs,
+        dg,
+        MacTable(recorder.mac_units),
+        ignored=ignored,
+        root_types=tuple(prunable_types),
+        output_nodes={n for n in dg.module2node.values() if n.grad_fn in recorder.outputs},
+        constant_nodes=constant_nodes,
+        barriers=barriers,
+    )
+    graph.groups()  # surface coupling errors now, not at the first use
+    return graph
+
+
+def _resolve_ignored(model: nn.Module, layers: Iterable[str | nn.Module]) -> frozenset[nn.Module]:
+    modules = dict(model.named_modules())
+    found: set[nn.Module] = set()
+    present = set(modules.values())
+    for layer in layers:
+        if isinstance(layer, str):
+            if layer not in modules:
+                raise AutopruneError(f"ignored_layers: the model has no layer named {layer!r}")
+            layer = modules[layer]
+        elif layer not in present:
+            raise AutopruneError(f"ignored_layers: {type(layer).__name__} is not part of the model")
+        found.update(layer.modules())
+    return frozenset(found)
+
+
+def _black_boxes(model: nn.Module, ignored: frozenset[nn.Module]) -> list[nn.Module]:
+    """Ignored layers Torch-Pruning cannot handle; any other such layer is an error."""
+    boxes = []
+    for name, m in model.named_modules():
+        if isinstance(m, (*TP_PARAM_TYPES, ChannelPadShortcut)):
+            continue
+        if next(m.parameters(recurse=False), None) is None:
+            continue
+        if m in ignored:
+            boxes.append(m)
+            continue
+        label = name or type(m).__name__
+        raise AutopruneError(
+            f"layer {label!r} ({type(m).__name__}) has parameters autoprune cannot prune; "
+            f"pass ignored_layers=[{label!r}] to keep it and the channels around it unchanged"
+        )
+    return boxes
+
+
+def _check_ops(
+    dg: tp.DependencyGraph, recorder: TraceRecorder
+) -> tuple[set[tp.dependency.Node], dict[tp.dependency.Node, str]]:
+    """Element-wise ops that meet a constant, and ops that do not carry channels one to one."""
+    tokens_last = not dg._2d_4d
+    constants: set[tp.dependency.Node] = set()
+    barriers: dict[tp.dependency.Node, str] = {}
+    for node in dg.module2node.values():
+        if not isinstance(node.module, tp.ops._ElementWiseOp):
+            continue
+        rec = recorder.ops.get(node.grad_fn)
+        if rec is None or rec.internal:
+            continue
+        widths = breaks_channels(rec, tokens_last)
+        if widths:
+            layer = _layer_before(node, dg)
+            barriers[node] = (
+                f"cannot follow channels through {rec.name!r} ({widths[0]} -> {widths[1]} "
+                f"channels) after layer {layer!r}; pass ignored_layers=[{layer!r}] to leave "
+                "them unpruned, or write the op with a layer autoprune understands"
+            )
+        elif meets_constant(rec, tokens_last):
+            constants.add(node)
+    return constants, barriers
+
+
+def _layer_before(node: tp.dependency.Node, dg: tp.DependencyGraph) -> str:
+    """Name of the nearest named layer feeding ``node`` (for error messages)."""
+    stack, seen = list(node.inputs), set()
+    while stack:
+        n = stack.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        name = dg._module2name.get(n.module) if isinstance(n.module, nn.Module) else None
+        if name is not None:
+            return name
+        stack.extend(n.inputs)
+    return "<input>"

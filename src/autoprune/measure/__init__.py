@@ -1,0 +1,19 @@
+"""Honest measurement: MACs, parameters, latency, accuracy."""
+
+from .accuracy import EvalResult, evaluate_batches
+from .complexity import count_macs, count_params
+from .latency import BACKENDS, Latency, available_backends, measure_latency
+from .profile import ModelProfile, profile_model
+
+__all__ = [
+    "BACKENDS",
+    "EvalResult",
+    "Latency",
+    "ModelProfile",
+    "available_backends",
+    "count_macs",
+    "count_params",
+    "evaluate_batches",
+    "measure_latency",
+    "profile_model",
+]

@@ -1,0 +1,20 @@
+"""The model zoo: registered CIFAR / Fashion-MNIST CNNs, external models and checkpoint loading.
+
+Importing this package registers every family below; adding a family is one new module with
+``@register_model`` factories plus its import here.
+"""
+
+from . import mobilenetv2, resnet_cifar, smallcnn, vgg  # noqa: F401  (registers the models)
+from ._factory import create_model
+from ._registry import MODELS, ModelInfo, list_models, model_info, register_model
+from ._weights import load_weights
+
+__all__ = [
+    "MODELS",
+    "ModelInfo",
+    "create_model",
+    "list_models",
+    "load_weights",
+    "model_info",
+    "register_model",
+]

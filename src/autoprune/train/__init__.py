@@ -1,0 +1,17 @@
+"""Training and fine-tuning."""
+
+from .config import TrainConfig
+from .optim import build_optimizer
+from .schedules import SCHEDULES
+from .trainer import EpochRecord, LossFn, TrainResult, cross_entropy, fit
+
+__all__ = [
+    "SCHEDULES",
+    "EpochRecord",
+    "LossFn",
+    "TrainConfig",
+    "TrainResult",
+    "build_optimizer",
+    "cross_entropy",
+    "fit",
+]

@@ -1,0 +1,32 @@
+"""Fixtures for data that lives outside the repository (../shared, Debian packages)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+CIFAR_JPEG75 = Path("~/.cache/autoprune-data/cifar-10-jpeg75").expanduser()
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} (shared test data and weights) is not here")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def cifar10_jpeg75_root(shared_dir: Path) -> Path:
+    """CIFAR-10-JPEG75 in the official layout, unpacked by the shared script on first use."""
+    if not (CIFAR_JPEG75 / "cifar-10-batches-py" / "test_batch").exists():
+        script = shared_dir / "data" / "prepare_cifar10_jpeg75.py"
+        subprocess.run([sys.executable, str(script)], check=True, capture_output=True)
+    return CIFAR_JPEG75
