@@ -39,8 +39,19 @@ def test_profile_resnet56_reports_the_published_cost(capsys):
 
 
 def test_profile_times_each_batch_size(capsys):
-    code, out, _ = run(capsys, "profile", "-m", "smallcnn", "--batch-sizes", "1,8",
-                       "--backends", "eager", "--repeats", "3", "--json")
+    code, out, _ = run(
+        capsys,
+        "profile",
+        "-m",
+        "smallcnn",
+        "--batch-sizes",
+        "1,8",
+        "--backends",
+        "eager",
+        "--repeats",
+        "3",
+        "--json",
+    )
     latency = json.loads(out)["latency"]
     assert code == 0
     assert [(t["backend"], t["batch_size"]) for t in latency] == [("eager", 1), ("eager", 8)]
@@ -71,7 +82,9 @@ def test_bad_input_gets_one_line_and_exit_code_2(capsys, tmp_path, monkeypatch, 
 def test_errors_carry_no_traceback_from_a_real_process():
     proc = subprocess.run(
         [sys.executable, "-m", "autoprune", "eval", "--model", "nope", "--data", "cifar10"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "unknown model 'nope'" in proc.stderr
@@ -79,8 +92,19 @@ def test_errors_carry_no_traceback_from_a_real_process():
 
 def test_eval_akamaster_resnet20_on_cifar10_jpeg75(capsys, shared_dir, cifar10_jpeg75_root):
     weights = shared_dir / "weights" / "cifar10-resnet-akamaster" / "resnet20-12fca82f.th"
-    code, out, _ = run(capsys, "eval", "--model", "resnet20", "--weights", str(weights),
-                       "--data", "cifar10", "--data-root", str(cifar10_jpeg75_root), "--json")
+    code, out, _ = run(
+        capsys,
+        "eval",
+        "--model",
+        "resnet20",
+        "--weights",
+        str(weights),
+        "--data",
+        "cifar10",
+        "--data-root",
+        str(cifar10_jpeg75_root),
+        "--json",
+    )
     report = json.loads(out)
     assert code == 0 and report["samples"] == 10_000
     assert report["accuracy"] == pytest.approx(81.0, abs=0.3)
@@ -88,8 +112,21 @@ def test_eval_akamaster_resnet20_on_cifar10_jpeg75(capsys, shared_dir, cifar10_j
 
 
 def test_train_writes_a_run_and_resumes_without_redoing(capsys, tmp_path):
-    argv = ["train", "-m", "resnet20", "-d", "synthetic", "--epochs", "2", "--batch-size", "64",
-            "--no-progress", "--out", str(tmp_path / "run"), "--json"]
+    argv = [
+        "train",
+        "-m",
+        "resnet20",
+        "-d",
+        "synthetic",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "run"),
+        "--json",
+    ]
     code, out, _ = run(capsys, *argv)
     assert code == 0 and len(json.loads(out)["history"]) == 2
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -163,8 +163,9 @@ def train(
         val_loader = loader_for(net, test_set, batch_size=256, train=False, **common)
     out = Path(out_dir) if out_dir is not None else None
     checkpoint = out / "train_state.safetensors" if out is not None else None
-    result = fit(net, train_loader, config, val_loader=val_loader, checkpoint=checkpoint,
-                 resume=resume)
+    result = fit(
+        net, train_loader, config, val_loader=val_loader, checkpoint=checkpoint, resume=resume
+    )
     if out is not None:
         _write_train_outputs(out, net, train_set, config, result, input_size)
     return net, result

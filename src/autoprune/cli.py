@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import api
-from .data import DATASETS, dataset_info, default_data_root
+from .data import DATASETS, dataset_info
 from .errors import AutopruneError
 from .measure import available_backends, profile_model
 from .models import MODELS, model_info
@@ -43,7 +43,9 @@ WeightsOpt = Annotated[Path | None, typer.Option("--weights", "-w", help="Checkp
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="Dataset name (autoprune datasets).")]
 DataRootOpt = Annotated[
     Path | None,
-    typer.Option("--data-root", help="Where the dataset files are [default: ~/.cache/autoprune-data]."),
+    typer.Option(
+        "--data-root", help="Where the dataset files are [default: ~/.cache/autoprune-data]."
+    ),
 ]
 InputSizeOpt = Annotated[
     int | None, typer.Option("--input-size", help="Resize images to N x N (bilinear).")
@@ -79,8 +81,9 @@ def datasets_cmd() -> None:
         info = dataset_info(entry.name)
         h, w = info.image_size
         shape = f"{info.channels}x{h}x{w}" if h else "from files"
-        table.add_row(entry.name, str(info.num_classes or "from files"), shape,
-                      entry.meta["description"])
+        table.add_row(
+            entry.name, str(info.num_classes or "from files"), shape, entry.meta["description"]
+        )
     out.print(table)
 
 
@@ -97,7 +100,9 @@ def train_cmd(
     batch_size: int = 128,
     lr: float = 0.05,
     weight_decay: float = 5e-4,
-    schedule: Annotated[str, typer.Option(help=f"One of: {', '.join(SCHEDULES.names())}.")] = "cosine",
+    schedule: Annotated[
+        str, typer.Option(help=f"One of: {', '.join(SCHEDULES.names())}.")
+    ] = "cosine",
     warmup: Annotated[float, typer.Option(help="Warm-up as a fraction of the steps.")] = 0.0,
     label_smoothing: float = 0.0,
     seed: int = 0,
@@ -110,13 +115,27 @@ def train_cmd(
     """Train (or fine-tune) a model; checkpoints every epoch when --out is given."""
     SCHEDULES.entry(schedule)  # fail before loading data
     config = TrainConfig(
-        epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
-        weight_decay=weight_decay, schedule=schedule, warmup_fraction=warmup,
-        label_smoothing=label_smoothing, seed=seed, progress=not no_progress,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        schedule=schedule,
+        warmup_fraction=warmup,
+        label_smoothing=label_smoothing,
+        seed=seed,
+        progress=not no_progress,
     )
     _, result = api.train(
-        _model_name(model, model_file), data, config=config, weights=weights,
-        data_root=data_root, device=device, out_dir=out_dir, resume=resume, input_size=input_size,
+        _model_name(model, model_file),
+        data,
+        config=config,
+        weights=weights,
+        data_root=data_root,
+        device=device,
+        out_dir=out_dir,
+        resume=resume,
+        input_size=input_size,
     )
     history = [asdict(r) for r in result.history]
     if as_json:
@@ -164,11 +183,14 @@ def profile_cmd(
     model: ModelOpt = "",
     model_file: ModelFileOpt = None,
     weights: WeightsOpt = None,
-    data: Annotated[str | None, typer.Option("--data", "-d", help="Take the input size from it.")] = None,
+    data: Annotated[
+        str | None, typer.Option("--data", "-d", help="Take the input size from it.")
+    ] = None,
     input_size: InputSizeOpt = None,
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,64",
     backends: Annotated[
-        str | None, typer.Option(help=f"Comma-separated; installed: {', '.join(available_backends())}.")
+        str | None,
+        typer.Option(help=f"Comma-separated; installed: {', '.join(available_backends())}."),
     ] = None,
     repeats: int = 20,
     no_latency: Annotated[bool, typer.Option("--no-latency")] = False,
@@ -179,17 +201,24 @@ def profile_cmd(
     example = api.example_input(net, data, input_size)
     chosen = [] if no_latency else (backends.split(",") if backends else None)
     result = profile_model(
-        net, tuple(example.shape[1:]), batch_sizes=[int(b) for b in batch_sizes.split(",")],
-        backends=chosen, repeats=repeats,
+        net,
+        tuple(example.shape[1:]),
+        batch_sizes=[int(b) for b in batch_sizes.split(",")],
+        backends=chosen,
+        repeats=repeats,
     )
     if as_json:
         out.print_json(json.dumps(result.to_dict()))
         return
-    out.print(f"MACs {result.macs / 1e6:.2f} M  params {result.params / 1e6:.3f} M  "
-              f"input {'x'.join(map(str, result.input_shape))}")
+    out.print(
+        f"MACs {result.macs / 1e6:.2f} M  params {result.params / 1e6:.3f} M  "
+        f"input {'x'.join(map(str, result.input_shape))}"
+    )
     for lat in result.latency:
-        out.print(f"{lat.backend:>12} batch {lat.batch_size:>3}: {lat.median_ms:8.2f} ms  "
-                  f"({lat.images_per_s:.0f} img/s, median of {lat.repeats})")
+        out.print(
+            f"{lat.backend:>12} batch {lat.batch_size:>3}: {lat.median_ms:8.2f} ms  "
+            f"({lat.images_per_s:.0f} img/s, median of {lat.repeats})"
+        )
 
 
 @app.command("demo")
@@ -200,13 +229,16 @@ def demo_cmd(
 ) -> None:
     """The whole pipeline on data that ships: train a small CNN on Fashion-MNIST, evaluate it."""
     config = TrainConfig(epochs=epochs, batch_size=128, lr=0.05)
-    net, result = api.train("smallcnn", "fashion-mnist", config=config, data_root=data_root,
-                            out_dir=out_dir)
+    net, result = api.train(
+        "smallcnn", "fashion-mnist", config=config, data_root=data_root, out_dir=out_dir
+    )
     last = result.history[-1]
     cost = api.complexity(net, "fashion-mnist")
-    out.print(f"smallcnn on fashion-mnist: test accuracy {last.val_accuracy:.2f}%, "
-              f"MACs {cost['macs'] / 1e6:.2f} M, params {cost['params'] / 1e3:.1f} k; "
-              f"run directory: {out_dir}")
+    out.print(
+        f"smallcnn on fashion-mnist: test accuracy {last.val_accuracy:.2f}%, "
+        f"MACs {cost['macs'] / 1e6:.2f} M, params {cost['params'] / 1e3:.1f} k; "
+        f"run directory: {out_dir}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

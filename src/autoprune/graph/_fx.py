@@ -43,7 +43,7 @@ def _channel_pad(node: fx.Node) -> tuple[int, int] | None:
     if node.op != "call_function" or node.target not in _PAD_FUNCTIONS:
         return None
     names = ("input", "pad", "value") if node.target is torch.constant_pad_nd else _PAD_ARGS
-    params = {**dict(zip(names, node.args)), **node.kwargs}
+    params = {**dict(zip(names, node.args, strict=False)), **node.kwargs}
     pad, mode, value = params.get("pad"), params.get("mode"), params.get("value")
     if not isinstance(pad, Sequence) or len(pad) != 6 or not all(isinstance(p, int) for p in pad):
         return None
@@ -65,9 +65,9 @@ def _subsample(node: Any) -> tuple[fx.Node, int]:
         and all(isinstance(s, slice) for s in node.args[1])
     ):
         full, full2, s1, s2 = node.args[1]
-        if full == full2 == slice(None) and s1 == s2 and s1.start is None and s1.stop is None:
-            if isinstance(s1.step, int) and s1.step > 1:
-                return node.args[0], s1.step
+        spatial = s1 == s2 and s1.start is None and s1.stop is None and isinstance(s1.step, int)
+        if full == full2 == slice(None) and spatial and s1.step > 1:
+            return node.args[0], s1.step
     return node, 1
 
 
@@ -128,6 +128,13 @@ def _rewrite(gm: fx.GraphModule, args: tuple) -> None:
     gm.recompile()
 
 
+def as_inputs(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """One tensor or a sequence of them, as the positional arguments of ``forward``."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
 def normalize_model(
     model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None
 ) -> nn.Module:
@@ -148,7 +155,7 @@ def normalize_model(
             f"layers {names} pad channels with F.pad; pass example_inputs to normalize_model "
             "so they can be rewritten"
         )
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
     modules = dict(model.named_modules())
     captured = _capture_inputs(model, inputs, {name: modules[name] for name in found})
     done = [name for name in found if name in captured]  # a layer never called stays as is

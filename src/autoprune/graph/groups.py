@@ -70,9 +70,8 @@ class MacTable:
         return sum(self.layer_macs(m, *removed.get(m, (0, 0))) for m in self.units)
 
     def saved(self, removed: Removed) -> int:
-        return sum(
-            self.layer_macs(m) - self.layer_macs(m, *r) for m, r in removed.items() if m in self.units
-        )
+        pairs = [(m, r) for m, r in removed.items() if m in self.units]
+        return sum(self.layer_macs(m) - self.layer_macs(m, *r) for m, r in pairs)
 
 
 class ChannelGroup:

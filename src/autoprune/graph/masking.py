@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .groups import ChannelGroup
     from .pruning_graph import PruningGraph
 
+
 class MaskState:
     """The channels masked in each layer right now, and the hooks that apply them."""
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import AutopruneError
 from ..layers import ChannelPadShortcut
-from ._fx import normalize_model
+from ._fx import as_inputs, normalize_model
 from ._rules import (
     TP_DUMMY_OPS,
     TP_PARAM_TYPES,
@@ -62,6 +62,11 @@ class PruningGraph:
         self._version = 0
         self._groups: dict[str, ChannelGroup] | None = None
         self._frozen: dict[str, str] = {}
+
+    @property
+    def version(self) -> int:
+        """Bumped by every prune; groups and collected data from older versions are stale."""
+        return self._version
 
     # ----------------------------------------------------------------------------- groups
     def groups(self) -> list[ChannelGroup]:
@@ -258,7 +263,7 @@ def build_graph(
     every group touching them is frozen. Groups are rooted at ``prunable_types`` outputs. The
     classifier's outputs and the model input's channels are never pruned.
     """
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
     model = normalize_model(model, inputs)
     ignored = _resolve_ignored(model, ignored_layers)
     black_boxes = _black_boxes(model, ignored)

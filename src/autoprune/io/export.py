@@ -23,7 +23,9 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor)
     try:
         import onnxscript  # noqa: F401  (the dynamo exporter needs it)
     except ImportError as err:
-        raise AutopruneError("ONNX export needs the onnx extra: pip install 'autoprune[onnx]'") from err
+        raise AutopruneError(
+            "ONNX export needs the onnx extra: pip install 'autoprune[onnx]'"
+        ) from err
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
@@ -32,14 +34,22 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor)
     try:
         with _quiet():
             torch.onnx.export(
-                model, (example_input,), str(path), dynamo=True,
-                dynamic_shapes=({0: batch},), **names,
+                model,
+                (example_input,),
+                str(path),
+                dynamo=True,
+                dynamic_shapes=({0: batch},),
+                **names,
             )
     except Exception:  # torch.export could not capture the model: use the tracer
         with _quiet():
             torch.onnx.export(
-                model, (example_input,), str(path), dynamo=False,
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **names,
+                model,
+                (example_input,),
+                str(path),
+                dynamo=False,
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                **names,
             )
     return path
 

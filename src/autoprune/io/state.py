@@ -80,5 +80,7 @@ def load_state(path: str | Path) -> Any:
     except FileNotFoundError:
         raise CheckpointError(f"no state file at {path}") from None
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as err:
-        raise CheckpointError(f"cannot read state file {path}: corrupt or not ours ({err})") from None
+        raise CheckpointError(
+            f"cannot read state file {path}: corrupt or not ours ({err})"
+        ) from None
     return unpack(skeleton, tensors)

@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 Inputs = torch.Tensor | Sequence[torch.Tensor]
 
+
 # On the CPU, scaled_dot_product_attention dispatches to a kernel that torch's counter has no
 # formula for (it would count 0); it computes the same two matmuls as the GPU kernels.
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

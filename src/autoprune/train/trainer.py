@@ -96,8 +96,16 @@ def fit(
         if result.steps >= total_steps:
             break
         record = _train_epoch(
-            model, train_loader, loss_fn, optimizer, scheduler, scaler,
-            epoch=epoch, config=config, step=result.steps, total_steps=total_steps,
+            model,
+            train_loader,
+            loss_fn,
+            optimizer,
+            scheduler,
+            scaler,
+            epoch=epoch,
+            config=config,
+            step=result.steps,
+            total_steps=total_steps,
             amp=(use_amp, amp_dtype),
         )
         result.steps += record.steps
@@ -108,16 +116,19 @@ def fit(
         if config.progress:
             console.print(_summary_line(record, config.epochs))
         if checkpoint is not None:
-            save_state(checkpoint, {
-                "epoch": epoch + 1,
-                "steps": result.steps,
-                "config": asdict(config),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "history": [asdict(r) for r in result.history],
-            })
+            save_state(
+                checkpoint,
+                {
+                    "epoch": epoch + 1,
+                    "steps": result.steps,
+                    "config": asdict(config),
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "history": [asdict(r) for r in result.history],
+                },
+            )
     return result
 
 
@@ -209,7 +220,9 @@ def _restore(
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
-        raise AutopruneError(f"cannot resume from {path}: the model does not match ({err})") from None
+        raise AutopruneError(
+            f"cannot resume from {path}: the model does not match ({err})"
+        ) from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
@@ -227,5 +240,3 @@ def _summary_line(record: EpochRecord, epochs: int) -> str:
     if record.val_accuracy is not None:
         line += f"  val acc {record.val_accuracy:.2f}%  val loss {record.val_loss:.4f}"
     return line
-
-
