@@ -29,7 +29,7 @@ CRITERIA: Registry[Criterion] = Registry("criterion")
 
 
 def register_criterion(
-    name: str, *, kind: str, needs_data: bool = False
+    name: str, kind: str, needs_data: bool = False
 ) -> Callable[[Criterion], Criterion]:
     """Register ``fn(group, **state) -> Tensor[group.channels]`` under ``name``."""
     if kind not in KINDS:

@@ -1,9 +1,10 @@
 """Similarity criteria: a channel whose filters others can stand in for is redundant.
 
-All three score on the concatenated producer filters (see ``_features``); lowest = most
-redundant. ``euclidean`` and ``cosine`` follow LAASP: each filter's summed distance to all
-others. ``fpgm`` is the distance to the geometric median of the filters (He et al. 2019),
-computed by Weiszfeld's iteration rather than approximated by the summed distances.
+All three score on the concatenated producer filters (see ``_features``), through their Gram
+matrix; lowest = most redundant. ``euclidean`` and ``cosine`` follow LAASP: each filter's
+summed distance to all others. ``fpgm`` is the distance to the geometric median of the
+filters (He et al. 2019), computed by Weiszfeld's iteration rather than approximated by the
+summed distances.
 """
 
 from __future__ import annotations
@@ -14,42 +15,56 @@ import torch
 
 from ..graph import ChannelGroup
 from ._base import register_criterion
-from ._features import filter_matrix
+from ._features import filter_stats
 
 _WEISZFELD_STEPS = 100
 
 
-def geometric_median(points: torch.Tensor, steps: int = _WEISZFELD_STEPS) -> torch.Tensor:
-    """The point minimising the summed Euclidean distance to ``points`` (rows)."""
-    median = points.mean(dim=0)
-    scale = points.abs().max().clamp_min(1e-12)
+def _pairwise_distances(gram: torch.Tensor) -> torch.Tensor:
+    sq = gram.diagonal()
+    d2 = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0).fill_diagonal_(0)
+    return d2.sqrt()
+
+
+def median_distances(gram: torch.Tensor, steps: int = _WEISZFELD_STEPS) -> torch.Tensor:
+    """Distance of every point to the geometric median of all, from their Gram matrix.
+
+    Weiszfeld's iteration keeps the median a weighted mean of the points, ``m = P.T w / sum(w)``,
+    so every distance follows from ``gram = P P.T``: each step costs channels^2, not
+    channels x features.
+    """
+    n = gram.shape[0]
+    weights = torch.full((n,), 1.0 / n, dtype=gram.dtype)
+    tiny = 1e-12 * float(gram.diagonal().max().clamp_min(1e-30))
     for _ in range(steps):
-        dist = (points - median).norm(dim=1).clamp_min(1e-12 * scale)
-        weights = 1.0 / dist
-        new = (weights[:, None] * points).sum(dim=0) / weights.sum()
-        if (new - median).norm() <= 1e-7 * scale:
-            return new
-        median = new
-    return median
+        gw = gram @ weights
+        d2 = (gram.diagonal() - 2 * gw + weights @ gw).clamp_min(0)
+        inv = 1.0 / d2.clamp_min(tiny).sqrt()
+        new = inv / inv.sum()
+        done = bool((new - weights).abs().max() < 1e-9)
+        weights = new
+        if done:
+            break
+    gw = gram @ weights
+    return (gram.diagonal() - 2 * gw + weights @ gw).clamp_min(0).sqrt()
 
 
 @register_criterion("fpgm", kind="similarity")
 def fpgm(group: ChannelGroup, **state: Any) -> torch.Tensor:
     """Distance of each channel's filters to their geometric median."""
-    x = filter_matrix(group)
-    return (x - geometric_median(x)).norm(dim=1)
+    return median_distances(filter_stats(group)[1]).float()
 
 
 @register_criterion("euclidean", kind="similarity")
 def euclidean(group: ChannelGroup, **state: Any) -> torch.Tensor:
     """Sum of Euclidean distances from each channel's filters to all others'."""
-    x = filter_matrix(group)
-    return torch.cdist(x[None], x[None])[0].sum(dim=1)
+    return _pairwise_distances(filter_stats(group)[1]).sum(dim=1).float()
 
 
 @register_criterion("cosine", kind="similarity")
 def cosine(group: ChannelGroup, **state: Any) -> torch.Tensor:
     """Sum of cosine distances (1 - cos) from each channel's filters to all others'."""
-    x = filter_matrix(group)
-    unit = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return (1.0 - unit @ unit.T).sum(dim=1)
+    gram = filter_stats(group)[1]
+    norms = gram.diagonal().sqrt().clamp_min(1e-30)
+    cos = (gram / norms[:, None] / norms[None, :]).fill_diagonal_(1.0)
+    return (1.0 - cos).sum(dim=1).float()

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import AutopruneError
@@ -81,6 +82,8 @@ def _find_pads(module: nn.Module) -> fx.GraphModule | None:
         return None
     if not any(_channel_pad(n) for n in graph.nodes):
         return None
+    for node in graph.nodes:  # annotations become mangled names TorchScript cannot resolve
+        node.type = None
     gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
     return gm.train(module.training)
 
@@ -93,18 +96,22 @@ def _capture_inputs(
         m.register_forward_pre_hook(lambda _m, args, name=name: captured.setdefault(name, args))
         for name, m in targets.items()
     ]
+    modes = {m: m.training for m in model.modules()}
     try:
         with torch.no_grad():
-            model(*example_inputs)
+            model.eval()(*example_inputs)  # eval: BatchNorm statistics stay as they are
     finally:
         for h in handles:
             h.remove()
+        for m, training in modes.items():
+            m.training = training
     return captured
 
 
 def _rewrite(gm: fx.GraphModule, args: tuple) -> None:
     ShapeProp(gm).propagate(*args)
-    for k, node in enumerate([n for n in gm.graph.nodes if _channel_pad(n)]):
+    pads = [n for n in gm.graph.nodes if _channel_pad(n)]
+    for k, node in enumerate(n for n in pads if len(n.meta["tensor_meta"].shape) == 4):
         before, after = _channel_pad(node)  # type: ignore[misc]
         source, stride = _subsample(node.args[0])
         in_channels = source.meta["tensor_meta"].shape[1]
@@ -170,4 +177,6 @@ def normalize_model(
             model = gm
     rewritten = tuple(getattr(model, NORMALIZED_ATTR, ())) + tuple(done)
     setattr(model, NORMALIZED_ATTR, rewritten)
+    if isinstance(model, fx.GraphModule):  # a GraphModule's deepcopy keeps only these
+        model.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[NORMALIZED_ATTR] = rewritten
     return model

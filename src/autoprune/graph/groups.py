@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -119,8 +120,9 @@ class ChannelGroup:
         slices (there, pass the indices).
         """
         out: dict[nn.Module, list[int]] = {}
-        if isinstance(n_or_idxs, int):
-            counts = {m: _times(self._multiplicity[m], n_or_idxs, self.name) for m in self.members}
+        if isinstance(n_or_idxs, Integral):
+            n = int(n_or_idxs)
+            counts = {m: _times(self._multiplicity[m], n, self.name) for m in self.members}
         else:
             idxs = torch.as_tensor(n_or_idxs, dtype=torch.long)
             counts = {m: m.count(idxs) for m in self.members}

@@ -40,7 +40,7 @@ class MaskState:
 
     def push(self, module: nn.Module, idxs: torch.Tensor, kind: str) -> None:
         stack = self._stacks.setdefault(module, [])
-        stack.append(idxs)
+        stack.append(idxs)  # already on the module's device: hooks never copy
         self._merge(module)
         if module not in self._hooks:
             if kind == "layernorm":
@@ -51,7 +51,7 @@ class MaskState:
 
     def pop(self, module: nn.Module, idxs: torch.Tensor) -> None:
         stack = self._stacks[module]
-        stack.remove(next(t for t in stack if t is idxs))
+        del stack[next(i for i, t in enumerate(stack) if t is idxs)]
         if stack:
             self._merge(module)
             return
@@ -65,7 +65,7 @@ class MaskState:
     def _zero_hook(self, dim: int) -> Callable[[nn.Module, tuple], tuple]:
         def hook(module: nn.Module, args: tuple) -> tuple:
             x = args[0]
-            return (x.index_fill(dim, self._merged[module].to(x.device), 0.0), *args[1:])
+            return (x.index_fill(dim, self._merged[module], 0.0), *args[1:])
 
         return hook
 
@@ -74,7 +74,7 @@ class MaskState:
     ) -> torch.Tensor:
         x = args[0]
         keep = torch.ones(x.shape[-1], dtype=torch.bool, device=x.device)
-        keep[self._merged[module].to(x.device)] = False
+        keep[self._merged[module]] = False
         w = module.weight[keep] if module.weight is not None else None
         b = module.bias[keep] if module.bias is not None else None
         y = F.layer_norm(x[..., keep], (int(keep.sum()),), w, b, module.eps)
@@ -119,5 +119,12 @@ def mask_channels(
             if member.consumer or member.kind == "layernorm":
                 hit = member.idxs[torch.isin(member.group_idxs, ids)]
                 if hit.numel():
-                    pieces.append((member.module, hit, member.kind))
+                    pieces.append((member.module, hit.to(_device(member.module)), member.kind))
     return ChannelMask(graph.masks, pieces)
+
+
+def _device(module: nn.Module) -> torch.device:
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")

@@ -41,8 +41,10 @@ def _read_torch(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
-        if found is None:  # a byte the restricted unpickler does not know: corrupt data
-            raise
+        if found is None:  # an opcode the restricted unpickler does not know: corrupt data
+            raise CheckpointError(
+                f"cannot read {path}: corrupt, or not a PyTorch checkpoint"
+            ) from None
         raise CheckpointError(
             f"refused: {path} contains pickled Python objects beyond tensors ({found[1]}); "
             "loading it would run code. Re-save it as a state_dict "
@@ -62,7 +64,10 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     except CheckpointError:
         raise
     except READ_ERRORS as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        # torch's messages run to several sentences of advice; the first one is the fact.
+        reason = str(e).split(". ")[0].splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, EOFError):
+            reason = "the file ends early (truncated or empty)"
         raise CheckpointError(f"cannot read {path}: {reason}") from None
     return _strip_prefix(_unwrap(obj, path))
 
@@ -97,7 +102,11 @@ def _listing(items: list[str]) -> str:
 
 
 def check_state_dict(
-    model: nn.Module, state: Mapping[str, torch.Tensor], *, strict: bool = True
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    *,
+    strict: bool = True,
+    source: str = "the checkpoint",
 ) -> None:
     """Raise CheckpointError naming missing/unexpected keys (if strict) and shape mismatches."""
     expected = model.state_dict()
@@ -117,7 +126,7 @@ def check_state_dict(
         arch = getattr(model, "autoprune_arch", {})
         arch = arch.get("name") or arch.get("factory") or type(model).__name__
         raise CheckpointError(
-            f"the checkpoint does not match the architecture {arch}: {'; '.join(problems)}. "
+            f"{source} does not match the architecture {arch}: {'; '.join(problems)}. "
             "Pick the model the checkpoint was trained with (and its kwargs, e.g. num_classes)"
         )
 
@@ -138,7 +147,7 @@ def load_weights(
     state = read_state_dict(path)
     if remap_keys is not None:
         state = {remap_keys(k): v for k, v in state.items()}
-    check_state_dict(model, state, strict=strict)
+    check_state_dict(model, state, strict=strict, source=f"checkpoint {path}")
     expected = model.state_dict()
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
     return model

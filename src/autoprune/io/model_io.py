@@ -1,0 +1,200 @@
+"""Saving and loading a (pruned) model as a directory, without pickle.
+
+``arch.json`` holds how to build the dense model (the ``autoprune_arch`` that
+:func:`~autoprune.models.create_model` attaches: a registry name or a factory, with kwargs) and
+each layer's current shape; ``model.safetensors`` holds the state_dict. Loading builds the dense
+model, shrinks its layers to the recorded shapes, then loads the tensors strictly. No code is
+ever unpickled, and the files are readable by anything that reads JSON and safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import AutopruneError, CheckpointError, UnknownNameError
+from ..graph import NORMALIZED_ATTR, normalize_model
+from ..models import create_model, model_info
+from ..models._weights import check_state_dict
+from .shapes import apply_layers, record_layers
+
+ARCH_FILE, WEIGHTS_FILE = "arch.json", "model.safetensors"
+FORMAT_VERSION = 1
+METADATA_ATTR = "autoprune_metadata"
+
+
+def _arch_of(model: nn.Module, factory: str | None, kwargs: dict[str, Any] | None) -> dict:
+    if factory is not None:
+        return {"factory": factory, "kwargs": dict(kwargs or {})}
+    arch = getattr(model, "autoprune_arch", None)
+    if not isinstance(arch, dict):
+        raise AutopruneError(
+            f"cannot save a {type(model).__name__}: autoprune does not know how to rebuild it. "
+            "Build it with autoprune.models.create_model, or pass "
+            "factory='module:fn' (or 'path/to/file.py:fn') and its kwargs to save"
+        )
+    return arch
+
+
+def _input_size(arch: dict, given: Sequence[int] | None, needed: bool) -> list[int] | None:
+    """The (C, H, W) to record: given, carried over from a loaded model, or (only when loading
+    must trace the model) the registered one."""
+    size = given if given is not None else arch.get("input_size")
+    if size is None and needed:
+        try:
+            size = model_info(arch["name"]).input_size
+        except (KeyError, UnknownNameError):  # a factory or an external model
+            raise AutopruneError(
+                "this model's F.pad shortcuts were rewritten for pruning and loading must trace "
+                "it again: pass input_size=(C, H, W) to save"
+            ) from None
+    return None if size is None else [int(v) for v in size]
+
+
+def _split_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """One contiguous CPU copy per distinct tensor, and ``{alias: name}`` for shared ones.
+
+    safetensors refuses tensors that share memory; tied weights are stored once.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in state.items():
+        storage = t.untyped_storage().data_ptr()
+        view = (t.device, storage, t.storage_offset(), t.shape, t.stride(), t.dtype)
+        if t.numel() and view in seen:
+            tied[name] = seen[view]
+            continue
+        seen[view] = name
+        tensors[name] = t.detach().cpu().clone(memory_format=torch.contiguous_format)
+    return tensors, tied
+
+
+def _dumps(record: dict[str, Any], layers: dict[str, Any]) -> str:
+    """JSON with one line per top-level key and per layer: readable and diffable."""
+    lines = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in record.items()]
+    layer_lines = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in layers.items())
+    lines.append(f'"layers": {{\n{layer_lines}\n }}')
+    return "{\n " + ",\n ".join(lines) + "\n}\n"
+
+
+def _write(path: Path, write: Callable[[Path], object]) -> None:
+    """Write through a temporary file so an interrupted save never leaves a half file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    factory: str | None = None,
+    factory_kwargs: dict[str, Any] | None = None,
+    input_size: Sequence[int] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` to the directory ``path`` (``arch.json`` + ``model.safetensors``).
+
+    Models from ``create_model`` know how they were built; others need ``factory`` (a
+    ``create_model`` name such as ``"pkg.mod:fn"``) and its ``factory_kwargs``. ``input_size``
+    (C, H, W) is recorded in ``autoprune_arch`` of the loaded model; it is required for a
+    non-zoo model whose ``F.pad`` shortcuts the pruning graph rewrote, since loading re-traces
+    it. ``metadata`` (JSON
+    values: accuracy, MACs, how it was pruned) is merged into the model's
+    ``autoprune_metadata`` and restored by :func:`load`.
+    """
+    path = Path(path)
+    arch = _arch_of(model, factory, factory_kwargs)
+    record: dict[str, Any] = {"format_version": FORMAT_VERSION, **arch}
+    rewritten = getattr(model, NORMALIZED_ATTR, None)
+    size = _input_size(arch, input_size, needed=rewritten is not None)
+    if size is not None:
+        record["input_size"] = size
+    if rewritten is not None:
+        record["normalized"] = list(rewritten)
+    record["metadata"] = {**getattr(model, METADATA_ATTR, {}), **(metadata or {})}
+    tensors, tied = _split_tied(model.state_dict())
+    record["tied"] = tied
+    try:
+        text = _dumps(record, record_layers(model))
+    except TypeError as e:
+        raise AutopruneError(
+            f"cannot save: the model's kwargs or metadata are not JSON ({e})"
+        ) from e
+    path.mkdir(parents=True, exist_ok=True)
+    _write(path / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _write(path / ARCH_FILE, lambda p: p.write_text(text))
+    return path
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads((path / ARCH_FILE).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"cannot read {path}: no {ARCH_FILE}; is it a directory written by autoprune.io.save?"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path / ARCH_FILE}: {e}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("layers"), dict):
+        raise CheckpointError(f"cannot read {path / ARCH_FILE}: not an autoprune model record")
+    if record.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was saved by a newer autoprune (format {record['format_version']}); upgrade"
+        )
+    return record
+
+
+def _build(record: dict[str, Any], path: Path) -> nn.Module:
+    """The dense model the record names, rewritten as it was before pruning."""
+    name = record.get("name") or record.get("factory")
+    kwargs, size = record.get("kwargs", {}), record.get("input_size")
+    if not isinstance(name, str) or not isinstance(kwargs, dict):
+        raise CheckpointError(f"cannot read {path / ARCH_FILE}: no model 'name' or 'factory'")
+    model = create_model(name, **kwargs)
+    arch = model.autoprune_arch
+    if size is not None:
+        arch["input_size"] = size
+    if "normalized" in record:
+        if not isinstance(size, list):
+            raise CheckpointError(f"cannot read {path / ARCH_FILE}: no input_size to trace with")
+        model = normalize_model(model, torch.zeros(1, *size))
+        model.autoprune_arch = arch  # a rewritten top-level model is a new GraphModule
+    return model
+
+
+def load(path: str | os.PathLike[str]) -> nn.Module:
+    """The model saved by :func:`save` in directory ``path``, with its pruned shapes and weights.
+
+    Returned in training mode like any freshly built module; ``autoprune_arch`` and
+    ``autoprune_metadata`` are restored.
+    """
+    path = Path(path)
+    record = _read_record(path)
+    model = _build(record, path)
+    try:
+        apply_layers(model, record["layers"])
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"cannot read {path / ARCH_FILE}: malformed layer record ({e})"
+        ) from e
+    try:
+        state = load_file(str(path / WEIGHTS_FILE), device="cpu")
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"cannot read {path / WEIGHTS_FILE}: {e}") from None
+    for alias, name in record.get("tied", {}).items():
+        if name in state:
+            state[alias] = state[name]
+    check_state_dict(model, state, source=str(path))
+    model.load_state_dict(state)
+    setattr(model, METADATA_ATTR, record.get("metadata", {}))
+    return model
