@@ -219,12 +219,45 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
     graph = build_graph(randomize_bn(PadNet(), example), example)
     graph.prune(fraction(graph, 0.4))
     save(graph.model, tmp_path / "pruned", factory=f"{__file__}:PadNet", input_size=(3, 16, 16))
-    loaded = load(tmp_path / "pruned").eval()
+    loaded = load(tmp_path / "pruned", trust_factory=True).eval()
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(loaded(x), graph.model(x))
     assert [g.channels for g in build_graph(loaded, example).groups()] == [
         g.channels for g in graph.groups()
     ]
+
+
+class TopLevelPadNet(nn.Module):
+    """The option-A pad in the model's own forward: normalizing replaces the whole model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(self.stem(x)[:, :, ::2, ::2], (0, 0, 0, 0, 4, 4))
+        return self.head(x.mean((2, 3)))
+
+
+def build_top_level_pad_net() -> nn.Module:
+    return TopLevelPadNet()
+
+
+def test_a_rewritten_top_level_model_keeps_how_it_was_built(tmp_path):
+    example = torch.randn(1, 3, 16, 16)
+    model = TopLevelPadNet()
+    model.autoprune_arch = {"factory": f"{__file__}:build_top_level_pad_net", "kwargs": {}}
+    normalized = normalize_model(model, example)
+    assert normalized is not model
+    assert normalized.autoprune_arch == model.autoprune_arch
+    assert copy.deepcopy(normalized).autoprune_arch == model.autoprune_arch
+    graph = build_graph(normalized, example)
+    graph.prune(fraction(graph, 0.5))
+    save(graph.model, tmp_path / "m", input_size=(3, 16, 16))
+    loaded = load(tmp_path / "m", trust_factory=True).eval()
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(loaded(x), graph.model.eval()(x), atol=0, rtol=0)
 
 
 def test_macs_saved_is_exact_per_group_even_when_a_layer_is_on_both_sides():

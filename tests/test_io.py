@@ -150,7 +150,7 @@ def test_arch_json_is_plain_text_per_layer(tmp_path: Path) -> None:
     record = json.loads(text)
     assert record["name"] == "resnet20"
     assert record["kwargs"] == {"num_classes": 100}
-    assert record["input_size"] == [3, 32, 32]
+    assert "input_size" not in record  # the registered one applies
     assert record["layers"]["linear"] == {
         "type": "Linear",
         "in_features": 64,
@@ -238,7 +238,7 @@ def test_group_norm_layer_norm_and_tied_weights(net_file: Path, tmp_path: Path) 
     assert json.loads((tmp_path / "m" / "arch.json").read_text())["tied"] == {
         "dec.weight": "enc.weight"
     }
-    loaded = aio.load(tmp_path / "m").eval()
+    loaded = aio.load(tmp_path / "m", trust_factory=True).eval()
     assert torch.equal(loaded(x), expected)
     assert loaded.dec.weight is loaded.enc.weight
     assert (loaded.gn.num_groups, loaded.gn.num_channels, loaded.ln.normalized_shape) == (
@@ -268,11 +268,11 @@ def test_rewritten_pad_shortcut_round_trip(net_file: Path, tmp_path: Path) -> No
     with pytest.raises(AutopruneError, match="input_size"):
         aio.save(model, tmp_path / "m")
     aio.save(model, tmp_path / "m", input_size=(3, 8, 8))
-    loaded = aio.load(tmp_path / "m").eval()
+    loaded = aio.load(tmp_path / "m", trust_factory=True).eval()
     assert torch.equal(loaded(x), expected)
     assert loaded.autoprune_arch == {**model.autoprune_arch, "input_size": [3, 8, 8]}
     aio.save(loaded, tmp_path / "again")  # the input size travels with the model now
-    assert torch.equal(aio.load(tmp_path / "again").eval()(x), expected)
+    assert torch.equal(aio.load(tmp_path / "again", trust_factory=True).eval()(x), expected)
 
 
 class Plain(nn.Module):
@@ -295,7 +295,17 @@ def test_plain_module_needs_a_factory(tmp_path: Path) -> None:
     record = json.loads((tmp_path / "m" / "arch.json").read_text())
     assert (record["factory"], record["kwargs"]) == (PLAIN, {})
     x = torch.randn(3, 4)
-    assert torch.equal(aio.load(tmp_path / "m")(x), model(x))
+    assert torch.equal(aio.load(tmp_path / "m", trust_factory=True)(x), model(x))
+
+
+def test_factory_code_runs_only_when_trusted(tmp_path: Path) -> None:
+    marker = tmp_path / "ran.txt"
+    code = tmp_path / "code.py"
+    code.write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n")
+    aio.save(Plain(), tmp_path / "m", factory=f"{code}:Plain")
+    with pytest.raises(CheckpointError, match=r"refused: .* trust_factory=True"):
+        aio.load(tmp_path / "m")
+    assert not marker.exists()
 
 
 def test_loading_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

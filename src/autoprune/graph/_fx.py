@@ -142,6 +142,10 @@ def as_inputs(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[to
     return tuple(example_inputs)
 
 
+# Attributes that autoprune.io reads from a model; they move with a rewritten top-level module.
+_CARRIED_ATTRS = ("autoprune_arch", "autoprune_metadata")
+
+
 def normalize_model(
     model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None
 ) -> nn.Module:
@@ -163,6 +167,7 @@ def normalize_model(
             "so they can be rewritten"
         )
     inputs = as_inputs(example_inputs)
+    original = model
     modules = dict(model.named_modules())
     captured = _capture_inputs(model, inputs, {name: modules[name] for name in found})
     done = [name for name in found if name in captured]  # a layer never called stays as is
@@ -176,7 +181,11 @@ def normalize_model(
         else:
             model = gm
     rewritten = tuple(getattr(model, NORMALIZED_ATTR, ())) + tuple(done)
-    setattr(model, NORMALIZED_ATTR, rewritten)
+    # A rewritten top-level module must still say how it was built, or it cannot be saved.
+    carried = {a: getattr(original, a) for a in _CARRIED_ATTRS if hasattr(original, a)}
+    carried[NORMALIZED_ATTR] = rewritten
+    for attr, value in carried.items():
+        setattr(model, attr, value)
     if isinstance(model, fx.GraphModule):  # a GraphModule's deepcopy keeps only these
-        model.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[NORMALIZED_ATTR] = rewritten
+        model.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {}).update(carried)
     return model

@@ -22,8 +22,7 @@ from torch import nn
 
 from ..errors import AutopruneError, CheckpointError, UnknownNameError
 from ..graph import NORMALIZED_ATTR, normalize_model
-from ..models import create_model, model_info
-from ..models._weights import check_state_dict
+from ..models import check_state_dict, create_model, model_info
 from .shapes import apply_layers, record_layers
 
 ARCH_FILE, WEIGHTS_FILE = "arch.json", "model.safetensors"
@@ -154,12 +153,17 @@ def _read_record(path: Path) -> dict[str, Any]:
     return record
 
 
-def _build(record: dict[str, Any], path: Path) -> nn.Module:
+def _build(record: dict[str, Any], path: Path, trust_factory: bool) -> nn.Module:
     """The dense model the record names, rewritten as it was before pruning."""
     name = record.get("name") or record.get("factory")
     kwargs, size = record.get("kwargs", {}), record.get("input_size")
     if not isinstance(name, str) or not isinstance(kwargs, dict):
         raise CheckpointError(f"cannot read {path / ARCH_FILE}: no model 'name' or 'factory'")
+    if "factory" in record and not trust_factory:
+        raise CheckpointError(
+            f"refused: {path} is built by the code {name!r}; loading it would import and run "
+            "that code. If you trust it, load with trust_factory=True"
+        )
     model = create_model(name, **kwargs)
     arch = model.autoprune_arch
     if size is not None:
@@ -172,15 +176,17 @@ def _build(record: dict[str, Any], path: Path) -> nn.Module:
     return model
 
 
-def load(path: str | os.PathLike[str]) -> nn.Module:
+def load(path: str | os.PathLike[str], *, trust_factory: bool = False) -> nn.Module:
     """The model saved by :func:`save` in directory ``path``, with its pruned shapes and weights.
 
-    Returned in training mode like any freshly built module; ``autoprune_arch`` and
-    ``autoprune_metadata`` are restored.
+    Zoo (and ``tv:``/``timm:``) models load without running any code from the files. A model
+    saved with a ``factory`` is built by calling that Python code, which the directory names
+    and so could be anything: it loads only with ``trust_factory=True``. Returned in training
+    mode like any fresh module, with ``autoprune_arch`` and ``autoprune_metadata`` restored.
     """
     path = Path(path)
     record = _read_record(path)
-    model = _build(record, path)
+    model = _build(record, path, trust_factory)
     try:
         apply_layers(model, record["layers"])
     except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as e:

@@ -104,7 +104,8 @@ def _as_attribute(value: Any, current: Any) -> Any:
 
 def apply_layers(model: nn.Module, layers: dict[str, LayerRecord]) -> None:
     """Resize each recorded layer in place; parameters shared between layers stay shared."""
-    replaced: dict[int, torch.Tensor] = {}
+    # id(old tensor) -> (old, new); holding `old` keeps its id from being reused meanwhile.
+    replaced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, record in layers.items():
         try:
             module = model.get_submodule(name)
@@ -128,9 +129,9 @@ def apply_layers(model: nn.Module, layers: dict[str, LayerRecord]) -> None:
             old = tensors[tname]
             if list(old.shape) != shape:
                 if id(old) not in replaced:
-                    replaced[id(old)] = _empty_like(old, shape)
+                    replaced[id(old)] = (old, _empty_like(old, shape))
                 store = module._parameters if tname in module._parameters else module._buffers
-                store[tname] = replaced[id(old)]
+                store[tname] = replaced[id(old)][1]
 
 
 def _empty_like(old: torch.Tensor, shape: list[int]) -> torch.Tensor:

@@ -7,11 +7,12 @@ Importing this package registers every family below; adding a family is one new 
 from . import mobilenetv2, resnet_cifar, smallcnn, vgg  # noqa: F401  (registers the models)
 from ._factory import create_model
 from ._registry import MODELS, ModelInfo, list_models, model_info, register_model
-from ._weights import load_weights
+from ._weights import check_state_dict, load_weights
 
 __all__ = [
     "MODELS",
     "ModelInfo",
+    "check_state_dict",
     "create_model",
     "list_models",
     "load_weights",
