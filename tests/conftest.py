@@ -13,7 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 CIFAR_JPEG75 = Path("~/.cache/autoprune-data/cifar-10-jpeg75").expanduser()
 
-torch.set_num_threads(2)
+# The test models are tiny: a second thread only adds synchronisation, and on a busy machine
+# OpenMP's spinning threads slow them down tenfold.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,11 @@
 """autoprune: automatic loss-aware structured pruning for PyTorch CNNs and hybrids."""
 
-from .api import build_model, complexity, evaluate, train
+from .api import build_model, complexity, evaluate, prune, train
 from .data import list_datasets, load_dataset, make_loader
 from .errors import AutopruneError, CheckpointError, DataNotFoundError, UnknownNameError
 from .measure import count_macs, count_params, profile_model
 from .models import create_model, list_models, load_weights
+from .search import PruneConfig, PruneResult
 from .train import TrainConfig
 
 __version__ = "0.1.0"
@@ -13,6 +14,8 @@ __all__ = [
     "AutopruneError",
     "CheckpointError",
     "DataNotFoundError",
+    "PruneConfig",
+    "PruneResult",
     "TrainConfig",
     "UnknownNameError",
     "__version__",
@@ -28,5 +31,6 @@ __all__ = [
     "load_weights",
     "make_loader",
     "profile_model",
+    "prune",
     "train",
 ]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,6 +17,7 @@ from .data import BatchLoader, ImageData, dataset_info, load_dataset, make_loade
 from .errors import AutopruneError
 from .measure import EvalResult, count_macs, count_params, evaluate_batches
 from .models import create_model, model_info
+from .search import CalibrationSet, PruneConfig, PruneResult, SearchData, run_search
 from .train import TrainConfig, TrainResult, fit
 
 ModelLike = nn.Module | str
@@ -151,6 +155,7 @@ def train(
     continues from it), and the trained model and a ``summary.json`` are written at the end.
     """
     config = config or TrainConfig()
+    torch.manual_seed(config.seed)  # a model built here starts from seeded weights
     net, train_set = model_and_data(model, data, "train", weights=weights, data_root=data_root)
     net.to(resolve_device(device))
     common = {"input_size": input_size, "channels_last": config.channels_last}
@@ -190,3 +195,129 @@ def _write_train_outputs(
         "history": [asdict(r) for r in result.history],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def prune(
+    model: ModelLike,
+    *,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    train_data: DataLike | None = None,
+    calib_data: DataLike | None = None,
+    val_data: DataLike | None = None,
+    target_macs_reduction: float | None = None,
+    criteria: Sequence[str] | str | None = None,
+    schedule: str | None = None,
+    recover_every: float | None = None,
+    recover_steps: int | None = None,
+    finetune_epochs: int | None = None,
+    seed: int | None = None,
+    out_dir: str | Path | None = None,
+    config: PruneConfig | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    weights: str | Path | None = None,
+    data_root: str | Path | None = None,
+    device: str = "auto",
+    input_size: int | None = None,
+    **overrides: Any,
+) -> PruneResult:
+    """Prune ``model`` to ``target_macs_reduction`` of its MACs; returns the smaller model.
+
+    Settings come from ``config`` (default :class:`PruneConfig`), then the named arguments
+    that are not None, then ``overrides`` (any other PruneConfig field, e.g. ``step=0.02``).
+    ``train_data`` (its train split) feeds calibration (unless ``calib_data`` is given),
+    recovery and fine-tuning; ``val_data`` (its test split) the accuracies in the summary.
+    Datasets are names or :class:`~autoprune.data.ImageData`. With ``schedule="fixed"`` and a
+    data-free criterion no data is needed, only ``example_inputs`` (or a zoo model, whose input
+    size is known). ``model`` itself is left unchanged. With ``out_dir`` the run is
+    checkpointed after every iteration and ``resume=True`` continues it; see
+    :func:`autoprune.search.run_search`.
+    """
+    named = {
+        "target_macs_reduction": target_macs_reduction,
+        "criteria": criteria,
+        "schedule": schedule,
+        "recover_every": recover_every,
+        "recover_steps": recover_steps,
+        "finetune_epochs": finetune_epochs,
+        "seed": seed,
+    }
+    settings = {k: v for k, v in named.items() if v is not None} | overrides
+    known = {f.name for f in fields(PruneConfig)}
+    unknown = sorted(settings.keys() - known)
+    if unknown:
+        raise AutopruneError(
+            f"unknown prune setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    config = replace(config or PruneConfig(), **settings)
+    given = [d for d in (train_data, val_data, calib_data) if d is not None]
+    info = None
+    if given:
+        first = given[0]
+        info = dataset_info(first, root=data_root) if isinstance(first, str) else first.info
+    net = build_model(
+        model, weights=weights, num_classes=(info.num_classes or None) if info else None
+    )
+    target = resolve_device(device)
+    if next(net.parameters()).device != target:
+        net = copy.deepcopy(net).to(target)  # the caller's model stays where it is
+    train = get_data(train_data, "train", root=data_root) if train_data is not None else None
+    val = get_data(val_data, "test", root=data_root) if val_data is not None else None
+    calib = get_data(calib_data, "train", root=data_root) if calib_data is not None else train
+    if example_inputs is None:
+        shape_source = next((d for d in (train, val, calib) if d is not None), None)
+        example_inputs = example_input(net, shape_source, input_size)
+    return run_search(
+        net,
+        example_inputs,
+        config,
+        _search_data(net, config, train, calib, val, input_size),
+        out_dir=out_dir,
+        resume=resume,
+        progress=progress,
+    )
+
+
+def _search_data(
+    net: nn.Module,
+    config: PruneConfig,
+    train: ImageData | None,
+    calib: ImageData | None,
+    val: ImageData | None,
+    input_size: int | None,
+) -> SearchData:
+    """Loaders and the calibration set, feeding the data the way ``net`` expects it."""
+
+    def train_loader(train_config: TrainConfig) -> BatchLoader:
+        assert train is not None
+        return loader_for(
+            net,
+            train,
+            batch_size=train_config.batch_size,
+            train=True,
+            seed=config.seed,
+            input_size=input_size,
+            channels_last=train_config.channels_last,
+        )
+
+    calib_set = None
+    if calib is not None:
+        channels = input_channels(net)
+        calib_set = CalibrationSet.from_data(
+            calib,
+            min(config.calib_size, len(calib)),
+            seed=config.seed,
+            device=next(net.parameters()).device,
+            input_size=input_size,
+            channels=channels if channels != calib.info.channels else None,
+        )
+    val_loader = None
+    if val is not None:
+        val_loader = loader_for(net, val, batch_size=256, train=False, input_size=input_size)
+    source = train or val or calib
+    return SearchData(
+        train=train_loader if train is not None else None,
+        calib=calib_set,
+        val=val_loader,
+        dataset=source.info.name if source is not None else None,
+    )

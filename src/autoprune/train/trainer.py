@@ -60,12 +60,15 @@ def fit(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     loss_fn: LossFn | None = None,
+    epoch_offset: int = 0,
 ) -> TrainResult:
     """Train ``model`` in place on the loader's device.
 
     With ``checkpoint`` set, the full state (weights, optimizer, schedule, history) is written
     there atomically after every epoch; ``resume=True`` continues from it and reproduces an
-    uninterrupted run, and a finished run is returned as it is.
+    uninterrupted run, and a finished run is returned as it is. ``epoch_offset`` shifts the
+    epochs the loader's shuffle and the per-epoch seed come from, so successive brief
+    trainings (recovery during pruning) see different batches.
     """
     device = next(model.parameters()).device
     if config.channels_last:
@@ -103,6 +106,7 @@ def fit(
             scheduler,
             scaler,
             epoch=epoch,
+            data_epoch=epoch + epoch_offset,
             config=config,
             step=result.steps,
             total_steps=total_steps,
@@ -141,14 +145,15 @@ def _train_epoch(
     scaler: torch.amp.GradScaler,
     *,
     epoch: int,
+    data_epoch: int,
     config: TrainConfig,
     step: int,
     total_steps: int,
     amp: tuple[bool, torch.dtype],
 ) -> EpochRecord:
     # Seeding per epoch makes dropout etc. independent of where a resumed run started.
-    torch.manual_seed(config.seed * 100_003 + epoch)
-    loader.set_epoch(epoch)
+    torch.manual_seed(config.seed * 100_003 + data_epoch)
+    loader.set_epoch(data_epoch)
     model.train()
     use_amp, amp_dtype = amp
     device_type = next(model.parameters()).device.type

@@ -1,0 +1,174 @@
+"""Fast scorer vs the exhaustive LAASP-style scorer: search time and accuracy after recovery.
+
+Protocol (the same for every scorer): prune the model to the MACs target with the search only
+(no recovery during the search), measure test accuracy, fine-tune every pruned model with the
+same budget, measure again. The dataset is CIFAR-10-JPEG75 (not CIFAR-10).
+
+    python bench/search_quality.py                      # ResNet-56, -50 % MACs (hours on 2 CPU cores)
+    python bench/search_quality.py --smoke              # a tiny run, for CI
+
+Writes docs/benchmarks/search_quality.json and .md (the table is generated from the JSON).
+Results are written after every method, so an interrupted run keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import autoprune
+from autoprune.api import loader_for
+from autoprune.data import load_dataset
+from autoprune.measure import count_macs, count_params, evaluate_batches
+from autoprune.train import TrainConfig, fit
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DATA_ROOT = Path("~/.cache/autoprune-data/cifar-10-jpeg75").expanduser()
+OUT = REPO / "docs" / "benchmarks"
+
+
+def ensure_data() -> Path:
+    if not (DATA_ROOT / "cifar-10-batches-py" / "test_batch").exists():
+        subprocess.run(
+            [sys.executable, str(SHARED / "data" / "prepare_cifar10_jpeg75.py")], check=True
+        )
+    return DATA_ROOT
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet56")
+    p.add_argument("--target", type=float, default=0.5, help="MACs reduction")
+    p.add_argument("--scorers", default="fast,exhaustive")
+    p.add_argument("--fast-calib", type=int, default=1024)
+    p.add_argument("--exhaustive-calib", type=int, default=256)
+    p.add_argument("--finetune-epochs", type=float, default=1.0)
+    p.add_argument("--finetune-lr", type=float, default=0.01)
+    p.add_argument("--test-size", type=int, default=10_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
+    p.add_argument("--out", type=Path, default=OUT / "search_quality")
+    args = p.parse_args()
+    if args.smoke:
+        args.model, args.target = "resnet20", 0.03
+        args.fast_calib = args.exhaustive_calib = 32
+        args.finetune_epochs, args.test_size = 0.01, 256
+        args.out = Path("/tmp/autoprune-bench-smoke/search_quality")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(args.seed)
+    root = ensure_data()
+    train = load_dataset("cifar10", "train", root)
+    test = load_dataset("cifar10", "test", root).subset(range(args.test_size))
+    weights = SHARED / "weights" / "cifar10-jpeg75-resnet-adapted" / f"{args.model}.th"
+    dense = autoprune.create_model(args.model, weights=weights)
+    example = torch.zeros(1, 3, 32, 32)
+    base_eval = evaluate_batches(dense, loader_for(dense, test, batch_size=256, train=False))
+    results = {
+        "machine": machine(),
+        "dataset": "CIFAR-10-JPEG75",
+        "model": args.model,
+        "target_macs_reduction": args.target,
+        "protocol": (
+            "search only (no recovery), then the same fine-tune for every scorer: "
+            f"{args.finetune_epochs} epoch(s), SGD lr {args.finetune_lr} cosine, batch 128"
+        ),
+        "baseline": {
+            "accuracy": base_eval.accuracy,
+            "macs": count_macs(dense, example),
+            "params": count_params(dense),
+        },
+        "runs": [],
+    }
+    for scorer in args.scorers.split(","):
+        calib = args.fast_calib if scorer == "fast" else args.exhaustive_calib
+        start = time.perf_counter()
+        result = autoprune.prune(
+            dense,
+            train_data=train,
+            target_macs_reduction=args.target,
+            scorer=scorer,
+            calib_size=calib,
+            recover_steps=0,
+            finetune_epochs=0,
+            seed=args.seed,
+            progress=False,
+        )
+        search_s = time.perf_counter() - start
+        model = result.model
+        after_search = evaluate_batches(model, loader_for(model, test, batch_size=256, train=False))
+        steps = max(1, round(args.finetune_epochs * len(train) / 128))
+        config = TrainConfig(
+            epochs=max(1, int(args.finetune_epochs + 0.999)), max_steps=steps,
+            lr=args.finetune_lr, channels_last=False, progress=False, seed=args.seed,
+        )
+        fit(model, loader_for(model, train, batch_size=128, train=True, seed=args.seed), config)
+        after_ft = evaluate_batches(model, loader_for(model, test, batch_size=256, train=False))
+        history = result.history
+        results["runs"].append({
+            "scorer": scorer,
+            "calib_images": calib,
+            "search_s": round(search_s, 1),
+            "iterations": len(history),
+            "candidates_scored": sum(h.get("candidates", 0) for h in history),
+            "macs_reduction": 1 - count_macs(model, example) / results["baseline"]["macs"],
+            "params_reduction": 1 - count_params(model) / results["baseline"]["params"],
+            "accuracy_after_search": after_search.accuracy,
+            "accuracy_after_finetune": after_ft.accuracy,
+            "groups_chosen": [h.get("group") for h in history],
+        })
+        write(args.out, results)
+        print(json.dumps(results["runs"][-1], indent=1)[:2000], flush=True)
+
+
+def machine() -> dict[str, str]:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "autoprune": autoprune.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def write(out: Path, results: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    base = results["baseline"]
+    lines = [
+        f"# Search quality: fast vs exhaustive scorer ({results['model']}, "
+        f"{results['dataset']}, -{results['target_macs_reduction']:.0%} MACs)",
+        "",
+        f"Generated by `bench/search_quality.py`. Protocol: {results['protocol']}.",
+        f"Dense baseline: {base['accuracy']:.2f} % test accuracy, {base['macs'] / 1e6:.1f} M MACs, "
+        f"{base['params'] / 1e6:.3f} M params.",
+        "",
+        "| scorer | calibration images | search time (s) | iterations | MACs red. | params red. "
+        "| acc. after search | acc. after fine-tune |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["runs"]:
+        lines.append(
+            f"| {r['scorer']} | {r['calib_images']} | {r['search_s']:.0f} | {r['iterations']} "
+            f"| {r['macs_reduction']:.1%} | {r['params_reduction']:.1%} "
+            f"| {r['accuracy_after_search']:.2f} % | {r['accuracy_after_finetune']:.2f} % |"
+        )
+    m = results["machine"]
+    lines += ["", f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
+              f"Python {m['python']}, autoprune {m['autoprune']}."]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

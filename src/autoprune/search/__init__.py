@@ -1,0 +1,36 @@
+"""Loss-aware automatic pruning to a MACs target (LAASP, made fast), plus the baselines.
+
+Every iteration a schedule proposes a removal (for the loss-aware ones: the best of the
+(group, criterion) candidates scored on a calibration set), it is applied physically, the
+model recovers briefly every ``recover_every`` of the original MACs, and the run is
+checkpointed so it can resume. Schedules, allocations, objectives and scorers are registries.
+"""
+
+from .calibration import CalibrationSet
+from .candidates import OBJECTIVES, Candidate, Objective, make_candidates
+from .config import PruneConfig, default_criteria
+from .loop import PruneResult, SearchData, run_search
+from .run import RunDir
+from .schedules import ALLOCATIONS, SCHEDULES, Schedule, SearchContext, Step
+from .scorers import SCORERS, create_scorer
+
+__all__ = [
+    "ALLOCATIONS",
+    "OBJECTIVES",
+    "SCHEDULES",
+    "SCORERS",
+    "CalibrationSet",
+    "Candidate",
+    "Objective",
+    "PruneConfig",
+    "PruneResult",
+    "RunDir",
+    "Schedule",
+    "SearchContext",
+    "SearchData",
+    "Step",
+    "create_scorer",
+    "default_criteria",
+    "make_candidates",
+    "run_search",
+]

@@ -1,0 +1,130 @@
+"""What one search iteration chooses among: a step of channels per (group, criterion).
+
+Each group not at its cap offers, for every criterion allowed now, the channels that criterion
+would remove first, sized so the step saves about the same MACs in every group. Criteria that
+pick the same channels in a group are one candidate (they cost one evaluation). The objective
+turns a candidate's calibration loss into the number the search minimises.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .._registry import Registry
+from ..criteria import TaylorAccumulator, select
+from ..errors import AutopruneError
+from ..graph import ChannelGroup, PruningGraph
+
+if TYPE_CHECKING:
+    from .calibration import CalibrationSet
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """Removing ``idxs`` (sorted) from ``group``, as ``criteria`` would; saves ``macs_saved``."""
+
+    group: str  # ChannelGroup.name in the current PruningGraph
+    criteria: tuple[str, ...]  # every criterion in the pool that picks exactly these channels
+    idxs: torch.Tensor
+    macs_saved: int  # exact, from graph.macs
+
+
+# (loss with the candidate removed, candidate) -> value to minimise
+Objective = Callable[[float, Candidate], float]
+OBJECTIVES: Registry[Callable[[float], Objective]] = Registry("objective")
+
+
+@OBJECTIVES.register("loss", description="calibration loss after the removal (LAASP)")
+def loss_objective(base_loss: float) -> Objective:
+    """The loss itself: every candidate saves about the same MACs, so compare losses."""
+    return lambda loss, candidate: loss
+
+
+@OBJECTIVES.register("loss_per_mac", description="loss increase per MAC saved")
+def loss_per_mac(base_loss: float) -> Objective:
+    """Loss increase over ``base_loss`` (the model before this step) per MAC the step saves:
+    fairer where one channel of a group saves far more than the step (a stem group)."""
+    return lambda loss, candidate: (loss - base_loss) / max(1, candidate.macs_saved)
+
+
+def removable(group: ChannelGroup, original_channels: int, cap: float) -> int:
+    """How many more channels ``group`` may lose: up to ``cap`` of its original ones, keeping 1."""
+    allowed = math.floor(cap * original_channels + 1e-9) - (original_channels - group.channels)
+    return max(0, min(allowed, group.channels - 1))
+
+
+def channels_for(group: ChannelGroup, macs: float, limit: int) -> int:
+    """The number of channels (1 to ``limit``) whose removal saves closest to ``macs``."""
+
+    def saved(n: int) -> int:
+        return group.macs_saved(torch.arange(n))
+
+    lo, hi = 1, limit
+    while lo < hi:  # smallest n saving at least ``macs`` (savings grow with n)
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if saved(mid) >= macs else (mid + 1, hi)
+    if lo > 1 and macs - saved(lo - 1) < saved(lo) - macs:
+        lo -= 1
+    return lo
+
+
+def criteria_state(
+    graph: PruningGraph,
+    criteria: Iterable[str],
+    calib: CalibrationSet | None,
+    seed: int,
+    taylor_size: int,
+) -> dict[str, Any]:
+    """What the criteria need besides the weights: gradients for ``taylor``, a seed for ``random``.
+
+    Gradients are collected afresh every call (BatchNorm frozen), since the model changed since
+    the last one, on the first ``taylor_size`` calibration images: a backward pass costs twice
+    a forward, and every iteration pays it.
+    """
+    state: dict[str, Any] = {"seed": seed}
+    if "taylor" in criteria:
+        if calib is None:
+            raise AutopruneError("criterion 'taylor' needs calibration data: pass train_data")
+        graph.model.eval()
+        batches = calib.slices(0, min(taylor_size, calib.size))
+        state["taylor"] = TaylorAccumulator(graph).collect(batches)
+    return state
+
+
+def make_candidates(
+    graph: PruningGraph,
+    criteria: Iterable[str],
+    macs: float,
+    limits: Mapping[str, int],
+    state: Mapping[str, Any],
+) -> list[Candidate]:
+    """One candidate per group and distinct channel choice, each saving about ``macs``.
+
+    A criterion that does not apply to a group (``bn_scale`` where there is no BatchNorm,
+    ``taylor`` where no gradient arrives) offers nothing there instead of stopping the search.
+    """
+    criteria = tuple(criteria)
+    current = graph.macs()
+    candidates = []
+    for group in graph.groups():
+        limit = limits.get(group.name, 0)
+        if limit < 1:
+            continue
+        n = channels_for(group, macs, limit)
+        picks: dict[tuple[int, ...], list[str]] = {}
+        for name in criteria:
+            try:
+                idxs = select(group, name, n, **state)
+            except AutopruneError:
+                continue
+            picks.setdefault(tuple(idxs.tolist()), []).append(name)
+        for key, names in picks.items():
+            idxs = torch.tensor(key, dtype=torch.long)
+            saved = current - graph.macs(group, idxs)
+            candidates.append(Candidate(group.name, tuple(names), idxs, saved))
+    return candidates

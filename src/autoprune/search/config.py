@@ -1,0 +1,108 @@
+"""The settings of a pruning run: one typed dataclass shared by the Python API and the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..criteria import list_criteria
+from ..errors import AutopruneError
+from ..train import TrainConfig
+from .candidates import OBJECTIVES
+from .schedules import ALLOCATIONS, SCHEDULES
+from .scorers import SCORERS
+
+
+def default_criteria() -> tuple[str, ...]:
+    """Every registered criterion except the controls (``random``): the seed method's pool."""
+    return tuple(n for kind in ("magnitude", "similarity", "saliency") for n in list_criteria(kind))
+
+
+# channels_last off: on the CPU it halves the training speed of the small CIFAR / MNIST nets;
+# turn it on for GPU runs.
+def _recovery() -> TrainConfig:
+    return TrainConfig(lr=0.01, channels_last=False, progress=False)
+
+
+def _finetune() -> TrainConfig:
+    return TrainConfig(lr=0.01, channels_last=False)
+
+
+@dataclass
+class PruneConfig:
+    """How to prune; ``autoprune prune`` options map onto these fields.
+
+    Fractions of MACs (``target_macs_reduction``, ``step``, ``recover_every``) are of the
+    *original* model's conv and linear MACs. ``cap`` bounds what any group may lose, as a
+    fraction of its original channels (one channel always stays). ``recovery`` and ``finetune``
+    are the trainer settings for brief recovery during the search and the final fine-tune; the
+    search sets their ``epochs``, ``max_steps`` and ``seed`` from ``recover_steps``,
+    ``finetune_epochs`` and ``seed``. With ``distill`` both train on
+    ``(1 - distill_weight) * CE + distill_weight * T^2 * KL(teacher || student)`` at
+    temperature ``distill_temperature``, the teacher being the unpruned model.
+    """
+
+    target_macs_reduction: float = 0.5
+    criteria: tuple[str, ...] = field(default_factory=default_criteria)
+    schedule: str = "auto"
+    saliency_fraction: float = 0.5  # saliency-then-similarity: switch at this part of the target
+    allocation: str = "uniform"  # fixed: "uniform" or "global"
+    step: float = 0.01
+    cap: float = 0.75
+    objective: str = "loss"
+    scorer: str = "fast"
+    scorer_options: dict[str, Any] = field(default_factory=dict)
+    calib_size: int = 1024
+    taylor_size: int = 256  # calibration images the taylor gradients are taken on
+    recover_every: float = 0.02
+    recover_steps: int = 50
+    recovery: TrainConfig = field(default_factory=_recovery)
+    finetune_epochs: int = 0
+    finetune: TrainConfig = field(default_factory=_finetune)
+    distill: bool = False
+    distill_temperature: float = 4.0
+    distill_weight: float = 0.5
+    ignored_layers: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.criteria = _names(self.criteria)
+        self.ignored_layers = _names(self.ignored_layers)
+        _fraction("target_macs_reduction", self.target_macs_reduction, open_right=True)
+        _fraction("step", self.step, open_right=True)
+        _fraction("cap", self.cap)
+        _fraction("recover_every", self.recover_every)
+        if not 0.0 <= self.saliency_fraction <= 1.0:
+            raise AutopruneError(
+                f"saliency_fraction must be in [0, 1], got {self.saliency_fraction}"
+            )
+        for registry, name in (
+            (SCHEDULES, self.schedule),
+            (ALLOCATIONS, self.allocation),
+            (OBJECTIVES, self.objective),
+            (SCORERS, self.scorer),
+        ):
+            registry.entry(name)
+        SCHEDULES.get(self.schedule).check(self)
+        for name, low in (
+            ("calib_size", 1),
+            ("taylor_size", 1),
+            ("recover_steps", 0),
+            ("finetune_epochs", 0),
+        ):
+            if getattr(self, name) < low:
+                raise AutopruneError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.distill_temperature <= 0 or not 0.0 <= self.distill_weight <= 1.0:
+            raise AutopruneError("distill_temperature must be > 0 and distill_weight in [0, 1]")
+
+
+def _names(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """A comma-separated string (as the CLI gives it) or a sequence, as a tuple of names."""
+    items = value.split(",") if isinstance(value, str) else value
+    return tuple(s.strip() for s in items if s.strip())
+
+
+def _fraction(name: str, value: float, *, open_right: bool = False) -> None:
+    if not (0.0 < value < 1.0 if open_right else 0.0 < value <= 1.0):
+        bound = "1)" if open_right else "1]"
+        raise AutopruneError(f"{name} must be in (0, {bound}, got {value}")

@@ -1,0 +1,473 @@
+"""The pruning loop: propose, apply physically, recover every ``recover_every``, checkpoint.
+
+Every source of randomness is a function of the seed and of counters in the state (criteria
+and the calibration set use the seed; each training draws its batches and its per-epoch seed
+from the training epochs drawn before it), and the state saved after each iteration holds
+everything else (the removals applied, in order, and the weights). So a resumed run ends
+exactly where an uninterrupted one would: it rebuilds the original model, replays the removals
+and loads the weights. Between trainings the weights are kept in the default memory layout,
+so a replayed model computes bit for bit like the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._progress import Bar, console, progress_bar
+from ..data import BatchLoader
+from ..errors import AutopruneError
+from ..graph import build_graph
+from ..measure import count_macs, count_params, evaluate_batches
+from ..train import LossFn, TrainConfig, TrainResult, fit
+from .calibration import CalibrationSet
+from .candidates import removable
+from .config import PruneConfig
+from .run import RunDir, layer_widths, summarize
+from .schedules import SCHEDULES, TOLERANCE, SearchContext, Step
+from .scorers import create_scorer
+
+STATE_FORMAT = 1
+Removal = list[tuple[str, torch.Tensor]]
+
+
+@dataclass
+class SearchData:
+    """A run's data, ready to use; every part may be missing.
+
+    ``train(train_config)`` gives shuffled, augmented training batches at that config's batch
+    size and memory layout (for recovery and fine-tuning); ``calib`` is the calibration set
+    candidates are scored on; ``val`` the held-out batches accuracies are measured on.
+    """
+
+    train: Callable[[TrainConfig], BatchLoader] | None = None
+    calib: CalibrationSet | None = None
+    val: BatchLoader | None = None
+    dataset: str | None = None
+
+
+@dataclass
+class PruneResult:
+    """The pruned model (a plain, physically smaller ``nn.Module``), the run's summary (as in
+    ``summary.json``) and one history record per iteration (as in ``history.jsonl``)."""
+
+    model: nn.Module
+    summary: dict[str, Any]
+    history: list[dict[str, Any]]
+
+
+@dataclass
+class SearchState:
+    """Everything of a run that is not in the original model; saved after every iteration."""
+
+    applied: list[Removal] = field(default_factory=list)  # per iteration, (group, idxs) pairs
+    iteration: int = 0
+    data_epochs: int = 0  # training epochs drawn so far: the next training starts after them
+    next_recovery: float = 0.0  # MACs reduction at which the next recovery is due
+    loss: float | None = None  # calibration loss of the model now
+    phase: str = "search"  # search -> finetune -> done
+    baseline: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("search_s", "recovery_s", "finetune_s"), 0.0)
+    )
+    total_s: float = 0.0
+
+
+def run_search(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    config: PruneConfig,
+    data: SearchData,
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> PruneResult:
+    """Prune a copy of ``model`` to ``config.target_macs_reduction``; ``model`` is not changed.
+
+    With ``out_dir`` the run is checkpointed there after every iteration and its outputs are
+    written at the end; ``resume=True`` continues a run from there (a finished one is
+    returned as it is).
+    """
+    return _Search(model, example_inputs, config, data, out_dir, progress).run(resume)
+
+
+class _Search:
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: torch.Tensor | Sequence[torch.Tensor],
+        config: PruneConfig,
+        data: SearchData,
+        out_dir: str | os.PathLike[str] | None,
+        progress: bool,
+    ) -> None:
+        self.start = time.perf_counter()
+        self.original = model
+        self.example_inputs = example_inputs
+        self.config = config
+        self.data = data
+        self.run_dir = RunDir(out_dir) if out_dir is not None else None
+        self.progress = progress
+        self.schedule = SCHEDULES.get(config.schedule)(config)
+        if self.schedule.needs_calibration and data.calib is None:
+            raise AutopruneError(
+                f"schedule {config.schedule!r} with criteria {', '.join(config.criteria)} needs "
+                "data: pass train_data or calib_data (only schedule 'fixed' with a data-free "
+                "criterion runs on example inputs alone)"
+            )
+        self.recovering = data.train is not None and config.recover_steps > 0
+        self.scorer = create_scorer(config.scorer, **config.scorer_options)
+        self.teacher = copy.deepcopy(model).eval().requires_grad_(False) if config.distill else None
+        self.graph = build_graph(
+            copy.deepcopy(model), example_inputs, ignored_layers=config.ignored_layers
+        )
+        self.original_macs = self.graph.macs()
+        self.original_channels = {g.name: g.channels for g in self.graph.groups()}
+        self.widths = layer_widths(self.graph.model)
+        self.state = SearchState(next_recovery=config.recover_every)
+
+    # ----------------------------------------------------------------------------- driver
+    def run(self, resume: bool) -> PruneResult:
+        saved = self.run_dir.load(resume) if self.run_dir is not None else None
+        if saved is not None:
+            self._restore(saved)
+            if self.state.phase == "done":
+                assert self.run_dir is not None
+                return PruneResult(
+                    self.graph.model, self.run_dir.read_summary(), self.state.history
+                )
+        else:
+            self._check_reachable()
+            self.state.loss = self._calib_loss("before pruning")
+            self.state.baseline = {**self._measure(self.graph.model), "calib_loss": self.state.loss}
+            self._checkpoint()
+        self._search()
+        if self.state.phase == "finetune":
+            self._finetune(resumed=saved is not None)
+        return self._finish()
+
+    def _search(self) -> None:
+        target = self.config.target_macs_reduction
+        with progress_bar("pruning", 1000, enabled=self.progress) as bar:
+            reporter = _Reporter(bar, self.progress, target, self._reduction())
+            while self.state.phase == "search":
+                if self._reduction() >= target - TOLERANCE:
+                    self.state.phase = "finetune"
+                    self._checkpoint()
+                    break
+                reporter.log(self._iterate(), self._reduction())
+
+    def _iterate(self) -> dict[str, Any]:
+        """One iteration: propose, check, apply, recover when due, checkpoint."""
+        state, config = self.state, self.config
+        t0 = time.perf_counter()
+        ctx = SearchContext(
+            self.graph,
+            config,
+            self.data.calib,
+            self.scorer,
+            self.original_macs,
+            self.original_channels,
+            state.loss,
+            state.next_recovery if self.recovering else None,
+        )
+        step = self.schedule.propose(ctx)
+        self._check_finite(step.loss, "with the chosen removal")
+        self.graph.prune(step.removal)
+        reduction = self._reduction()
+        entry = self._record(step, reduction, time.perf_counter() - t0)
+        state.timings["search_s"] += entry["seconds"]
+        state.loss = step.loss
+        done = reduction >= config.target_macs_reduction - TOLERANCE
+        if self.recovering and (done or reduction >= state.next_recovery - 1e-12):
+            t1 = time.perf_counter()
+            self._recover()
+            state.loss = self._calib_loss("after recovery")
+            state.next_recovery = (math.floor(reduction / config.recover_every + 1e-9) + 1) * (
+                config.recover_every
+            )
+            entry["loss_recovered"] = state.loss
+            entry["recovery_s"] = round(time.perf_counter() - t1, 3)
+            state.timings["recovery_s"] += entry["recovery_s"]
+        state.applied.append(list(step.removal.items()))
+        state.iteration += 1
+        state.history.append(entry)
+        self._checkpoint()
+        return entry
+
+    def _record(self, step: Step, reduction: float, seconds: float) -> dict[str, Any]:
+        removed = {name: int(idxs.numel()) for name, idxs in step.removal.items()}
+        return {
+            "iteration": self.state.iteration + 1,
+            "group": next(iter(removed)) if len(removed) == 1 else None,
+            "criteria": list(step.criteria),
+            "channels": sum(removed.values()),
+            "removed": removed,
+            "loss": step.loss,
+            "loss_recovered": None,
+            "macs_reduction": reduction,
+            "candidates": step.candidates,
+            "seconds": round(seconds, 3),
+            "recovery_s": 0.0,
+            "scorer": _json_safe(step.stats),
+        }
+
+    # --------------------------------------------------------------------------- training
+    def _recover(self) -> None:
+        """Brief training with a fresh optimizer (the parameters changed shape)."""
+        assert self.data.train is not None
+        config = self.config
+        loader = self.data.train(config.recovery)
+        epochs = math.ceil(config.recover_steps / len(loader))
+        train_config = replace(
+            config.recovery,
+            epochs=epochs,
+            max_steps=config.recover_steps,
+            seed=config.seed,
+            progress=False,
+        )
+        self._fit(loader, train_config, epoch_offset=self.state.data_epochs)
+        self.state.data_epochs += epochs
+
+    def _finetune(self, resumed: bool) -> None:
+        config = self.config
+        if config.finetune_epochs and self.data.train is not None:
+            t0 = time.perf_counter()
+            loader = self.data.train(config.finetune)
+            train_config = replace(
+                config.finetune,
+                epochs=config.finetune_epochs,
+                max_steps=None,
+                seed=config.seed,
+                progress=self.progress,
+            )
+            checkpoint = self.run_dir.finetune_state if self.run_dir is not None else None
+            result = self._fit(
+                loader,
+                train_config,
+                epoch_offset=self.state.data_epochs,
+                val_loader=self.data.val,
+                checkpoint=checkpoint,
+                resume=resumed,
+            )
+            earlier = sum(r.seconds for r in result.history[: result.resumed_from_epoch or 0])
+            self.state.timings["finetune_s"] = earlier + time.perf_counter() - t0
+            self.state.loss = self._calib_loss("after fine-tuning")
+        self.state.phase = "done"
+
+    def _fit(self, loader: BatchLoader, train_config: TrainConfig, **kwargs: Any) -> TrainResult:
+        model = self.graph.model
+        result = fit(model, loader, train_config, loss_fn=self._loss_fn(train_config), **kwargs)
+        # One memory layout outside training, so a resumed run computes bit for bit the same.
+        model.to(memory_format=torch.contiguous_format)
+        return result
+
+    def _loss_fn(self, train_config: TrainConfig) -> LossFn | None:
+        """Cross-entropy, or mixed with distillation from the unpruned model."""
+        teacher = self.teacher
+        if teacher is None:
+            return None
+        t, w, smoothing = (
+            self.config.distill_temperature,
+            self.config.distill_weight,
+            train_config.label_smoothing,
+        )
+
+        def loss(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                target = F.log_softmax(teacher(x).float() / t, dim=1)
+            kd = F.kl_div(
+                F.log_softmax(logits.float() / t, dim=1),
+                target,
+                reduction="batchmean",
+                log_target=True,
+            )
+            ce = F.cross_entropy(logits, y, label_smoothing=smoothing)
+            return (1.0 - w) * ce + w * t * t * kd
+
+        return loss
+
+    # ---------------------------------------------------------------------- measurements
+    def _reduction(self) -> float:
+        return 1.0 - self.graph.macs() / self.original_macs
+
+    def _calib_loss(self, when: str) -> float | None:
+        if self.data.calib is None:
+            return None
+        loss = self.data.calib.loss(self.graph.model)
+        self._check_finite(loss, when)
+        return loss
+
+    def _check_finite(self, loss: float | None, when: str) -> None:
+        if loss is None or math.isfinite(loss):
+            return
+        where = (
+            f"the last good state (after {self.state.iteration} iterations) is saved in "
+            f"{self.run_dir.state}"
+            if self.run_dir is not None and self.run_dir.state.exists()
+            else "nothing was saved (no output directory)"
+        )
+        raise AutopruneError(
+            f"calibration loss is {loss} {when} at iteration {self.state.iteration + 1}: "
+            f"stopping; {where}"
+        )
+
+    def _measure(self, model: nn.Module) -> dict[str, Any]:
+        ev = evaluate_batches(model, self.data.val) if self.data.val is not None else None
+        return {
+            "macs": count_macs(model, self.example_inputs),
+            "params": count_params(model),
+            "accuracy": ev.accuracy if ev else None,
+            "loss": ev.loss if ev else None,
+        }
+
+    def _check_reachable(self) -> None:
+        """Refuse a target the caps make unreachable, with the highest one they allow."""
+        cap = self.config.cap
+        at_cap = {
+            g.name: torch.arange(removable(g, self.original_channels[g.name], cap))
+            for g in self.graph.groups()
+        }
+        best = 1.0 - self.graph.macs(at_cap) / self.original_macs
+        target = self.config.target_macs_reduction
+        if target > best:
+            raise AutopruneError(
+                f"a {100 * target:.1f} % MACs reduction is out of reach: with every group at its "
+                f"cap ({100 * cap:.0f} % of its channels) the most is {100 * best:.2f} %; lower "
+                "the target or raise the cap"
+            )
+
+    # ------------------------------------------------------------------ state and outputs
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        self.state.total_s += now - self.start
+        self.start = now
+
+    def _checkpoint(self) -> None:
+        self._tick()
+        if self.run_dir is None:
+            return
+        state = {
+            "format": STATE_FORMAT,
+            "config": _comparable(self.config),
+            **asdict(self.state),
+            "model": self.graph.model.state_dict(),
+        }
+        self.run_dir.checkpoint(state, self.state.history)
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        config, before = _comparable(self.config), saved.pop("config")
+        changed = sorted(k for k in config.keys() | before.keys() if config.get(k) != before.get(k))
+        if changed or saved.pop("format") != STATE_FORMAT:
+            raise AutopruneError(
+                f"cannot resume {self.run_dir.path if self.run_dir else ''}: it was started with "
+                f"other settings ({', '.join(changed) or 'format'}); use the same ones or "
+                "another output directory"
+            )
+        weights = saved.pop("model")
+        self.state = SearchState(**saved)
+        for removal in self.state.applied:
+            self.graph.prune(dict(removal))
+        device = next(self.graph.model.parameters()).device
+        self.graph.model.load_state_dict({k: v.to(device) for k, v in weights.items()})
+
+    def _finish(self) -> PruneResult:
+        model = self.graph.model
+        pruned = {**self._measure(model), "calib_loss": self.state.loss}
+        self._tick()
+        summary = summarize(
+            model_name=_model_name(self.original),
+            dataset=self.data.dataset,
+            baseline=self.state.baseline,
+            pruned=pruned,
+            widths_before=self.widths,
+            widths_after=layer_widths(model),
+            history=self.state.history,
+            timings={**self.state.timings, "total_s": self.state.total_s},
+            config=asdict(self.config),
+        )
+        if self.run_dir is not None:
+            self.run_dir.write_outputs(model, summary, _input_size(self.example_inputs))
+            self._checkpoint()
+        return PruneResult(model, summary, self.state.history)
+
+
+def _comparable(config: PruneConfig) -> dict[str, Any]:
+    """The settings a resumed run must share with the saved one, as JSON values."""
+    values = json.loads(json.dumps(asdict(config)))
+    for train in ("recovery", "finetune"):
+        values[train].pop("progress")
+    return values
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as None: strict JSON (``inf`` marks dropped candidates)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _model_name(model: nn.Module) -> str:
+    arch = getattr(model, "autoprune_arch", None) or {}
+    return str(arch.get("name") or arch.get("factory") or type(model).__name__)
+
+
+def _input_size(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> list[int] | None:
+    return list(example_inputs.shape[1:]) if isinstance(example_inputs, torch.Tensor) else None
+
+
+class _Reporter:
+    """The live bar (on a terminal) and one log line per iteration on stderr."""
+
+    def __init__(self, bar: Bar, enabled: bool, target: float, start: float) -> None:
+        self.bar, self.enabled, self.target = bar, enabled, target
+        self.start, self.t0, self.shown = start, time.perf_counter(), round(1000 * start / target)
+        bar.update(self.shown)
+
+    def log(self, entry: dict[str, Any], reduction: float) -> None:
+        if not self.enabled:
+            return
+        done = min(1000, round(1000 * reduction / self.target))
+        what = entry["group"] or f"{len(entry['removed'])} groups"
+        loss = "-" if entry["loss"] is None else f"{entry['loss']:.4f}"
+        self.bar.update(
+            done - self.shown,
+            iter=entry["iteration"],
+            macs=f"-{100 * reduction:.1f}%",
+            group=what,
+            crit=",".join(entry["criteria"]),
+            loss=loss,
+        )
+        self.shown = done
+        line = (
+            f"iter {entry['iteration']:>3}  MACs -{100 * reduction:5.1f}%  {what} "
+            f"-{entry['channels']} ({','.join(entry['criteria'])})  calib loss {loss}"
+        )
+        if entry["loss_recovered"] is not None:
+            line += f" -> {entry['loss_recovered']:.4f} recovered"
+        elapsed = time.perf_counter() - self.t0
+        gained = reduction - self.start
+        eta = elapsed * max(0.0, self.target - reduction) / gained if gained > 0 else 0.0
+        line += f"  {entry['seconds'] + entry['recovery_s']:.1f}s  eta {_clock(eta)}"
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"

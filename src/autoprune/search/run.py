@@ -1,0 +1,122 @@
+"""A pruning run's directory: state for resume, ``summary.json``, ``history.jsonl``, ``model/``.
+
+Every file is written whole through a temporary file and a rename, so a run killed at any
+moment leaves the previous or the new version of each, never half of one. The state file
+(:mod:`autoprune.io.state`, no pickle) is the authority: ``history.jsonl`` is rewritten from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import AutopruneError
+from ..io import save
+from ..io.state import load_state, save_state
+
+
+class RunDir:
+    """The files of one run under ``path``."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.state = self.path / "state.safetensors"
+        self.finetune_state = self.path / "finetune_state.safetensors"
+        self.summary = self.path / "summary.json"
+        self.history = self.path / "history.jsonl"
+        self.model = self.path / "model"
+
+    def load(self, resume: bool) -> dict[str, Any] | None:
+        """The saved state to continue from, or None for a new run.
+
+        A directory holding a run is never overwritten: without ``resume`` it is refused.
+        """
+        if not self.state.exists():
+            return None
+        if not resume:
+            raise AutopruneError(
+                f"{self.path} already holds a pruning run: resume it (--resume / resume=True) "
+                "or choose another output directory"
+            )
+        return load_state(self.state)
+
+    def checkpoint(self, state: Mapping[str, Any], history: Sequence[Mapping[str, Any]]) -> None:
+        save_state(self.state, dict(state))
+        _write_text(self.history, "".join(json.dumps(h) + "\n" for h in history))
+
+    def write_outputs(
+        self, model: nn.Module, summary: Mapping[str, Any], input_size: Sequence[int] | None
+    ) -> None:
+        """The pruned model (``autoprune.load`` reads it back) and ``summary.json``."""
+        metadata = {
+            "pruned": {k: summary[k] for k in ("macs_reduction", "params_reduction")},
+            "accuracy": summary["pruned"]["accuracy"],
+        }
+        save(model, self.model, input_size=input_size, metadata=metadata)
+        _write_text(self.summary, json.dumps(summary, indent=2) + "\n")
+
+    def read_summary(self) -> dict[str, Any]:
+        return json.loads(self.summary.read_text())
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Output channels (features) of every conv and linear layer, by name."""
+    widths = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            widths[name] = m.out_channels
+        elif isinstance(m, nn.Linear):
+            widths[name] = m.out_features
+    return widths
+
+
+def criteria_chosen(history: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """How often each criterion picked the applied channels (criteria that picked the same
+    channels share the credit: each is counted)."""
+    counts: dict[str, int] = {}
+    for entry in history:
+        for name in entry["criteria"]:
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def summarize(
+    *,
+    model_name: str,
+    dataset: str | None,
+    baseline: Mapping[str, Any],
+    pruned: Mapping[str, Any],
+    widths_before: Mapping[str, int],
+    widths_after: Mapping[str, int],
+    history: Sequence[Mapping[str, Any]],
+    timings: Mapping[str, float],
+    config: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The run's ``summary.json``: before and after, per-layer widths, what the search chose."""
+    return {
+        "model": model_name,
+        "dataset": dataset,
+        "baseline": dict(baseline),
+        "pruned": dict(pruned),
+        "macs_reduction": 1.0 - pruned["macs"] / baseline["macs"],
+        "params_reduction": 1.0 - pruned["params"] / baseline["params"],
+        "layers": [
+            {"name": name, "before": before, "after": widths_after[name]}
+            for name, before in widths_before.items()
+        ],
+        "criteria_chosen": criteria_chosen(history),
+        "iterations": len(history),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "config": dict(config),
+    }

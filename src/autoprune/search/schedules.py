@@ -1,0 +1,292 @@
+"""Schedules decide what one iteration removes; one registry, one class per schedule.
+
+``auto`` and ``saliency-then-similarity`` are loss-aware: every candidate the allowed criteria
+offer is scored on the calibration set and the best one is applied (LAASP; I2CT for the
+switch from saliency to similarity criteria). ``fixed`` is the baseline without any loss
+evaluation: one criterion, channels allocated by an allocation rule (``uniform``: the same
+fraction of every group; ``global``: channels ranked across groups), data-free when the
+criterion is.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .._registry import Registry
+from ..criteria import CRITERIA, list_criteria, score, select
+from ..errors import AutopruneError
+from ..graph import PruningGraph, mask_channels
+from .candidates import OBJECTIVES, criteria_state, make_candidates, removable
+
+if TYPE_CHECKING:
+    from .calibration import CalibrationSet
+    from .config import PruneConfig
+    from .scorers import Scorer
+
+TOLERANCE = 0.005  # the final reduction lands within this of the target (fraction of MACs)
+
+
+@dataclass
+class SearchContext:
+    """The run as a schedule sees it when proposing a step."""
+
+    graph: PruningGraph
+    config: PruneConfig
+    calib: CalibrationSet | None
+    scorer: Scorer | None
+    original_macs: int
+    original_channels: dict[str, int]
+    loss: float | None  # calibration loss of the model as it is now
+    next_recovery: float | None  # reduction at which recovery is due next (None: no recovery)
+
+    @property
+    def reduction(self) -> float:
+        return 1.0 - self.graph.macs() / self.original_macs
+
+    @property
+    def remaining_macs(self) -> float:
+        return self.config.target_macs_reduction * self.original_macs - (
+            self.original_macs - self.graph.macs()
+        )
+
+    def limits(self) -> dict[str, int]:
+        cap = self.config.cap
+        return {
+            g.name: removable(g, self.original_channels[g.name], cap) for g in self.graph.groups()
+        }
+
+
+@dataclass
+class Step:
+    """What one iteration removes ({group: channel indices}) and how it was chosen."""
+
+    removal: dict[str, torch.Tensor]
+    criteria: tuple[str, ...]
+    loss: float | None  # calibration loss with the removal applied (None without data)
+    candidates: int
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class Schedule(ABC):
+    """Proposes each iteration's removal. Subclasses register with ``@SCHEDULES.register``."""
+
+    def __init__(self, config: PruneConfig) -> None:
+        self.config = config
+
+    @classmethod
+    def check(cls, config: PruneConfig) -> None:
+        """Refuse settings this schedule cannot work with (called when the config is made)."""
+        if not config.criteria:
+            raise AutopruneError("give at least one criterion")
+        for name in config.criteria:
+            CRITERIA.entry(name)
+
+    @property
+    @abstractmethod
+    def needs_calibration(self) -> bool: ...
+
+    @abstractmethod
+    def propose(self, ctx: SearchContext) -> Step: ...
+
+
+SCHEDULES: Registry[type[Schedule]] = Registry("prune schedule")
+
+
+class LossAware(Schedule):
+    """Score every candidate the allowed criteria offer; apply the best (LAASP)."""
+
+    needs_calibration = True
+
+    @abstractmethod
+    def criteria(self, progress: float) -> tuple[str, ...]:
+        """The criteria allowed at ``progress`` (the part of the target reached so far)."""
+
+    def propose(self, ctx: SearchContext) -> Step:
+        cfg = self.config
+        if ctx.calib is None or ctx.scorer is None or ctx.loss is None:
+            raise AutopruneError(f"schedule {cfg.schedule!r} needs calibration data")
+        allowed = self.criteria(ctx.reduction / cfg.target_macs_reduction)
+        state = criteria_state(ctx.graph, allowed, ctx.calib, cfg.seed, cfg.taylor_size)
+        step, remaining = cfg.step * ctx.original_macs, ctx.remaining_macs
+        candidates = make_candidates(ctx.graph, allowed, min(step, remaining), ctx.limits(), state)
+        if remaining < step:  # the last step: keep candidates that land on the target, if any
+            slack = TOLERANCE * ctx.original_macs
+            landing = [c for c in candidates if abs(remaining - c.macs_saved) <= slack]
+            candidates = landing or candidates
+        if not candidates:
+            raise AutopruneError("every group is at its cap: nothing is left to prune")
+        objective = OBJECTIVES.get(cfg.objective)(ctx.loss)
+        losses = ctx.scorer(ctx.graph, candidates, ctx.calib, objective)
+        values = [
+            objective(v, c) if math.isfinite(v) else math.inf
+            for v, c in zip(losses, candidates, strict=True)
+        ]
+        best = min(range(len(candidates)), key=values.__getitem__)  # first of equals: deterministic
+        chosen = candidates[best]
+        return Step(
+            {chosen.group: chosen.idxs},
+            chosen.criteria,
+            losses[best],
+            len(candidates),
+            dict(ctx.scorer.last_stats),
+        )
+
+
+@SCHEDULES.register("auto", description="the whole criteria pool every iteration (LAASP)")
+class Auto(LossAware):
+    def criteria(self, progress: float) -> tuple[str, ...]:
+        return self.config.criteria
+
+
+@SCHEDULES.register(
+    "saliency-then-similarity",
+    description="saliency criteria until saliency_fraction of the target, similarity after (I2CT)",
+)
+class SaliencyThenSimilarity(LossAware):
+    @classmethod
+    def check(cls, config: PruneConfig) -> None:
+        super().check(config)
+        for kind in ("saliency", "similarity"):
+            if not _of_kind(config.criteria, kind):
+                raise AutopruneError(
+                    f"schedule 'saliency-then-similarity' needs a {kind} criterion "
+                    f"({', '.join(list_criteria(kind))}) in the pool"
+                )
+
+    def criteria(self, progress: float) -> tuple[str, ...]:
+        kind = "saliency" if progress < self.config.saliency_fraction else "similarity"
+        return _of_kind(self.config.criteria, kind)
+
+
+def _of_kind(names: tuple[str, ...], kind: str) -> tuple[str, ...]:
+    return tuple(n for n in names if CRITERIA.entry(n).meta["kind"] == kind)
+
+
+# ------------------------------------------------------------------------------------ fixed
+# A family of removals, growing with its index: index -> channels to remove per group.
+Plans = tuple[int, Callable[[int], dict[str, int]]]
+Allocation = Callable[[SearchContext, str, Mapping[str, Any]], Plans]
+ALLOCATIONS: Registry[Allocation] = Registry("allocation")
+
+
+@SCHEDULES.register(
+    "fixed", description="one criterion, no loss evaluation, allocation uniform or global"
+)
+class Fixed(Schedule):
+    """The baselines: prune to the target (to each recovery milestone when recovering) with one
+    criterion, allocating channels by ``config.allocation``."""
+
+    @classmethod
+    def check(cls, config: PruneConfig) -> None:
+        super().check(config)
+        if len(config.criteria) != 1:
+            raise AutopruneError(
+                f"schedule 'fixed' takes exactly one criterion (e.g. l1), "
+                f"got {', '.join(config.criteria)}"
+            )
+
+    @property
+    def needs_calibration(self) -> bool:
+        return bool(CRITERIA.entry(self.config.criteria[0]).meta["needs_data"])
+
+    def propose(self, ctx: SearchContext) -> Step:
+        cfg = self.config
+        (criterion,) = cfg.criteria
+        goal = cfg.target_macs_reduction
+        if ctx.next_recovery is not None:
+            goal = min(goal, ctx.next_recovery)
+        state = criteria_state(ctx.graph, cfg.criteria, ctx.calib, cfg.seed, cfg.taylor_size)
+        counts = _choose(ctx, ALLOCATIONS.get(cfg.allocation)(ctx, criterion, state), goal)
+        removal = {
+            name: select(ctx.graph.group(name), criterion, n, **state)
+            for name, n in counts.items()
+            if n
+        }
+        loss = None
+        if ctx.calib is not None:
+            with mask_channels(ctx.graph, removal):
+                loss = ctx.calib.loss(ctx.graph.model)
+        return Step(removal, cfg.criteria, loss, 1)
+
+
+def _choose(ctx: SearchContext, plans: Plans, goal: float) -> dict[str, int]:
+    """The first plan reaching ``goal``, or the one before it when that lands closer (within
+    the tolerance) and still removes something; the last plan if none reaches it."""
+    n, plan = plans
+    now = ctx.reduction
+
+    def reduction(i: int) -> float:
+        counts = plan(i)
+        removal = {g: torch.arange(k) for g, k in counts.items() if k}
+        return 1.0 - ctx.graph.macs(removal) / ctx.original_macs if removal else now
+
+    lo, hi = 0, n - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if reduction(mid) >= goal else (mid + 1, hi)
+    if lo > 0:
+        below, above = reduction(lo - 1), reduction(lo)
+        if below > now and goal - below <= TOLERANCE and goal - below < above - goal:
+            lo -= 1
+    if reduction(lo) <= now:
+        raise AutopruneError("every group is at its cap: nothing is left to prune")
+    return plan(lo)
+
+
+@ALLOCATIONS.register("uniform", description="the same fraction of every group's channels")
+def uniform(ctx: SearchContext, criterion: str, state: Mapping[str, Any]) -> Plans:
+    """Plans by ratio ``r`` of the original channels: each group loses ``floor(r * original)``
+    in all (fewer where its cap stops it). The ratios tried are every one where a count moves."""
+    groups = ctx.graph.groups()
+    limits = ctx.limits()
+    original = {g.name: ctx.original_channels[g.name] for g in groups}
+    removed = {g.name: original[g.name] - g.channels for g in groups}
+    ratios = sorted(
+        {
+            j / original[name]
+            for name in original
+            for j in range(removed[name], removed[name] + limits[name] + 1)
+        }
+    )
+
+    def plan(i: int) -> dict[str, int]:
+        r = ratios[i]
+        return {
+            name: min(limits[name], max(0, math.floor(r * original[name] + 1e-9) - removed[name]))
+            for name in original
+        }
+
+    return len(ratios), plan
+
+
+@ALLOCATIONS.register("global", description="channels ranked across groups by normalised score")
+def global_ranking(ctx: SearchContext, criterion: str, state: Mapping[str, Any]) -> Plans:
+    """Plans by the ``k`` lowest channels of all groups, each group's scores divided by their
+    mean so groups of different scale compare; a group at its cap is passed over."""
+    limits = ctx.limits()
+    names, values = [], []
+    for group in ctx.graph.groups():
+        s = score(group, criterion, **state).double()
+        names += [group.name] * group.channels
+        values.append(s / s.mean().clamp_min(1e-30))
+    order = torch.argsort(torch.cat(values), stable=True).tolist()
+    taken: dict[str, int] = dict.fromkeys(limits, 0)
+    eligible = []
+    for i in order:
+        if taken[names[i]] < limits[names[i]]:
+            taken[names[i]] += 1
+            eligible.append(names[i])
+
+    def plan(k: int) -> dict[str, int]:
+        counts = dict.fromkeys(limits, 0)
+        for name in eligible[:k]:
+            counts[name] += 1
+        return counts
+
+    return len(eligible) + 1, plan

@@ -1,0 +1,369 @@
+"""Scorers and the calibration set: exact losses, an untouched model, halving's winner."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autoprune.criteria import select
+from autoprune.data import DatasetInfo, ImageData
+from autoprune.errors import AutopruneError, UnknownNameError
+from autoprune.graph import PruningGraph, build_graph
+from autoprune.models import create_model
+from autoprune.search._prefix import CallProfile, PrefixCache, plan_cuts
+from autoprune.search.calibration import CalibrationSet, stratified_order
+from autoprune.search.candidates import Candidate
+from autoprune.search.scorers import SCORERS, create_scorer, list_scorers
+
+SIZE = 16  # image side: small, so the exhaustive reference stays quick
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors run faster on one thread, and a busy machine's cores cannot stall it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def by_loss(loss: float, candidate: Candidate) -> float:
+    return loss
+
+
+# ---------------------------------------------------------------------- models of the test
+
+
+class PadBlock(nn.Module):
+    """akamaster's basic block with an option-A shortcut as a functional ``F.pad``, written
+    torchvision-style: one in-place ReLU called twice (so never replayed) and an in-place
+    residual add. Cached outputs replayed into them must survive."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.stride, self.pad = stride, (cout - cin) // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        if self.pad:
+            x = F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, self.pad, self.pad))
+        out += x
+        return self.relu(out)
+
+
+class PadNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.blocks = nn.Sequential(PadBlock(8, 8, 1), PadBlock(8, 16, 2), PadBlock(16, 16, 1))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
+
+
+def randomize_bn(model: nn.Module) -> nn.Module:
+    """Random BN affine parameters and running stats measured on random data: masking must be
+    exact whatever BatchNorm adds to a removed channel."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for bn in bns:
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.3, 0.3)
+            bn.momentum = None
+            bn.reset_running_stats()
+        model.train()(torch.randn(8, 3, SIZE, SIZE))
+    return model.eval()
+
+
+def make_graph(name: str) -> PruningGraph:
+    torch.manual_seed(0)
+    model = randomize_bn(PadNet() if name == "padnet" else create_model(name))
+    return build_graph(model, torch.randn(1, 3, SIZE, SIZE))
+
+
+def candidates_of(graph: PruningGraph, criteria: tuple[str, ...] = ("l1", "random")) -> list:
+    """Per group, a quarter of its channels as each criterion picks them (deduplicated)."""
+    found = []
+    for group in graph.groups():
+        picks: dict[tuple[int, ...], list[str]] = {}
+        for name in criteria:
+            idxs = select(group, name, max(1, group.channels // 4))
+            picks.setdefault(tuple(idxs.tolist()), []).append(name)
+        for key, names in picks.items():
+            idxs = torch.tensor(key)
+            saved = graph.macs() - graph.macs(group, idxs)
+            found.append(Candidate(group.name, tuple(names), idxs, saved))
+    return found
+
+
+def random_calib(sizes: tuple[int, ...] = (12, 12, 7), seed: int = 0) -> CalibrationSet:
+    g = torch.Generator().manual_seed(seed)
+    return CalibrationSet(
+        [
+            (torch.randn(n, 3, SIZE, SIZE, generator=g), torch.randint(10, (n,), generator=g))
+            for n in sizes
+        ]
+    )
+
+
+Snapshot = tuple[dict[str, torch.Tensor], dict[str, bool]]
+
+
+def snapshot(model: nn.Module) -> Snapshot:
+    state = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}
+    return state, {n: m.training for n, m in model.named_modules()}
+
+
+def assert_untouched(graph: PruningGraph, before: Snapshot) -> None:
+    """Parameters and buffers bit-identical, every module's mode, no hook or patch left."""
+    state, modes = snapshot(graph.model)
+    assert state.keys() == before[0].keys()
+    assert all(torch.equal(state[k], v) for k, v in before[0].items())
+    assert modes == before[1]
+    assert not graph.masks.active
+    for m in graph.model.modules():
+        assert "forward" not in vars(m)
+        assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+# ------------------------------------------------------------------------------ registry
+
+
+def test_registry_lists_both_scorers_and_checks_options():
+    assert list_scorers() == ["exhaustive", "fast"] == SCORERS.names()
+    fast = create_scorer()
+    assert type(fast).__name__ == "FastScorer" and fast.prefix_cache and fast.halving
+    assert create_scorer("fast", keep=0.5, min_images=8).keep == 0.5
+    with pytest.raises(UnknownNameError, match="unknown scorer 'bogus'"):
+        create_scorer("bogus")
+    with pytest.raises(AutopruneError, match="options: prefix_cache, halving"):
+        create_scorer("fast", halvng=False)
+    with pytest.raises(AutopruneError, match="keep"):
+        create_scorer("fast", keep=0.0)
+
+
+# ------------------------------------------------------------------------------ exactness
+
+
+@pytest.fixture(scope="module", params=["resnet20", "padnet"])
+def reference(request: pytest.FixtureRequest) -> tuple[PruningGraph, list, list[float]]:
+    """A model, its candidates and their exhaustive (pruned deep copy) losses."""
+    graph = make_graph(request.param)
+    candidates = candidates_of(graph)
+    return (
+        graph,
+        candidates,
+        create_scorer("exhaustive")(graph, candidates, random_calib(), by_loss),
+    )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"prefix_cache": False, "halving": False, "channels_last": False},
+        {"halving": False, "channels_last": False},
+        {"halving": False, "max_batch": 5},
+        {"halving": False},
+        {"min_images": 4, "keep": 1.0},  # rounds on the hardest images first, nobody dropped
+    ],
+    ids=["masking", "prefix", "prefix-split-batches", "prefix-channels-last", "halving-keep-all"],
+)
+def test_fast_losses_equal_the_exhaustive_reference(reference, options: dict):
+    graph, candidates, expected = reference
+    scorer = create_scorer("fast", **options)
+    losses = scorer(graph, candidates, random_calib(), by_loss)
+    assert len(losses) == len(candidates) >= 8
+    assert max(abs(a - b) for a, b in zip(losses, expected, strict=True)) <= 1e-5
+    assert scorer.last_stats["fully_scored"] == len(candidates)
+    if options.get("prefix_cache", True):  # candidates of different layers do not share a cut
+        assert scorer.last_stats["cut_points"] > 3
+
+
+def test_prefix_frontier_is_the_outermost_layers_done_before_the_cut():
+    graph = build_graph(create_model("resnet20"), torch.randn(1, 3, SIZE, SIZE))
+    model = graph.model
+    profile = CallProfile.record(model, torch.randn(2, 3, SIZE, SIZE))
+    position, module = profile.cut([model.layer2[1].conv2, model.layer3[0].conv1])
+    assert module is model.layer2[1].conv2
+    names = {m: n for n, m in model.named_modules()}
+    assert [names[m] for m in profile.frontier(position)] == [
+        "conv1",
+        "bn1",
+        "relu",
+        "layer1",
+        "layer2.0",
+        "layer2.1.conv1",
+        "layer2.1.bn1",
+        "layer2.1.relu1",
+    ]
+    assert profile.cut([]) == (profile.end, None)
+    assert [names[m] for m in profile.frontier(profile.end)] == [""]  # the whole model
+
+
+def test_replayed_outputs_survive_in_place_ops_downstream():
+    graph = make_graph("padnet")
+    model = graph.model
+    x = torch.randn(4, 3, SIZE, SIZE)
+    with torch.no_grad():
+        dense = model(x)
+        profile = CallProfile.record(model, x)
+        block = model.blocks[1]  # its ReLU runs twice, so bn1's replayed output meets it
+        candidate = Candidate("blocks.1.conv1", (), torch.tensor([0]), 1)
+        (cut,) = plan_cuts(graph, [candidate], profile)
+        assert block.bn1 in cut.frontier and block.relu not in cut.frontier
+        assert cut.module is block.conv2
+        cache = PrefixCache(model, x)
+        cache.advance(cut)
+        first, second = cache.run(), cache.run()
+    assert cache.copy  # the in-place ReLU met a replayed output: replays became copies
+    assert torch.equal(first, dense) and torch.equal(second, dense)
+
+
+# ---------------------------------------------------------------------- model untouched
+
+
+@pytest.mark.parametrize("name", ["exhaustive", "fast"])
+def test_scorers_leave_the_model_exactly_as_it_was(name: str):
+    graph = make_graph("padnet")
+    graph.model.train()  # scoring runs in eval mode and must give the modes back
+    before = snapshot(graph.model)
+    create_scorer(name)(graph, candidates_of(graph), random_calib(), by_loss)
+    assert_untouched(graph, before)
+
+
+def test_fast_scorer_cleans_up_when_a_forward_fails_midway():
+    graph = make_graph("padnet")
+    before = snapshot(graph.model)
+    calls = 0
+
+    def fail_from_the_fifth_call(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        nonlocal calls
+        calls += 1
+        if calls >= 5:
+            raise RuntimeError("boom")
+
+    handle = graph.model.head.register_forward_hook(fail_from_the_fifth_call)
+    with pytest.raises(RuntimeError, match="boom"):
+        create_scorer("fast", halving=False)(graph, candidates_of(graph), random_calib(), by_loss)
+    handle.remove()
+    assert_untouched(graph, before)
+
+
+# ---------------------------------------------------------------------------- halving
+
+
+def test_halving_keeps_the_winner_and_scores_it_on_the_whole_set():
+    graph = make_graph("resnet20")
+    with torch.no_grad():  # labels: the model's own, fairly confident predictions
+        graph.model.linear.weight *= 2
+        calib = CalibrationSet(
+            [(x, graph.model(x).argmax(1)) for x, _ in random_calib((16,) * 4).batches]
+        )
+    candidates = candidates_of(graph) + [
+        Candidate(g.name, ("most",), select(g, "l1", g.channels - 2), 1) for g in graph.groups()
+    ]
+    exact = create_scorer("fast", halving=False)(graph, candidates, calib, by_loss)
+    best, second = sorted(exact)[:2]
+    assert second > 2 * best  # the case: one clear winner, found on 64 images
+    scorer = create_scorer("fast", min_images=8, keep=0.25, min_keep=2)
+    losses = scorer(graph, candidates, calib, by_loss)
+    stats = scorer.last_stats
+
+    winner = min(range(len(losses)), key=losses.__getitem__)
+    assert exact[winner] == best
+    assert stats["images_per_candidate"][winner] == calib.size == 64
+    assert stats["rounds"] == 4 and stats["images"] < len(candidates) * calib.size / 4
+    finite = [i for i, v in enumerate(losses) if math.isfinite(v)]
+    assert len(finite) == stats["fully_scored"] == 2
+    for i in finite:  # survivors: the same loss as without halving
+        assert losses[i] == pytest.approx(exact[i], abs=1e-6)
+    for i, v in enumerate(losses):  # the dropped: inf, with their partial estimate kept
+        assert math.isfinite(v) or stats["images_per_candidate"][i] < calib.size
+        assert math.isfinite(stats["estimates"][i])
+
+
+def test_halving_ranks_by_the_objective_not_the_loss():
+    graph = make_graph("padnet")
+    candidates = candidates_of(graph)
+    favourite = candidates[-1]
+
+    def prefer_favourite(loss: float, candidate: Candidate) -> float:
+        return loss + (0.0 if candidate is favourite else 100.0)
+
+    scorer = create_scorer("fast", min_images=4, min_keep=1, keep=0.1)
+    losses = scorer(graph, candidates, random_calib(), prefer_favourite)
+    values = [prefer_favourite(v, c) for v, c in zip(losses, candidates, strict=True)]
+    assert min(range(len(values)), key=values.__getitem__) == len(candidates) - 1
+    assert scorer.last_stats["fully_scored"] == 1
+
+
+# ---------------------------------------------------------------------- calibration set
+
+
+def image_data(labels: list[int]) -> ImageData:
+    info = DatasetInfo("toy", 4, 3, (4, 4), (0.5,) * 3, (0.25,) * 3)
+    n = len(labels)
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 4, 4)
+    return ImageData(info, images, torch.tensor(labels))
+
+
+def test_calibration_set_is_deterministic_class_balanced_in_every_prefix():
+    data = image_data([c for c in range(4) for _ in range(50)])
+    a = CalibrationSet.from_data(data, 40, batch_size=16, seed=3)
+    b = CalibrationSet.from_data(data, 40, batch_size=16, seed=3)
+    c = CalibrationSet.from_data(data, 40, batch_size=16, seed=4)
+    assert a.size == 40 and [len(y) for _, y in a.batches] == [16, 16, 8]
+
+    def flat(calib: CalibrationSet) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([x for x, _ in calib.batches]), torch.cat([y for _, y in calib.batches])
+
+    assert all(torch.equal(u, v) for u, v in zip(flat(a), flat(b), strict=True))
+    assert not torch.equal(a.batches[0][0], c.batches[0][0])
+    labels = flat(a)[1]
+    for k in range(1, 41):
+        counts = torch.bincount(labels[:k], minlength=4)
+        assert int(counts.max() - counts.min()) <= 1  # every prefix balanced
+    x, _ = a.batches[0]
+    assert x.dtype == torch.float32 and x.shape == (16, 3, 4, 4)  # normalised, un-augmented
+    pixels = (x[:, 0, 0, 0] * 0.25 + 0.5) * 255
+    assert torch.allclose(pixels, pixels.round(), atol=1e-3)  # whole images: no crop, no flip
+    assert a.loss(nn.Sequential(nn.Flatten(), nn.Linear(48, 4))) > 0
+
+
+def test_calibration_set_takes_all_of_a_small_class_and_fills_up_from_the_others():
+    data = image_data([0] * 3 + [1] * 40 + [2] * 40)
+    calib = CalibrationSet.from_data(data, 30, batch_size=64)
+    counts = torch.bincount(torch.cat([y for _, y in calib.batches])).tolist()
+    assert counts[0] == 3 and sorted(counts[1:]) == [13, 14]
+    assert sorted(stratified_order(data.labels, 0).tolist()) == list(range(83))
+    with pytest.raises(AutopruneError, match="between 1 and the 83"):
+        CalibrationSet.from_data(data, 84)
+
+
+def test_calibration_set_reordered_keeps_pairs_and_batch_size():
+    calib = random_calib((12, 12, 7))
+    order = torch.randperm(31, generator=torch.Generator().manual_seed(0))
+    moved = calib.reordered(order)
+    assert [len(y) for _, y in moved.batches] == [12, 12, 7]
+    x, y = (torch.cat(t) for t in zip(*calib.batches, strict=True))
+    mx, my = (torch.cat(t) for t in zip(*moved.batches, strict=True))
+    assert torch.equal(mx, x[order]) and torch.equal(my, y[order])
+
+
+def test_calibration_slices_cover_a_range_in_pieces_within_batches():
+    calib = random_calib((12, 12, 7))
+    pieces = list(calib.slices(5, 29, max_batch=4))
+    assert [len(y) for _, y in pieces] == [4, 3, 4, 4, 4, 4, 1]
+    flat = torch.cat([y for _, y in calib.batches])
+    assert torch.equal(torch.cat([y for _, y in pieces]), flat[5:29])
+    assert [len(y) for _, y in calib.slices(0, 31)] == [12, 12, 7]
