@@ -126,6 +126,7 @@ def main() -> None:
     parser.add_argument("--decisions", type=int, default=0, help="extra iterations: agreement")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out-dir", type=Path, default=None)
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md from the .json")
     args = parser.parse_args()
     groups = None
     if args.smoke:
@@ -133,6 +134,10 @@ def main() -> None:
     out_dir = args.out_dir or (
         Path(tempfile.mkdtemp()) if args.smoke else REPO / "docs" / "benchmarks"
     )
+    if args.render:
+        result = json.loads((out_dir / "scorer_tricks.json").read_text())
+        (out_dir / "scorer_tricks.md").write_text(markdown(result))
+        return
     torch.set_num_threads(args.threads)
 
     model = create_model("resnet56", weights=WEIGHTS).eval()
@@ -206,7 +211,8 @@ def markdown(result: dict) -> str:
         f"calibration: {result['calibration_images']} training images "
         f"(batches of {result['batch_size']}); objective: calibration loss. "
         f"{machine['cores']} cores, {machine['torch_threads']} torch threads, torch "
-        f"{machine['torch']}, load average at the end {machine['load_average_at_end'][0]:.1f}.",
+        f"{machine['torch']}, load average at the end {machine['load_average_at_end'][0]:.1f} "
+        "(the cores are shared: seconds vary with the load, images evaluated do not).",
         "",
         "| variant | s / iteration | speed-up | images evaluated | same winner as exhaustive "
         "| winner's rank under exhaustive | max regret | max abs loss diff (fully scored) |",
@@ -230,7 +236,7 @@ def markdown(result: dict) -> str:
     if any(decisions.values()):
         lines += [
             "",
-            f"## Agreement over {len(next(iter(decisions.values())))} more decisions",
+            f"## Agreement over {len(next(iter(decisions.values()))['runs'])} more decisions",
             "",
             "The search continues from the timed iterations, applying the exact winner each "
             "time; the reference is `fast` without halving, equal to exhaustive to float "

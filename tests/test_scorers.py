@@ -22,15 +22,6 @@ from autoprune.search.scorers import SCORERS, create_scorer, list_scorers
 SIZE = 16  # image side: small, so the exhaustive reference stays quick
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors run faster on one thread, and a busy machine's cores cannot stall it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def by_loss(loss: float, candidate: Candidate) -> float:
     return loss
 

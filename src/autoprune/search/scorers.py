@@ -15,8 +15,8 @@ decisions for a fraction of the work, each trick switchable so its effect can be
 - hardest images first: halving takes the images in order of the current model's loss, highest
   first. A trained model classifies most images confidently and a small removal barely moves
   their loss; the differences between candidates come from the few uncertain images, so early
-  rounds on those rank like the whole set does (on ResNet-56, 16 such images rank as well as
-  64 random ones do not). Survivors still see every image: their losses are exact.
+  rounds on those rank like the whole set does (docs/benchmarks/scorer_tricks.md measures it
+  on ResNet-56). Survivors still see every image: their losses are exact.
 
 Adding a scorer is one registered class with this call signature; options are its fields.
 """
