@@ -4,8 +4,8 @@ Protocol (the same for every scorer): prune the model to the MACs target with th
 (no recovery during the search), measure test accuracy, fine-tune every pruned model with the
 same budget, measure again. The dataset is CIFAR-10-JPEG75 (not CIFAR-10).
 
-    python bench/search_quality.py                      # ResNet-56, -50 % MACs (hours on 2 CPU cores)
-    python bench/search_quality.py --smoke              # a tiny run, for CI
+    python bench/search_quality.py              # ResNet-56, -50 % MACs (about an hour, 2 cores)
+    python bench/search_quality.py --smoke      # a tiny run, for CI
 
 Writes docs/benchmarks/search_quality.json and .md (the table is generated from the JSON).
 Results are written after every method, so an interrupted run keeps what it finished.
@@ -110,24 +110,30 @@ def main() -> None:
         after_search = evaluate_batches(model, loader_for(model, test, batch_size=256, train=False))
         steps = max(1, round(args.finetune_epochs * len(train) / 128))
         config = TrainConfig(
-            epochs=max(1, int(args.finetune_epochs + 0.999)), max_steps=steps,
-            lr=args.finetune_lr, channels_last=False, progress=False, seed=args.seed,
+            epochs=max(1, int(args.finetune_epochs + 0.999)),
+            max_steps=steps,
+            lr=args.finetune_lr,
+            channels_last=False,
+            progress=False,
+            seed=args.seed,
         )
         fit(model, loader_for(model, train, batch_size=128, train=True, seed=args.seed), config)
         after_ft = evaluate_batches(model, loader_for(model, test, batch_size=256, train=False))
         history = result.history
-        results["runs"].append({
-            "scorer": scorer,
-            "calib_images": calib,
-            "search_s": round(search_s, 1),
-            "iterations": len(history),
-            "candidates_scored": sum(h.get("candidates", 0) for h in history),
-            "macs_reduction": 1 - count_macs(model, example) / results["baseline"]["macs"],
-            "params_reduction": 1 - count_params(model) / results["baseline"]["params"],
-            "accuracy_after_search": after_search.accuracy,
-            "accuracy_after_finetune": after_ft.accuracy,
-            "groups_chosen": [h.get("group") for h in history],
-        })
+        results["runs"].append(
+            {
+                "scorer": scorer,
+                "calib_images": calib,
+                "search_s": round(search_s, 1),
+                "iterations": len(history),
+                "candidates_scored": sum(h.get("candidates", 0) for h in history),
+                "macs_reduction": 1 - count_macs(model, example) / results["baseline"]["macs"],
+                "params_reduction": 1 - count_params(model) / results["baseline"]["params"],
+                "accuracy_after_search": after_search.accuracy,
+                "accuracy_after_finetune": after_ft.accuracy,
+                "groups_chosen": [h.get("group") for h in history],
+            }
+        )
         write(args.out, results)
         print(json.dumps(results["runs"][-1], indent=1)[:2000], flush=True)
 
@@ -165,8 +171,11 @@ def write(out: Path, results: dict) -> None:
             f"| {r['accuracy_after_search']:.2f} % | {r['accuracy_after_finetune']:.2f} % |"
         )
     m = results["machine"]
-    lines += ["", f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
-              f"Python {m['python']}, autoprune {m['autoprune']}."]
+    lines += [
+        "",
+        f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
+        f"Python {m['python']}, autoprune {m['autoprune']}.",
+    ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
