@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _common import DOCS, adapted_weights, cifar10_jpeg75_root, machine, machine_line, write_results
 
 from autoprune.criteria import select
 from autoprune.data import load_dataset
@@ -37,9 +36,6 @@ from autoprune.search.calibration import CalibrationSet
 from autoprune.search.candidates import Candidate
 from autoprune.search.scorers import create_scorer
 
-REPO = Path(__file__).resolve().parents[1]
-WEIGHTS = REPO.parent / "shared/weights/cifar10-jpeg75-resnet-adapted/resnet56.th"
-DATA = Path("~/.cache/autoprune-data/cifar-10-jpeg75").expanduser()
 CRITERIA = ("l1", "l2", "fpgm", "euclidean", "cosine")
 
 EXACT = ("fast", {"halving": False})  # the reference for --decisions
@@ -131,17 +127,15 @@ def main() -> None:
     groups = None
     if args.smoke:
         args.calib, args.iterations, args.decisions, groups = 128, 1, 2, 4
-    out_dir = args.out_dir or (
-        Path(tempfile.mkdtemp()) if args.smoke else REPO / "docs" / "benchmarks"
-    )
+    out_dir = args.out_dir or (Path(tempfile.mkdtemp()) if args.smoke else DOCS)
     if args.render:
         result = json.loads((out_dir / "scorer_tricks.json").read_text())
         (out_dir / "scorer_tricks.md").write_text(markdown(result))
         return
     torch.set_num_threads(args.threads)
 
-    model = create_model("resnet56", weights=WEIGHTS).eval()
-    data = load_dataset("cifar10", "train", root=DATA, download=False)
+    model = create_model("resnet56", weights=adapted_weights("resnet56")).eval()
+    data = load_dataset("cifar10", "train", root=cifar10_jpeg75_root(), download=False)
     calib = CalibrationSet.from_data(data, args.calib, batch_size=args.batch_size, seed=0)
     graph = build_graph(model, torch.zeros(1, 3, 32, 32))
 
@@ -179,28 +173,19 @@ def main() -> None:
         "criteria": list(CRITERIA),
         "iterations": args.iterations,
         "smoke": args.smoke,
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "torch_threads": args.threads,
-            "load_average_at_end": os.getloadavg(),
-            "torch": torch.__version__,
-        },
+        "machine": machine(),
         "variants": {name: {"options": VARIANTS[name][1], "runs": r} for name, r in runs.items()},
         "decisions": {
             "reference": {"scorer": EXACT[0], "options": EXACT[1]},
             "variants": {n: {"options": VARIANTS[n][1], "runs": r} for n, r in decisions.items()},
         },
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "scorer_tricks.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / "scorer_tricks.md").write_text(markdown(result))
+    write_results(out_dir / "scorer_tricks", result, markdown(result))
     print(f"wrote {out_dir / 'scorer_tricks.json'} and .md")
 
 
 def markdown(result: dict) -> str:
     """The table the docs quote, generated from the JSON."""
-    machine = result["machine"]
     lines = [
         "# Scorer tricks: the cost of a LAASP iteration on ResNet-56",
         "",
@@ -210,9 +195,9 @@ def markdown(result: dict) -> str:
         f"~{result['step_macs']:.0%} of the MACs per step, identical channel choices merged; "
         f"calibration: {result['calibration_images']} training images "
         f"(batches of {result['batch_size']}); objective: calibration loss. "
-        f"{machine['cores']} cores, {machine['torch_threads']} torch threads, torch "
-        f"{machine['torch']}, load average at the end {machine['load_average_at_end'][0]:.1f} "
-        "(the cores are shared: seconds vary with the load, images evaluated do not).",
+        "The cores are shared: seconds vary with the load, images evaluated do not.",
+        "",
+        machine_line(result["machine"]),
         "",
         "| variant | s / iteration | speed-up | images evaluated | same winner as exhaustive "
         "| winner's rank under exhaustive | max regret | max abs loss diff (fully scored) |",

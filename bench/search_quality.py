@@ -15,32 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _common import DOCS, adapted_weights, cifar10_jpeg75_root, machine, machine_line, write_results
 
 import autoprune
 from autoprune.api import loader_for
 from autoprune.data import load_dataset
 from autoprune.measure import count_macs, count_params, evaluate_batches
 from autoprune.train import TrainConfig, fit
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-DATA_ROOT = Path("~/.cache/autoprune-data/cifar-10-jpeg75").expanduser()
-OUT = REPO / "docs" / "benchmarks"
-
-
-def ensure_data() -> Path:
-    if not (DATA_ROOT / "cifar-10-batches-py" / "test_batch").exists():
-        subprocess.run(
-            [sys.executable, str(SHARED / "data" / "prepare_cifar10_jpeg75.py")], check=True
-        )
-    return DATA_ROOT
 
 
 def parse_args() -> argparse.Namespace:
@@ -55,7 +40,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--test-size", type=int, default=10_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
-    p.add_argument("--out", type=Path, default=OUT / "search_quality")
+    p.add_argument("--out", type=Path, default=DOCS / "search_quality")
     args = p.parse_args()
     if args.smoke:
         args.model, args.target = "resnet20", 0.03
@@ -68,11 +53,10 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     torch.manual_seed(args.seed)
-    root = ensure_data()
+    root = cifar10_jpeg75_root()
     train = load_dataset("cifar10", "train", root)
     test = load_dataset("cifar10", "test", root).subset(range(args.test_size))
-    weights = SHARED / "weights" / "cifar10-jpeg75-resnet-adapted" / f"{args.model}.th"
-    dense = autoprune.create_model(args.model, weights=weights)
+    dense = autoprune.create_model(args.model, weights=adapted_weights(args.model))
     example = torch.zeros(1, 3, 32, 32)
     base_eval = evaluate_batches(dense, loader_for(dense, test, batch_size=256, train=False))
     results = {
@@ -138,19 +122,7 @@ def main() -> None:
         print(json.dumps(results["runs"][-1], indent=1)[:2000], flush=True)
 
 
-def machine() -> dict[str, str]:
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "threads": str(torch.get_num_threads()),
-        "torch": torch.__version__,
-        "autoprune": autoprune.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def write(out: Path, results: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     base = results["baseline"]
     lines = [
         f"# Search quality: fast vs exhaustive scorer ({results['model']}, "
@@ -170,13 +142,8 @@ def write(out: Path, results: dict) -> None:
             f"| {r['macs_reduction']:.1%} | {r['params_reduction']:.1%} "
             f"| {r['accuracy_after_search']:.2f} % | {r['accuracy_after_finetune']:.2f} % |"
         )
-    m = results["machine"]
-    lines += [
-        "",
-        f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
-        f"Python {m['python']}, autoprune {m['autoprune']}.",
-    ]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    lines += ["", machine_line(results["machine"])]
+    write_results(out, results, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,23 @@ def cifar10_jpeg75_root(shared_dir: Path) -> Path:
         script = shared_dir / "data" / "prepare_cifar10_jpeg75.py"
         subprocess.run([sys.executable, str(script)], check=True, capture_output=True)
     return CIFAR_JPEG75
+
+
+CliRun = Callable[..., tuple[int, str, str]]
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> CliRun:
+    """Run ``autoprune ARGS...`` in-process; returns (exit code, stdout, stderr)."""
+    from autoprune.cli import main
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        try:
+            main(list(argv))
+            code = 0
+        except SystemExit as exit_:
+            code = int(exit_.code or 0)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

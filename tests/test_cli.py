@@ -9,38 +9,26 @@ import sys
 import pytest
 import torch
 
-from autoprune.cli import main
 from autoprune.models import create_model
 
 
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_listings_show_the_registries(capsys):
-    code, out, _ = run(capsys, "models")
+def test_listings_show_the_registries(cli):
+    code, out, _ = cli("models")
     assert code == 0 and "resnet56" in out and "vgg19_bn" in out
-    code, out, _ = run(capsys, "datasets")
+    code, out, _ = cli("datasets")
     assert code == 0 and "fashion-mnist" in out and "imagefolder" in out
 
 
-def test_profile_resnet56_reports_the_published_cost(capsys):
-    code, out, _ = run(capsys, "profile", "--model", "resnet56", "--no-latency", "--json")
+def test_profile_resnet56_reports_the_published_cost(cli):
+    code, out, _ = cli("profile", "--model", "resnet56", "--no-latency", "--json")
     report = json.loads(out)
     assert code == 0
     assert 124e6 <= report["macs"] <= 128e6
     assert 0.85e6 <= report["params"] <= 0.86e6
 
 
-def test_profile_times_each_batch_size(capsys):
-    code, out, _ = run(
-        capsys,
+def test_profile_times_each_batch_size(cli):
+    code, out, _ = cli(
         "profile",
         "-m",
         "smallcnn",
@@ -68,12 +56,12 @@ def test_profile_times_each_batch_size(capsys):
         (["train", "-m", "resnet20", "-d", "synthetic", "--schedule", "zigzag"], "zigzag"),
     ],
 )
-def test_bad_input_gets_one_line_and_exit_code_2(capsys, tmp_path, monkeypatch, argv, expected):
+def test_bad_input_gets_one_line_and_exit_code_2(cli, tmp_path, monkeypatch, argv, expected):
     monkeypatch.setenv("AUTOPRUNE_DATA_ROOT", str(tmp_path))
     (tmp_path / "bad.th").write_bytes(b"not a checkpoint")
     torch.save(create_model("resnet56").state_dict(), tmp_path / "r56.th")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    code, _, err = run(capsys, *argv)
+    code, _, err = cli(*argv)
     assert code == 2
     assert expected in err
     assert err.startswith("error: ") and err.count("\n") == 1
@@ -90,10 +78,9 @@ def test_errors_carry_no_traceback_from_a_real_process():
     assert "Traceback" not in proc.stderr and "unknown model 'nope'" in proc.stderr
 
 
-def test_eval_akamaster_resnet20_on_cifar10_jpeg75(capsys, shared_dir, cifar10_jpeg75_root):
+def test_eval_akamaster_resnet20_on_cifar10_jpeg75(cli, shared_dir, cifar10_jpeg75_root):
     weights = shared_dir / "weights" / "cifar10-resnet-akamaster" / "resnet20-12fca82f.th"
-    code, out, _ = run(
-        capsys,
+    code, out, _ = cli(
         "eval",
         "--model",
         "resnet20",
@@ -111,7 +98,7 @@ def test_eval_akamaster_resnet20_on_cifar10_jpeg75(capsys, shared_dir, cifar10_j
     assert report["macs"] == 40_551_040
 
 
-def test_train_writes_a_run_and_resumes_without_redoing(capsys, tmp_path):
+def test_train_writes_a_run_and_resumes_without_redoing(cli, tmp_path):
     argv = [
         "train",
         "-m",
@@ -127,11 +114,11 @@ def test_train_writes_a_run_and_resumes_without_redoing(capsys, tmp_path):
         str(tmp_path / "run"),
         "--json",
     ]
-    code, out, _ = run(capsys, *argv)
+    code, out, _ = cli(*argv)
     assert code == 0 and len(json.loads(out)["history"]) == 2
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["model"]["name"] == "resnet20" and summary["macs"] > 0
     state = (tmp_path / "run" / "train_state.safetensors").read_bytes()
-    code, out, _ = run(capsys, *argv, "--resume")
+    code, out, _ = cli(*argv, "--resume")
     assert code == 0 and json.loads(out)["steps"] == 2 * 4  # 256 images / 64, nothing redone
     assert (tmp_path / "run" / "train_state.safetensors").read_bytes() == state

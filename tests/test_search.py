@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import autoprune
-from autoprune.cli import main
 from autoprune.data import load_dataset
 from autoprune.errors import AutopruneError
 from autoprune.graph import build_graph
@@ -334,23 +333,13 @@ def test_loss_aware_search_without_data_is_refused(smallcnn):
 # ---------------------------------------------------------------------------------- CLI
 
 
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_cli_prune_writes_the_run_directory(capsys, tmp_path, monkeypatch):
+def test_cli_prune_writes_the_run_directory(cli, tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOPRUNE_DATA_ROOT", str(tmp_path))
     out = tmp_path / "run"
     argv = ["prune", "-m", "resnet20", "-d", "synthetic", "--target-flops", "0.1"]
     argv += ["--step", "0.05", "--criteria", "l1,taylor", "--calib-size", "16", "--out", str(out)]
     argv += ["--recover-every", "0.1", "--recover-steps", "1", "--batch-size", "16", "--distill"]
-    code, stdout, err = run_cli(capsys, *argv, "--json")
+    code, stdout, err = cli(*argv, "--json")
     assert code == 0, err
     summary = json.loads(stdout)
     assert abs(summary["macs_reduction"] - 0.1) <= TOLERANCE
@@ -359,7 +348,7 @@ def test_cli_prune_writes_the_run_directory(capsys, tmp_path, monkeypatch):
     history = (out / "history.jsonl").read_text().splitlines()
     assert len(history) == summary["iterations"]
     assert err.count("iter ") == summary["iterations"]  # one log line per iteration on stderr
-    code, stdout, _ = run_cli(capsys, *argv, "--resume")
+    code, stdout, _ = cli(*argv, "--resume")
     assert code == 0 and "MACs" in stdout and str(out) in stdout
 
 
@@ -373,8 +362,8 @@ def test_cli_prune_writes_the_run_directory(capsys, tmp_path, monkeypatch):
         ([], "needs data"),
     ],
 )
-def test_cli_prune_bad_input_gets_one_line_and_exit_code_2(capsys, argv, expected):
-    code, _, err = run_cli(capsys, "prune", "-m", "resnet20", "--no-progress", *argv)
+def test_cli_prune_bad_input_gets_one_line_and_exit_code_2(cli, argv, expected):
+    code, _, err = cli("prune", "-m", "resnet20", "--no-progress", *argv)
     assert code == 2
     assert expected in err
     assert err.startswith("error: ") and err.count("\n") == 1

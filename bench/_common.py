@@ -1,0 +1,62 @@
+"""What every benchmark needs: the shared data and weights, machine facts, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import autoprune
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DOCS = REPO / "docs" / "benchmarks"
+CIFAR10_JPEG75 = Path("~/.cache/autoprune-data/cifar-10-jpeg75").expanduser()
+
+
+def cifar10_jpeg75_root() -> Path:
+    """CIFAR-10-JPEG75 in the official layout, unpacked from ../shared on first use."""
+    if not (CIFAR10_JPEG75 / "cifar-10-batches-py" / "test_batch").exists():
+        script = SHARED / "data" / "prepare_cifar10_jpeg75.py"
+        subprocess.run([sys.executable, str(script)], check=True)
+    return CIFAR10_JPEG75
+
+
+def adapted_weights(model: str) -> Path:
+    """The dense baselines for CIFAR-10-JPEG75 benchmarks (ResNet-20 and ResNet-56)."""
+    return SHARED / "weights" / "cifar10-jpeg75-resnet-adapted" / f"{model}.th"
+
+
+def machine() -> dict[str, Any]:
+    """The facts a reader needs to weigh the timings."""
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "autoprune": autoprune.__version__,
+    }
+
+
+def machine_line(facts: dict[str, Any]) -> str:
+    load = " / ".join(f"{x:.1f}" for x in facts["load_average"])
+    return (
+        f"Machine: {facts['cpu']}, {facts['cores']} cores, {facts['torch_threads']} torch "
+        f"threads, load average {load} (1 / 5 / 15 min); torch {facts['torch']}, "
+        f"Python {facts['python']}, autoprune {facts['autoprune']}."
+    )
+
+
+def write_results(path: Path, result: dict[str, Any], markdown: str) -> None:
+    """``path``.json and ``path``.md side by side (the table is generated, never typed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    path.with_suffix(".md").write_text(markdown)
