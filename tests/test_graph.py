@@ -348,6 +348,7 @@ def test_normalize_rewrites_functional_option_a_into_channel_pad_shortcuts(in_la
     assert getattr(model, NORMALIZED_ATTR) == (rewritten,)
     pads = [m for m in model.modules() if isinstance(m, ChannelPadShortcut)]
     assert [(p.in_channels, p.out_channels, p.stride) for p in pads] == [(8, 16, 2)]
+    assert not any(m.training for m in model.modules())  # new layers join the model's mode
     assert torch.equal(model(x), dense)
     assert model[1].conv1 is not None and "1.conv1.weight" in model.state_dict()
     assert normalize_model(model, x[:1]) is model  # idempotent

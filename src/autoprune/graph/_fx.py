@@ -120,6 +120,7 @@ def _rewrite(gm: fx.GraphModule, args: tuple) -> None:
         index = torch.full((out_channels,), -1, dtype=torch.long)
         index[before : before + in_channels] = torch.arange(in_channels)
         layer.set_index(index, in_channels)
+        layer.train(gm.training)  # join the model in its mode, as if it had been built with it
         name = "channel_pad" if k == 0 else f"channel_pad{k}"
         while hasattr(gm, name):
             name += "_"

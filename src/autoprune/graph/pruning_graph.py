@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -62,6 +63,19 @@ class PruningGraph:
         self._version = 0
         self._groups: dict[str, ChannelGroup] | None = None
         self._frozen: dict[str, str] = {}
+
+    def copy(self) -> PruningGraph:
+        """An independent graph on a deep copy of the model, built with the same options.
+
+        What LAASP's reference does per candidate: prune the copy for real, leave this one be.
+        """
+        names = {m: n for n, m in self.model.named_modules()}
+        return build_graph(
+            copy.deepcopy(self.model),
+            self.example_inputs,
+            ignored_layers=[names[m] for m in self._ignored if m in names],
+            prunable_types=self._root_types,
+        )
 
     @property
     def version(self) -> int:

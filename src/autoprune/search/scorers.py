@@ -23,7 +23,6 @@ Adding a scorer is one registered class with this call signature; options are it
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 import time
@@ -38,7 +37,7 @@ from torch import nn
 
 from .._registry import Registry
 from ..errors import AutopruneError
-from ..graph import PruningGraph, build_graph, mask_channels
+from ..graph import PruningGraph, mask_channels
 from ._prefix import CallProfile, CutPoint, PrefixCache, plan_cuts
 from .calibration import CalibrationSet
 from .candidates import Candidate, Objective  # Objective: (loss, candidate) -> lower is better
@@ -107,7 +106,7 @@ class ExhaustiveScorer:
         start = time.perf_counter()
         losses = []
         for candidate in candidates:
-            pruned = _rebuilt_copy(graph)
+            pruned = graph.copy()
             pruned.prune(candidate.group, candidate.idxs)
             losses.append(calib.loss(pruned.model))
         self.last_stats = {
@@ -118,16 +117,6 @@ class ExhaustiveScorer:
             "seconds": time.perf_counter() - start,
         }
         return losses
-
-
-def _rebuilt_copy(graph: PruningGraph) -> PruningGraph:
-    model = copy.deepcopy(graph.model)
-    names = {m: n for n, m in graph.model.named_modules()}
-    # PruningGraph keeps its build options private; these two decide which groups exist.
-    ignored = [names[m] for m in graph._ignored if m in names]
-    return build_graph(
-        model, graph.example_inputs, ignored_layers=ignored, prunable_types=graph._root_types
-    )
 
 
 @SCORERS.register("fast")
