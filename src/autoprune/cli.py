@@ -287,7 +287,10 @@ def prune_cmd(
     ] = PRUNE.finetune_epochs,
     finetune_lr: float = PRUNE.finetune.lr,
     distill: Annotated[
-        bool, typer.Option("--distill", help="Distil from the unpruned model while training.")
+        bool,
+        typer.Option(
+            "--distill/--no-distill", help="Distil from the unpruned model while training."
+        ),
     ] = PRUNE.distill,
     ignored_layers: Annotated[
         str, typer.Option(help="Comma-separated layers to keep unpruned.")
