@@ -73,7 +73,7 @@ def main() -> None:
             "macs": count_macs(dense, example),
             "params": count_params(dense),
         },
-        "runs": [],
+        "runs": previous_runs(args.out, args.model, args.target),
     }
     for scorer in args.scorers.split(","):
         calib = args.fast_calib if scorer == "fast" else args.exhaustive_calib
@@ -87,7 +87,7 @@ def main() -> None:
             recover_steps=0,
             finetune_epochs=0,
             seed=args.seed,
-            progress=False,
+            progress=True,  # in a log: one line per iteration
         )
         search_s = time.perf_counter() - start
         model = result.model
@@ -104,6 +104,7 @@ def main() -> None:
         fit(model, loader_for(model, train, batch_size=128, train=True, seed=args.seed), config)
         after_ft = evaluate_batches(model, loader_for(model, test, batch_size=256, train=False))
         history = result.history
+        results["runs"] = [r for r in results["runs"] if r["scorer"] != scorer]
         results["runs"].append(
             {
                 "scorer": scorer,
@@ -120,6 +121,17 @@ def main() -> None:
         )
         write(args.out, results)
         print(json.dumps(results["runs"][-1], indent=1)[:2000], flush=True)
+
+
+def previous_runs(out: Path, model: str, target: float) -> list[dict]:
+    """Runs of other scorers already measured for the same model and target: a long
+    reference run can be done on its own (``--scorers exhaustive``) and joins the table."""
+    path = out.with_suffix(".json")
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    same = old.get("model") == model and old.get("target_macs_reduction") == target
+    return old["runs"] if same else []
 
 
 def write(out: Path, results: dict) -> None:
