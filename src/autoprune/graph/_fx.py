@@ -23,6 +23,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import AutopruneError
 from ..layers import ChannelPadShortcut
+from ..measure.complexity import as_inputs
 
 NORMALIZED_ATTR = "_autoprune_rewritten"
 """Attribute set on the model :func:`normalize_model` returned, naming the rewritten layers
@@ -134,13 +135,6 @@ def _rewrite(gm: fx.GraphModule, args: tuple) -> None:
             gm.graph.erase_node(sliced)
     gm.graph.lint()
     gm.recompile()
-
-
-def as_inputs(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """One tensor or a sequence of them, as the positional arguments of ``forward``."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    return tuple(example_inputs)
 
 
 # Attributes that autoprune.io reads from a model; they move with a rewritten top-level module.

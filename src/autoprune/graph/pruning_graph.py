@@ -11,7 +11,8 @@ from torch import nn
 
 from ..errors import AutopruneError
 from ..layers import ChannelPadShortcut
-from ._fx import as_inputs, normalize_model
+from ..measure.complexity import as_inputs
+from ._fx import normalize_model
 from ._rules import (
     TP_DUMMY_OPS,
     TP_PARAM_TYPES,

@@ -25,7 +25,7 @@ def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
 _EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
 
 
-def _as_tuple(example_inputs: Inputs) -> tuple[torch.Tensor, ...]:
+def as_inputs(example_inputs: Inputs) -> tuple[torch.Tensor, ...]:
     return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
 
 
@@ -40,7 +40,7 @@ def count_macs(model: nn.Module, example_inputs: Inputs) -> int:
     try:
         counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
         with counter:
-            model(*_as_tuple(example_inputs))
+            model(*as_inputs(example_inputs))
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2
