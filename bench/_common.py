@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -11,12 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 import autoprune
+from autoprune.api import loader_for
+from autoprune.data import ImageData
+from autoprune.measure import evaluate_batches
+from autoprune.train import LossFn, TrainConfig, fit
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 DOCS = REPO / "docs" / "benchmarks"
+SMOKE = Path("/tmp/autoprune-bench-smoke")  # where --smoke runs write, never docs/
+SEARCHED = REPO / "runs" / "bench-searched"  # pruned models before fine-tuning, for bench/speed.py
 CIFAR10_JPEG75 = Path("~/.cache/autoprune-data/cifar-10-jpeg75").expanduser()
 
 
@@ -31,6 +39,11 @@ def cifar10_jpeg75_root() -> Path:
 def adapted_weights(model: str) -> Path:
     """The dense baselines for CIFAR-10-JPEG75 benchmarks (ResNet-20 and ResNet-56)."""
     return SHARED / "weights" / "cifar10-jpeg75-resnet-adapted" / f"{model}.th"
+
+
+def original_weights(model: str) -> Path:
+    """akamaster's CIFAR ResNets as published, trained on the original CIFAR-10."""
+    return next((SHARED / "weights" / "cifar10-resnet-akamaster").glob(f"{model}-*.th"))
 
 
 def machine() -> dict[str, Any]:
@@ -60,3 +73,42 @@ def write_results(path: Path, result: dict[str, Any], markdown: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     path.with_suffix(".md").write_text(markdown)
+
+
+def previous_rows(out: Path, **settings: Any) -> list[dict[str, Any]]:
+    """The ``runs`` of ``out``.json when it was written with the same ``settings``: a long
+    method can be run on its own (``--scorers``, ``--methods``) and join the table."""
+    path = out.with_suffix(".json")
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    same = all(old.get(key) == value for key, value in settings.items())
+    return old["runs"] if same else []
+
+
+def accuracy(model: nn.Module, data: ImageData) -> float:
+    """Top-1 test accuracy in percent."""
+    return evaluate_batches(model, loader_for(model, data, batch_size=256, train=False)).accuracy
+
+
+def finetune(
+    model: nn.Module,
+    train: ImageData,
+    epochs: float,
+    *,
+    lr: float,
+    seed: int,
+    loss_fn: LossFn | None = None,
+) -> None:
+    """Fine-tune in place with autoprune's trainer: SGD (nesterov, weight decay 5e-4), cosine
+    schedule, batch 128. ``epochs`` may be a fraction (a smoke run trains a few steps)."""
+    config = TrainConfig(
+        epochs=max(1, math.ceil(epochs)),
+        max_steps=max(1, round(epochs * len(train) / 128)),
+        lr=lr,
+        channels_last=False,
+        progress=False,
+        seed=seed,
+    )
+    loader = loader_for(model, train, batch_size=config.batch_size, train=True, seed=seed)
+    fit(model, loader, config, loss_fn=loss_fn)

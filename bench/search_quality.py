@@ -19,13 +19,24 @@ import time
 from pathlib import Path
 
 import torch
-from _common import DOCS, adapted_weights, cifar10_jpeg75_root, machine, machine_line, write_results
+from _common import (
+    DOCS,
+    SEARCHED,
+    SMOKE,
+    accuracy,
+    adapted_weights,
+    cifar10_jpeg75_root,
+    finetune,
+    machine,
+    machine_line,
+    previous_rows,
+    write_results,
+)
 
 import autoprune
-from autoprune.api import loader_for
 from autoprune.data import load_dataset
-from autoprune.measure import count_macs, count_params, evaluate_batches
-from autoprune.train import TrainConfig, fit
+from autoprune.io import save
+from autoprune.measure import count_macs, count_params
 
 
 def parse_args() -> argparse.Namespace:
@@ -41,12 +52,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     p.add_argument("--out", type=Path, default=DOCS / "search_quality")
+    p.add_argument("--searched", type=Path, default=SEARCHED, help="pruned models go here")
     args = p.parse_args()
     if args.smoke:
         args.model, args.target = "resnet20", 0.03
         args.fast_calib = args.exhaustive_calib = 32
         args.finetune_epochs, args.test_size = 0.01, 256
-        args.out = Path("/tmp/autoprune-bench-smoke/search_quality")
+        args.out, args.searched = SMOKE / "search_quality", SMOKE / "searched"
     return args
 
 
@@ -58,7 +70,6 @@ def main() -> None:
     test = load_dataset("cifar10", "test", root).subset(range(args.test_size))
     dense = autoprune.create_model(args.model, weights=adapted_weights(args.model))
     example = torch.zeros(1, 3, 32, 32)
-    base_eval = evaluate_batches(dense, loader_for(dense, test, batch_size=256, train=False))
     results = {
         "machine": machine(),
         "dataset": "CIFAR-10-JPEG75",
@@ -69,14 +80,15 @@ def main() -> None:
             f"{args.finetune_epochs} epoch(s), SGD lr {args.finetune_lr} cosine, batch 128"
         ),
         "baseline": {
-            "accuracy": base_eval.accuracy,
+            "accuracy": accuracy(dense, test),
             "macs": count_macs(dense, example),
             "params": count_params(dense),
         },
-        "runs": previous_runs(args.out, args.model, args.target),
+        "runs": previous_rows(args.out, model=args.model, target_macs_reduction=args.target),
     }
     for scorer in args.scorers.split(","):
         calib = args.fast_calib if scorer == "fast" else args.exhaustive_calib
+        name = f"{args.model}-{args.target:g}-{scorer}-seed{args.seed}"
         start = time.perf_counter()
         result = autoprune.prune(
             dense,
@@ -88,50 +100,37 @@ def main() -> None:
             finetune_epochs=0,
             seed=args.seed,
             progress=True,  # in a log: one line per iteration
+            # Checkpointed every iteration: an interrupted hour-long reference run resumes.
+            out_dir=args.searched.parent / "search-runs" / name,
+            resume=True,
         )
         search_s = time.perf_counter() - start
         model = result.model
-        after_search = evaluate_batches(model, loader_for(model, test, batch_size=256, train=False))
-        steps = max(1, round(args.finetune_epochs * len(train) / 128))
-        config = TrainConfig(
-            epochs=max(1, int(args.finetune_epochs + 0.999)),
-            max_steps=steps,
-            lr=args.finetune_lr,
-            channels_last=False,
-            progress=False,
-            seed=args.seed,
-        )
-        fit(model, loader_for(model, train, batch_size=128, train=True, seed=args.seed), config)
-        after_ft = evaluate_batches(model, loader_for(model, test, batch_size=256, train=False))
+        save(model, args.searched / name)
+        after_search = accuracy(model, test)
+        finetune(model, train, args.finetune_epochs, lr=args.finetune_lr, seed=args.seed)
         history = result.history
-        results["runs"] = [r for r in results["runs"] if r["scorer"] != scorer]
+        # Rows from before seeds were recorded ran with the default seed, 0.
+        results["runs"] = [
+            r for r in results["runs"] if (r["scorer"], r.get("seed", 0)) != (scorer, args.seed)
+        ]
         results["runs"].append(
             {
                 "scorer": scorer,
+                "seed": args.seed,
                 "calib_images": calib,
                 "search_s": round(search_s, 1),
                 "iterations": len(history),
                 "candidates_scored": sum(h.get("candidates", 0) for h in history),
                 "macs_reduction": 1 - count_macs(model, example) / results["baseline"]["macs"],
                 "params_reduction": 1 - count_params(model) / results["baseline"]["params"],
-                "accuracy_after_search": after_search.accuracy,
-                "accuracy_after_finetune": after_ft.accuracy,
+                "accuracy_after_search": after_search,
+                "accuracy_after_finetune": accuracy(model, test),
                 "groups_chosen": [h.get("group") for h in history],
             }
         )
         write(args.out, results)
         print(json.dumps(results["runs"][-1], indent=1)[:2000], flush=True)
-
-
-def previous_runs(out: Path, model: str, target: float) -> list[dict]:
-    """Runs of other scorers already measured for the same model and target: a long
-    reference run can be done on its own (``--scorers exhaustive``) and joins the table."""
-    path = out.with_suffix(".json")
-    if not path.exists():
-        return []
-    old = json.loads(path.read_text())
-    same = old.get("model") == model and old.get("target_macs_reduction") == target
-    return old["runs"] if same else []
 
 
 def write(out: Path, results: dict) -> None:

@@ -31,6 +31,10 @@ CHAINS: dict[str, tuple[list[str], str]] = {
         "features.2.conv.2",
     ),
     "smallcnn": (["stage1.conv", "stage1.bn"], "stage2.conv"),
+    "mobilevit*": (
+        ["mv2.0.conv.0.conv", "mv2.0.conv.0.bn", "mv2.0.conv.1.conv", "mv2.0.conv.1.bn"],
+        "mv2.0.conv.2",
+    ),
 }
 
 

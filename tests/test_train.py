@@ -8,7 +8,7 @@ from torch import nn
 
 from autoprune.data import load_dataset, make_loader
 from autoprune.errors import AutopruneError
-from autoprune.train import SCHEDULES, TrainConfig, build_optimizer, fit
+from autoprune.train import SCHEDULES, TrainConfig, build_optimizer, distillation, fit
 
 
 def small_net(num_classes: int = 4) -> nn.Module:
@@ -126,3 +126,22 @@ def test_diverging_loss_stops_with_a_clear_error():
             config(),
             loss_fn=lambda logits, y, x: logits.sum() * float("nan"),
         )
+
+
+def test_distillation_mixes_cross_entropy_and_the_teachers_soft_targets():
+    torch.manual_seed(0)
+    teacher = nn.Linear(4, 3)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    logits = torch.randn(8, 3)
+    ce = nn.functional.cross_entropy(logits, y)
+    assert torch.allclose(distillation(teacher, 4.0, 0.0)(logits, y, x), ce)
+    own = teacher(x).detach()  # a student that matches its teacher: no soft loss left
+    assert torch.allclose(distillation(teacher, 4.0, 1.0)(own, y, x), torch.zeros(()), atol=1e-6)
+    half = distillation(teacher, 2.0, 0.5)(logits, y, x)
+    kd = nn.functional.kl_div(
+        (logits / 2).log_softmax(1),
+        (own / 2).log_softmax(1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    assert torch.allclose(half, 0.5 * ce + 0.5 * 4.0 * kd)

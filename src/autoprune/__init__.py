@@ -5,6 +5,7 @@ from .data import list_datasets, load_dataset, make_loader
 from .errors import AutopruneError, CheckpointError, DataNotFoundError, UnknownNameError
 from .measure import count_macs, count_params, profile_model
 from .models import create_model, list_models, load_weights
+from .report import write_report
 from .search import PruneConfig, PruneResult
 from .train import TrainConfig
 
@@ -33,4 +34,5 @@ __all__ = [
     "profile_model",
     "prune",
     "train",
+    "write_report",
 ]

@@ -1,3 +1,7 @@
-from .cli import main
+"""``python -m autoprune``, and ``torchrun --nproc-per-node N -m autoprune``: one rank each."""
 
-main()
+from .cli import main
+from .distributed import torchrun_session
+
+with torchrun_session():
+    main()

@@ -16,9 +16,12 @@ from ._device import resolve_device
 from .data import BatchLoader, ImageData, dataset_info, load_dataset, make_loader
 from .errors import AutopruneError
 from .measure import EvalResult, count_macs, count_params, evaluate_batches
-from .models import create_model, model_info
+from .models import MODELS, Preprocessing, create_model, model_info
 from .search import CalibrationSet, PruneConfig, PruneResult, SearchData, run_search
+from .search.config import default_schedule
+from .search.run import RunDir
 from .train import TrainConfig, TrainResult, fit
+from .transfer import load_pretrained, needs_transfer, transfer_for_pruning
 
 ModelLike = nn.Module | str
 DataLike = ImageData | str
@@ -64,6 +67,15 @@ def input_channels(model: nn.Module) -> int | None:
     return conv.in_channels if conv is not None else None
 
 
+def preprocessing(model: nn.Module, input_size: int | None = None) -> Preprocessing:
+    """How images are prepared for ``model``: its zoo entry's preprocessing (what its published
+    weights were trained with: size, mean, std), an explicit ``input_size`` taking precedence.
+    Models outside the zoo keep the dataset's size and statistics."""
+    name = getattr(model, "autoprune_arch", {}).get("name")
+    pre = model_info(name).preprocessing if name in MODELS else Preprocessing()
+    return pre if input_size is None else replace(pre, input_size=input_size)
+
+
 def loader_for(
     model: nn.Module,
     data: ImageData,
@@ -74,16 +86,20 @@ def loader_for(
     input_size: int | None = None,
     channels_last: bool = False,
 ) -> BatchLoader:
-    """A loader feeding ``data`` the way ``model`` expects: on its device, grey -> RGB if needed."""
+    """A loader feeding ``data`` the way ``model`` expects: on its device, grey -> RGB if needed,
+    resized and normalised as its :func:`preprocessing` says."""
     channels = input_channels(model)
+    pre = preprocessing(model, input_size)
     return make_loader(
         data,
         batch_size,
         train=train,
         seed=seed,
         device=next(model.parameters()).device,
-        input_size=input_size,
+        input_size=pre.input_size,
         channels=channels if channels != data.info.channels else None,
+        mean=pre.mean,
+        std=pre.std,
         channels_last=channels_last,
     )
 
@@ -91,17 +107,23 @@ def loader_for(
 def example_input(
     model: nn.Module, data_or_name: DataLike | None = None, input_size: int | None = None
 ) -> torch.Tensor:
-    """A zero batch of one image at the size the model sees (the dataset's, or ``input_size``)."""
+    """A zero batch of one image at the size the model sees (the dataset's, or ``input_size``;
+    without either, the size saved with the model, else its zoo entry's); a model whose
+    :func:`preprocessing` resizes sees that size."""
+    input_size = preprocessing(model, input_size).input_size
     if isinstance(data_or_name, str):
         info = dataset_info(data_or_name)
         h, w = info.image_size
     elif data_or_name is not None:
         h, w = data_or_name.info.image_size
     else:
-        name = getattr(model, "autoprune_arch", {}).get("name")
-        if name is None:
+        arch = getattr(model, "autoprune_arch", {})
+        if "input_size" in arch:
+            _, h, w = arch["input_size"]
+        elif "name" in arch:
+            _, h, w = model_info(arch["name"]).input_size
+        else:
             raise AutopruneError("cannot tell the model's input size: pass input_size or data")
-        _, h, w = model_info(name).input_size
     if input_size is not None:
         h = w = input_size
     device = next(model.parameters()).device
@@ -219,6 +241,7 @@ def prune(
     data_root: str | Path | None = None,
     device: str = "auto",
     input_size: int | None = None,
+    transfer: bool | None = None,
     **overrides: Any,
 ) -> PruneResult:
     """Prune ``model`` to ``target_macs_reduction`` of its MACs; returns the smaller model.
@@ -232,6 +255,12 @@ def prune(
     size is known). ``model`` itself is left unchanged. With ``out_dir`` the run is
     checkpointed after every iteration and ``resume=True`` continues it; see
     :func:`autoprune.search.run_search`.
+
+    ``transfer=True``, or data whose class count differs from the model's head (or the
+    checkpoint's), makes it a transfer run: the head is replaced for the data's classes and the
+    model adapted before the search (:mod:`autoprune.transfer`); unless a schedule is chosen
+    (a config's schedule equal to its default counts as not chosen) it is
+    saliency-then-similarity. ``summary["transfer"]`` says what was transferred from where.
     """
     named = {
         "target_macs_reduction": target_macs_reduction,
@@ -241,6 +270,7 @@ def prune(
         "recover_steps": recover_steps,
         "finetune_epochs": finetune_epochs,
         "seed": seed,
+        "transfer": transfer,
     }
     settings = {k: v for k, v in named.items() if v is not None} | overrides
     known = {f.name for f in fields(PruneConfig)}
@@ -249,33 +279,72 @@ def prune(
         raise AutopruneError(
             f"unknown prune setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
         )
+    chosen = "schedule" in settings or (
+        config is not None and config.schedule != default_schedule(config.transfer)
+    )
     config = replace(config or PruneConfig(), **settings)
+    if out_dir is not None and not resume:
+        RunDir(out_dir).load(resume=False)  # refuses a directory holding a run before any work
     given = [d for d in (train_data, val_data, calib_data) if d is not None]
     info = None
     if given:
         first = given[0]
         info = dataset_info(first, root=data_root) if isinstance(first, str) else first.info
-    net = build_model(
-        model, weights=weights, num_classes=(info.num_classes or None) if info else None
-    )
-    target = resolve_device(device)
-    if next(net.parameters()).device != target:
-        net = copy.deepcopy(net).to(target)  # the caller's model stays where it is
+    classes = (info.num_classes or None) if info else None
+    net = _pretrained(model, weights, classes, config.transfer_head)
+    if config.transfer or needs_transfer(net, classes, config.transfer_head):
+        config = config.for_transfer(schedule_chosen=chosen)
+    net.to(resolve_device(device))
     train = get_data(train_data, "train", root=data_root) if train_data is not None else None
     val = get_data(val_data, "test", root=data_root) if val_data is not None else None
     calib = get_data(calib_data, "train", root=data_root) if calib_data is not None else train
     if example_inputs is None:
         shape_source = next((d for d in (train, val, calib) if d is not None), None)
         example_inputs = example_input(net, shape_source, input_size)
+    data = _search_data(net, config, train, calib, val, input_size)
+    record = None
+    if config.transfer:
+        if classes is None:
+            raise AutopruneError("a transfer run needs data with a known number of classes")
+        record = transfer_for_pruning(
+            net,
+            config,
+            data,
+            num_classes=classes,
+            source=str(weights) if weights is not None else None,
+            out_dir=out_dir,
+            resume=resume,
+            input_size=_shape(example_inputs),
+            progress=progress,
+        )
     return run_search(
         net,
         example_inputs,
         config,
-        _search_data(net, config, train, calib, val, input_size),
+        data,
         out_dir=out_dir,
         resume=resume,
         progress=progress,
+        transfer=record,
     )
+
+
+def _pretrained(
+    model: ModelLike, weights: str | Path | None, num_classes: int | None, head: str | None
+) -> nn.Module:
+    """The model to prune, never the caller's object: built for the data's classes (or
+    copied), then given the checkpoint, whose classifier may be for other classes."""
+    if isinstance(model, nn.Module):
+        net = copy.deepcopy(model)
+    else:
+        net = build_model(model, num_classes=num_classes)
+    if weights is not None:
+        load_pretrained(net, weights, head=head)
+    return net
+
+
+def _shape(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> list[int] | None:
+    return list(example_inputs.shape[1:]) if isinstance(example_inputs, torch.Tensor) else None
 
 
 def _search_data(
@@ -303,13 +372,16 @@ def _search_data(
     calib_set = None
     if calib is not None:
         channels = input_channels(net)
+        pre = preprocessing(net, input_size)
         calib_set = CalibrationSet.from_data(
             calib,
             min(config.calib_size, len(calib)),
             seed=config.seed,
             device=next(net.parameters()).device,
-            input_size=input_size,
+            input_size=pre.input_size,
             channels=channels if channels != calib.info.channels else None,
+            mean=pre.mean,
+            std=pre.std,
         )
     val_loader = None
     if val is not None:

@@ -19,11 +19,17 @@ from rich.table import Table
 from . import api
 from .data import DATASETS, dataset_info
 from .errors import AutopruneError
+from .graph import SCOPES
+from .io.export import FORMATS
+from .io.export_check import export_checked
 from .measure import available_backends, profile_model
 from .models import MODELS, model_info
+from .report import write_report
 from .search import ALLOCATIONS, OBJECTIVES, SCORERS, PruneConfig
 from .search import SCHEDULES as PRUNE_SCHEDULES
+from .search.run import load_run_model
 from .train import SCHEDULES, TrainConfig
+from .transfer import TRANSFER_ORDERS
 
 app = typer.Typer(
     add_completion=False,
@@ -253,7 +259,13 @@ def prune_cmd(
     criteria: Annotated[
         str, typer.Option(help="Comma-separated criteria pool (autoprune.criteria).")
     ] = ",".join(PRUNE.criteria),
-    schedule: Annotated[str, typer.Option(help=_choices(PRUNE_SCHEDULES))] = PRUNE.schedule,
+    schedule: Annotated[
+        str | None,
+        typer.Option(
+            help=f"{_choices(PRUNE_SCHEDULES)} [default: auto; saliency-then-similarity when "
+            "transferring]"
+        ),
+    ] = None,
     saliency_fraction: Annotated[
         float, typer.Option(help="saliency-then-similarity: switch at this part of the target.")
     ] = PRUNE.saliency_fraction,
@@ -295,6 +307,33 @@ def prune_cmd(
     ignored_layers: Annotated[
         str, typer.Option(help="Comma-separated layers to keep unpruned.")
     ] = "",
+    scope: Annotated[
+        str,
+        typer.Option(
+            help=f"Layers pruned and MACs counted: {', '.join(SCOPES.names())} "
+            "(stem: a hybrid's stem conv and MobileNetV2 blocks)."
+        ),
+    ] = PRUNE.scope,
+    transfer: Annotated[
+        bool,
+        typer.Option(
+            "--transfer",
+            help="Replace the classifier for --data's classes and adapt before pruning (also "
+            "automatic when the checkpoint's classes differ).",
+        ),
+    ] = False,
+    transfer_order: Annotated[
+        str, typer.Option(help=_choices(TRANSFER_ORDERS))
+    ] = PRUNE.transfer_order,
+    transfer_head: Annotated[
+        str | None, typer.Option(help="The classifier layer to replace [default: found].")
+    ] = None,
+    head_steps: Annotated[
+        int, typer.Option(help="Transfer: steps training the new head alone.")
+    ] = PRUNE.head_steps,
+    adapt_steps: Annotated[
+        int, typer.Option(help="Transfer (adapt-then-prune): steps training the whole network.")
+    ] = PRUNE.adapt_steps,
     seed: int = PRUNE.seed,
     device: DeviceOpt = "auto",
     input_size: InputSizeOpt = None,
@@ -306,7 +345,6 @@ def prune_cmd(
     config = PruneConfig(
         target_macs_reduction=target_flops,
         criteria=criteria,
-        schedule=schedule,
         saliency_fraction=saliency_fraction,
         allocation=allocation,
         step=step,
@@ -322,10 +360,19 @@ def prune_cmd(
         finetune=replace(PRUNE.finetune, lr=finetune_lr, batch_size=batch_size),
         distill=distill,
         ignored_layers=ignored_layers,
+        scope=scope,
+        transfer_order=transfer_order,
+        transfer_head=transfer_head,
+        head_steps=head_steps,
+        head_training=replace(PRUNE.head_training, batch_size=batch_size),
+        adapt_steps=adapt_steps,
+        adaptation=replace(PRUNE.adaptation, batch_size=batch_size),
         seed=seed,
     )
     result = api.prune(
         _model_name(model, model_file),
+        schedule=schedule,  # given only when chosen: transfer runs have their own default
+        transfer=transfer,
         train_data=data,
         val_data=data,
         weights=weights,
@@ -356,16 +403,88 @@ def _before_after(summary: dict[str, Any], out_dir: Path | None) -> str:
         f"  params   {base['params'] / 1e3:9.1f} k -> {pruned['params'] / 1e3:9.1f} k "
         f"(-{100 * summary['params_reduction']:.1f} %)",
     ]
+    scope = summary["config"].get("scope", "all")
+    if scope != "all":
+        s = summary["scopes"][scope]
+        lines.append(
+            f"  {scope + ' MACs':<9}{s['macs_before'] / 1e6:9.2f} M -> "
+            f"{s['macs_after'] / 1e6:9.2f} M (-{100 * s['macs_reduction']:.1f} %)"
+        )
     if base["accuracy"] is not None:
         lines.append(
             f"  accuracy {base['accuracy']:9.2f} % -> {pruned['accuracy']:9.2f} % "
             f"({pruned['accuracy'] - base['accuracy']:+.2f})"
+        )
+    transfer = summary.get("transfer")
+    if transfer is not None:
+        adapted = "-" if transfer["accuracy"] is None else f"{transfer['accuracy']:.2f} %"
+        lines.append(
+            f"  transferred from {transfer['source'] or 'the given model'}: "
+            f"{transfer['classes_before']} -> {transfer['classes_after']} classes "
+            f"(head {transfer['head']}, {transfer['order']}), {adapted} after adapting"
         )
     chosen = ", ".join(f"{k} {v}" for k, v in summary["criteria_chosen"].items())
     lines.append(f"  criteria chosen: {chosen or '-'}")
     if out_dir is not None:
         lines.append(f"  run directory: {out_dir}")
     return "\n".join(lines)
+
+
+@app.command("export")
+def export_cmd(
+    run: Annotated[
+        Path, typer.Argument(help="A pruning run, or a model directory from autoprune.io.save.")
+    ],
+    format: Annotated[str, typer.Option("--format", "-f", help=_choices(FORMATS))] = "onnx",
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="File to write (default: RUN/model.onnx or .pt).")
+    ] = None,
+    batch_sizes: Annotated[
+        str, typer.Option(help="Comma-separated batch sizes to time (the file's is dynamic).")
+    ] = "1,64",
+    repeats: Annotated[int, typer.Option(help="Timed runs per batch size (median).")] = 20,
+    tolerance: Annotated[
+        float, typer.Option(help="Largest absolute difference from torch's outputs allowed.")
+    ] = 1e-4,
+    input_size: Annotated[
+        int | None,
+        typer.Option(help="Export for N x N inputs (default: the size it was pruned at)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the pruned model as ONNX or TorchScript with a dynamic batch, check it against
+    torch, and time both."""
+    spec = FORMATS.get(format)  # fail before loading the model
+    net = load_run_model(run)
+    result = export_checked(
+        net,
+        out_file or run / f"model{spec.suffix}",
+        api.example_input(net, None, input_size),
+        format=format,
+        tolerance=tolerance,
+        batch_sizes=[int(b) for b in batch_sizes.split(",")],
+        repeats=repeats,
+    )
+    if as_json:
+        out.print_json(json.dumps(result.to_dict()))
+        return
+    checked = " and ".join(map(str, result.check_batch_sizes))
+    out.print(
+        f"wrote {result.path} ({format}, dynamic batch): matches torch within {tolerance:g} "
+        f"(max abs difference {result.max_abs_diff:.2g} at batch {checked})",
+        markup=False,
+        highlight=False,
+    )
+    rows = zip(result.eager, result.exported, result.speedups, strict=True)
+    for eager, exported, speedup in rows:
+        out.print(
+            f"  batch {eager.batch_size:>3}: eager {eager.median_ms:8.2f} ms  {result.runtime} "
+            f"{exported.median_ms:8.2f} ms  ({speedup:.2f}x)",
+            markup=False,
+            highlight=False,
+        )
+    if result.eager:
+        out.print(f"  median of {repeats} runs each, torch threads: {result.threads}")
 
 
 # Sized to finish in a few minutes on two CPU cores: one epoch at a high one-cycle rate (about
@@ -410,6 +529,17 @@ def demo_cmd(
         resume=True,
     )
     out.print(_before_after(result.summary, out_dir / "prune"), markup=False, highlight=False)
+
+
+@app.command("report")
+def report_cmd(
+    run_dir: Annotated[
+        Path, typer.Argument(metavar="RUN", help="The --out directory of `autoprune prune`.")
+    ],
+) -> None:
+    """Write RUN/report.md and a self-contained RUN/report.html, with plots under RUN/report/."""
+    for path in write_report(run_dir):
+        out.print(str(path), markup=False, highlight=False)
 
 
 def main(argv: list[str] | None = None) -> None:

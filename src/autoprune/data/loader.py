@@ -8,6 +8,7 @@ from (seed, epoch), never from the global RNG, so runs repeat bit for bit.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -106,21 +107,40 @@ class BatchLoader:
         self.num_workers = num_workers
         self.info = info
         self.epoch = 0
+        self.part = (0, 1)  # (rank, world): which equal part of every batch this process reads
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def shard(self, rank: int, world: int) -> BatchLoader:
+        """This loader as one of ``world`` processes reads it: the same batches, and of each
+        the ``rank``-th of ``world`` equal contiguous parts (with the augmentation that part
+        gets here). Together the parts are the whole batch, so averaging the processes'
+        gradients is training on the whole batch: the batch size stays the total.
+        """
+        last = len(self.dataset) % self.batch_size if not self.drop_last else 0
+        if self.batch_size % world or last % world:
+            raise AutopruneError(
+                f"a batch of {self.batch_size} (last batch {last or self.batch_size}) does not "
+                f"split evenly over {world} processes: use a batch size that is a multiple of "
+                f"{world}"
+            )
+        shard = copy.copy(self)
+        shard.part = (rank, world)
+        return shard
 
     def __len__(self) -> int:
         n = len(self.dataset)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def _batches(self) -> list[torch.Tensor]:
-        n = len(self.dataset)
-        if self.train:
-            order = torch.randperm(n, generator=_generator(self.seed, self.epoch, _SHUFFLE))
-        else:
-            order = torch.arange(n)
-        return list(order.split(self.batch_size))[: len(self)]
+    def _spans(self) -> list[tuple[int, int]]:
+        """Each batch's [start, stop) in the epoch's order, cut to this process's part."""
+        rank, world = self.part
+        spans = []
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            size = min(self.batch_size, len(self.dataset) - start) // world
+            spans.append((start + rank * size, start + (rank + 1) * size))
+        return spans
 
     def _uint8_batches(self, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, ...]]:
         """CPU uint8 images and labels per batch: one index op in memory, else DataLoader."""
@@ -137,26 +157,30 @@ class BatchLoader:
         )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        batches = self._batches()
+        n = len(self.dataset)
+        if self.train:
+            order = torch.randperm(n, generator=_generator(self.seed, self.epoch, _SHUFFLE))
+        else:
+            order = torch.arange(n)
+        spans = self._spans()
         aug = None
-        if self.transform.augment:
+        if self.transform.augment:  # drawn for the whole epoch: a part gets what it would here
             g = _generator(self.seed, self.epoch, _AUGMENT)
-            aug = [a.to(self.device) for a in self.transform.draw(len(self.dataset), g)]
+            aug = [a.to(self.device) for a in self.transform.draw(n, g)]
         cuda = self.device.type == "cuda"
-        start = 0
-        for x, y in self._uint8_batches(batches):
+        batches = self._uint8_batches([order[start:stop] for start, stop in spans])
+        for (x, y), (start, stop) in zip(batches, spans, strict=True):
             if cuda and not x.is_pinned():
                 x, y = x.pin_memory(), y.pin_memory()
             x = x.to(self.device, non_blocking=cuda)
             y = y.to(self.device, non_blocking=cuda)
-            batch_aug = None if aug is None else [a[start : start + len(y)] for a in aug]
-            start += len(y)
+            batch_aug = None if aug is None else [a[start:stop] for a in aug]
             yield self.transform(x, batch_aug), y
 
     def __repr__(self) -> str:
         return (
             f"BatchLoader({self.info.name!r}, n={len(self.dataset)}, batch_size={self.batch_size},"
-            f" batches={len(self)}, train={self.train}, device={self.device})"
+            f" batches={len(self)}, train={self.train}, device={self.device}, part={self.part})"
         )
 
 

@@ -1,23 +1,28 @@
 """Coupled channel groups, trial removal by masking, and physical removal.
 
 Built on Torch-Pruning's ``DependencyGraph`` with our own rules: option-A shortcuts
-(:class:`~autoprune.layers.ChannelPadShortcut`, also rewritten from ``F.pad``), checks for
-layers and ops it would get wrong, exact MAC accounting and exact masking.
+(:class:`~autoprune.layers.ChannelPadShortcut`, also rewritten from ``F.pad``), attention
+heads and head dimensions, scopes, checks for layers and ops it would get wrong, exact MAC
+accounting and exact masking.
 """
 
 from ._fx import NORMALIZED_ATTR, normalize_model
 from .groups import ChannelGroup, Member
 from .masking import ChannelMask, mask_channels
 from .pruning_graph import DEFAULT_PRUNABLE_TYPES, PruningGraph, build_graph
+from .scopes import SCOPES, list_scopes, scope_report
 
 __all__ = [
     "DEFAULT_PRUNABLE_TYPES",
     "NORMALIZED_ATTR",
+    "SCOPES",
     "ChannelGroup",
     "ChannelMask",
     "Member",
     "PruningGraph",
     "build_graph",
+    "list_scopes",
     "mask_channels",
     "normalize_model",
+    "scope_report",
 ]

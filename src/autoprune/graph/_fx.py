@@ -24,6 +24,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..errors import AutopruneError
 from ..layers import ChannelPadShortcut
 from ..measure.complexity import as_inputs
+from ._foreign import adapt_foreign_layers
 
 NORMALIZED_ATTR = "_autoprune_rewritten"
 """Attribute set on the model :func:`normalize_model` returned, naming the rewritten layers
@@ -144,7 +145,8 @@ _CARRIED_ATTRS = ("autoprune_arch", "autoprune_metadata")
 def normalize_model(
     model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None
 ) -> nn.Module:
-    """Rewrite channel-dim ``F.pad`` shortcuts into :class:`ChannelPadShortcut` layers.
+    """Rewrite channel-dim ``F.pad`` shortcuts into :class:`ChannelPadShortcut` layers, and
+    foreign layers no tracer can follow into prunable equivalents (:mod:`._foreign`).
 
     Returns ``model`` itself, untouched, when nothing needs rewriting (every zoo model).
     Otherwise the layers containing such a pad are replaced in place (a pad in the model's own
@@ -152,8 +154,11 @@ def normalize_model(
     computes exactly what the original did and names the rewritten layers in
     ``NORMALIZED_ATTR``. ``example_inputs`` are needed then, to learn each pad's input width.
     """
+    adapted = adapt_foreign_layers(model)
     found = {name: gm for name, m in model.named_modules() if (gm := _find_pads(m)) is not None}
     if not found:
+        if adapted:
+            setattr(model, NORMALIZED_ATTR, (*getattr(model, NORMALIZED_ATTR, ()), *adapted))
         return model
     if example_inputs is None:
         names = ", ".join(repr(n) for n in found)
@@ -175,7 +180,7 @@ def normalize_model(
             setattr(model.get_submodule(parent_name), child, gm)
         else:
             model = gm
-    rewritten = tuple(getattr(model, NORMALIZED_ATTR, ())) + tuple(done)
+    rewritten = tuple(getattr(model, NORMALIZED_ATTR, ())) + tuple(adapted) + tuple(done)
     # A rewritten top-level module must still say how it was built, or it cannot be saved.
     carried = {a: getattr(original, a) for a in _CARRIED_ATTRS if hasattr(original, a)}
     carried[NORMALIZED_ATTR] = rewritten

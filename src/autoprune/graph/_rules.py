@@ -14,6 +14,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ..attention import PatchFold, PatchUnfold
 from ..layers import ChannelPadShortcut
 
 CONV_TYPES = (nn.modules.conv._ConvNd,)
@@ -47,11 +48,39 @@ TP_DUMMY_OPS = (
 )
 
 
+# Layers that carry channels one to one but move them between dims (a feature map's dim 1,
+# tokens' last dim), or scale each channel by a parameter of their own. Torch-Pruning sees
+# each as one layer whose input and output channels are the same ones (their internals are
+# hidden from its trace). Foreign classes are named "module.QualName", so their library need
+# not be importable.
+CHANNELWISE_TYPES: tuple[type[nn.Module] | str, ...] = (
+    PatchUnfold,
+    PatchFold,
+    "timm.models.efficientformer.Flat",
+    "timm.layers.layer_scale.LayerScale",
+    "timm.layers.layer_scale.LayerScale2d",
+)
+
+
+def matches(module: nn.Module, types: tuple[type[nn.Module] | str, ...]) -> bool:
+    """Whether ``module`` is an instance of one of ``types`` (classes or "module.QualName")."""
+    for cls in type(module).__mro__:
+        if cls in types or f"{cls.__module__}.{cls.__qualname__}" in types:
+            return True
+    return False
+
+
+def channels_of(tensor: torch.Tensor) -> int:
+    """Channels of an activation: dim 1 of a feature map, the last dim of (batch, tokens, dim)."""
+    return tensor.shape[-1] if tensor.dim() == 3 else tensor.shape[1]
+
+
 def member_kind(module: nn.Module) -> str | None:
     """How masking and MAC accounting treat a group member; None: the group cannot be pruned.
 
     ``conv``/``linear``/``shortcut`` mix channels (their in- and out-channels are separate),
-    ``depthwise``/``norm`` act per channel, ``layernorm`` normalises across the channels.
+    ``depthwise``/``norm``/``channelwise`` act per channel, ``layernorm`` normalises across
+    the channels.
     Grouped (non-depthwise) convs, GroupNorm, attention and recurrent layers are left alone:
     removing one channel from them is not a per-channel change.
     """
@@ -69,6 +98,8 @@ def member_kind(module: nn.Module) -> str | None:
         return "norm"
     if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
         return "layernorm"
+    if matches(module, CHANNELWISE_TYPES):
+        return "channelwise"
     return None
 
 
@@ -129,3 +160,34 @@ class OpaquePruner(tp.pruner.BasePruningFunc):
 
     def get_in_channels(self, layer: nn.Module) -> int | None:
         return self.channels.get(layer, (None, None))[0]
+
+
+class ChannelwisePruner(tp.pruner.BasePruningFunc):
+    """Prunes a :data:`CHANNELWISE_TYPES` layer: one set of channels in and out.
+
+    Its own 1-D parameters (a layer scale's ``gamma``) lose the pruned entries; a
+    parameter-free layer's width is the one traced, kept up to date here.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.channels: dict[nn.Module, int] = {}  # traced widths of parameter-free layers
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        for name, p in list(layer.named_parameters(recurse=False)):
+            if p.dim() == 1:
+                keep = torch.ones(p.numel(), dtype=torch.bool)
+                keep[list(idxs)] = False
+                sliced = p.detach()[keep.to(p.device)].clone()
+                setattr(layer, name, nn.Parameter(sliced, requires_grad=p.requires_grad))
+        if layer in self.channels:
+            self.channels[layer] -= len(idxs)
+        return layer
+
+    prune_in_channels = prune_out_channels  # one set of channels: Torch-Pruning couples them
+
+    def get_out_channels(self, layer: nn.Module) -> int | None:
+        own = [p.numel() for p in layer.parameters(recurse=False) if p.dim() == 1]
+        return own[0] if own else self.channels.get(layer)
+
+    get_in_channels = get_out_channels

@@ -9,8 +9,10 @@ many MACs each conv/linear costs per channel pair.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from math import prod
 from typing import Any
@@ -20,7 +22,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from ._rules import CONV_TYPES
+from ._rules import CONV_TYPES, channels_of
 
 
 @dataclass(frozen=True)
@@ -41,19 +43,35 @@ class TraceRecorder(TorchFunctionMode):
     (batch x output positions x kernel size for a conv, rows for a linear): it does not change
     when channels are removed, so MACs after pruning follow from weight shapes alone. This is
     the count :func:`torch.utils.flop_counter.FlopCounterMode` makes (FLOPs / 2, no bias).
+    ``attention_units[layer]`` is batch x tokens^2 of a self-attention layer (see
+    :class:`~.groups.MacTable`). ``order`` lists the conv, linear and attention layers in the
+    order they first ran.
     """
 
-    def __init__(self, model: nn.Module, black_boxes: Iterable[nn.Module]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        black_boxes: Iterable[nn.Module],
+        attention: Iterable[nn.Module] = (),
+        channelwise: Iterable[nn.Module] = (),
+    ) -> None:
         super().__init__()
         self.ops: dict[Any, OpRecord] = {}
         self.mac_units: dict[nn.Module, int] = defaultdict(int)
+        self.attention_units: dict[nn.Module, int] = defaultdict(int)
+        self.order: dict[nn.Module, int] = {}
         self.widths: dict[nn.Module, tuple[int, int]] = {}
+        self.channels: dict[nn.Module, int] = {}  # traced widths of channel-wise layers
         self.outputs: set[Any] = set()  # grad_fns of the model's outputs
         self._depth = 0
         self._handles = [model.register_forward_hook(self._model_output)]
         for m in model.modules():
             if isinstance(m, (*CONV_TYPES, nn.Linear)):
                 self._handles.append(m.register_forward_hook(self._count_macs))
+        for m in attention:
+            self._handles.append(m.register_forward_hook(self._count_attention))
+        for m in channelwise:
+            self._handles.append(m.register_forward_hook(self._channelwise))
         for m in black_boxes:
             self._handles.append(m.register_forward_pre_hook(self._enter))
             self._handles.append(m.register_forward_hook(self._leave))
@@ -94,7 +112,16 @@ class TraceRecorder(TorchFunctionMode):
         if first_in is not None and first_out is not None and first_in.dim() > 1:
             self.widths[module] = (first_in.shape[1], first_out.shape[1])
 
+    def _count_attention(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self.order.setdefault(module, len(self.order))
+        batch, tokens = args[0].shape[:2]
+        self.attention_units[module] += batch * tokens * tokens
+
+    def _channelwise(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self.channels.setdefault(module, channels_of(output))
+
     def _count_macs(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self.order.setdefault(module, len(self.order))
         w = module.weight
         if isinstance(module, nn.Linear):
             self.mac_units[module] += output.numel() // output.shape[-1]
@@ -130,3 +157,37 @@ def meets_constant(rec: OpRecord, tokens_last: bool) -> bool:
     return width > 1 and any(
         len(s) >= 2 and s[channel_dim(len(s), tokens_last)] == width for s in rec.constants
     )
+
+
+class _Sealed(torch.autograd.Function):
+    """Runs a layer's forward as one autograd node: its internals leave no trace."""
+
+    @staticmethod
+    def forward(ctx: Any, forward: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+        return forward(*args).clone()  # never a view of an input
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> Any:
+        raise RuntimeError("a sealed layer is only ever traced, never trained")
+
+
+def _sealed_call(forward: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+    return _Sealed.apply(functools.partial(forward, **kwargs), *args)
+
+
+@contextmanager
+def sealed(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Hide the internals of ``modules`` from an autograd trace for the duration.
+
+    Torch-Pruning follows the autograd graph; through an attention layer's reshapes and splits
+    it would couple the wrong channels. A sealed layer is one node from its input to its
+    output (its hooks and sublayers still run, so MACs are still counted).
+    """
+    patched = list(modules)
+    for m in patched:
+        m.forward = functools.partial(_sealed_call, m.forward)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward

@@ -22,6 +22,8 @@ class Member:
     ``idxs[k]`` is a channel of that side and ``group_idxs[k]`` the group channel it belongs
     to (a group channel can own several: a flattened feature map feeds ``h * w`` inputs of a
     linear layer). Per-channel layers (BatchNorm, depthwise convs) touch both sides at once.
+    ``mask_output``: masking zeroes these outputs (an attention layer's q/k/v rows, whose only
+    reader is the attention itself) instead of leaving them to the consumers.
     """
 
     layer: str
@@ -31,11 +33,22 @@ class Member:
     module: nn.Module = field(repr=False)
     idxs: torch.Tensor = field(repr=False)
     group_idxs: torch.Tensor = field(repr=False)
+    mask_output: bool = False
 
     @property
     def consumer(self) -> bool:
         """Reads the group's channels and mixes them into others (conv, linear, shortcut input)."""
         return self.in_channels and not self.out_channels
+
+    @property
+    def mask_site(self) -> str | None:
+        """Where masking acts on this member: ``input`` (a consumer's), ``output``,
+        ``layernorm`` (recomputed on the kept channels) or None (nothing to do)."""
+        if self.mask_output:
+            return "output"
+        if self.kind == "layernorm":
+            return "layernorm"
+        return "input" if self.consumer else None
 
     def count(self, group_idxs: torch.Tensor) -> int:
         """How many of this member's channels go when ``group_idxs`` go."""
@@ -43,15 +56,38 @@ class Member:
 
 
 class MacTable:
-    """MACs of every conv and linear layer as a function of its current weight shape.
+    """MACs of every conv and linear layer as a function of its current weight shape, and of
+    every attention layer's two matmuls as a function of its ``qkv`` and ``proj`` shapes.
 
     ``units[layer] * w.shape[0] * w.shape[1]`` is exactly what ``FlopCounterMode`` counts for a
     layer (FLOPs / 2, bias excluded) on the traced inputs; the unit holds however many channels
-    are removed, so predictions stay exact after any number of pruning steps.
+    are removed, so predictions stay exact after any number of pruning steps. An attention
+    layer's ``q @ k^T`` and ``attn @ v`` cost ``tokens^2`` MACs per query/key and per value
+    feature; with ``qkv`` rows = 2 x query + value features and ``proj`` inputs = value
+    features, that is ``unit * (qkv rows + proj inputs) / 2`` (``matmuls``).
     """
 
-    def __init__(self, units: Mapping[nn.Module, int]) -> None:
+    def __init__(
+        self,
+        units: Mapping[nn.Module, int],
+        matmuls: Mapping[nn.Module, tuple[nn.Module, nn.Module, int]] | None = None,
+    ) -> None:
         self.units = dict(units)
+        self.matmuls = dict(matmuls or {})  # attention -> (qkv, proj, unit)
+        self._readers = {layer: a for a, (q, p, _) in self.matmuls.items() for layer in (q, p)}
+
+    def restrict(self, layers: frozenset[nn.Module]) -> MacTable:
+        """The table of ``layers`` only (a scope): its MACs are theirs alone."""
+        return MacTable(
+            {m: u for m, u in self.units.items() if m in layers},
+            {a: t for a, t in self.matmuls.items() if a in layers},
+        )
+
+    def matmul_macs(self, attention: nn.Module, removed: Removed) -> int:
+        qkv, proj, unit = self.matmuls[attention]
+        rows = qkv.weight.shape[0] - removed.get(qkv, (0, 0))[0]
+        values = proj.weight.shape[1] - removed.get(proj, (0, 0))[1]
+        return unit * (rows + values) // 2
 
     def layer_macs(self, module: nn.Module, out_removed: int = 0, in_removed: int = 0) -> int:
         w0, w1 = module.weight.shape[:2]
@@ -68,11 +104,14 @@ class MacTable:
 
     def total(self, removed: Removed | None = None) -> int:
         removed = removed or {}
-        return sum(self.layer_macs(m, *removed.get(m, (0, 0))) for m in self.units)
+        layers = sum(self.layer_macs(m, *removed.get(m, (0, 0))) for m in self.units)
+        return layers + sum(self.matmul_macs(a, removed) for a in self.matmuls)
 
     def saved(self, removed: Removed) -> int:
         pairs = [(m, r) for m, r in removed.items() if m in self.units]
-        return sum(self.layer_macs(m) - self.layer_macs(m, *r) for m, r in pairs)
+        saved = sum(self.layer_macs(m) - self.layer_macs(m, *r) for m, r in pairs)
+        touched = {self._readers[m] for m in removed if m in self._readers}
+        return saved + sum(self.matmul_macs(a, {}) - self.matmul_macs(a, removed) for a in touched)
 
 
 class ChannelGroup:

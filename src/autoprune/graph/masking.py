@@ -6,7 +6,9 @@ its producers and those consumers (BatchNorm, activations, depthwise convs, resi
 concatenations) is per channel. So zeroing the channel at the input of every consumer is
 exactly removal, whatever the producers, biases or BatchNorm statistics put into it; no
 weights are touched, no copy is made. The one per-channel layer that is not per channel is
-LayerNorm (its statistics run across channels): it is recomputed on the kept channels.
+LayerNorm (its statistics run across channels): it is recomputed on the kept channels. Inside
+an attention layer the q/k/v rows of a head group are zeroed where ``qkv`` outputs them (see
+:mod:`._attention`): a zero head or query/key dimension contributes nothing.
 
 Masks stack: several groups, or the same group twice, can be masked at once; every layer gets
 one hook that applies the union of what is masked in it.
@@ -26,46 +28,58 @@ if TYPE_CHECKING:
     from .pruning_graph import PruningGraph
 
 
+Site = tuple[nn.Module, str]  # (layer, where: "input", "output" or "layernorm")
+
+
 class MaskState:
-    """The channels masked in each layer right now, and the hooks that apply them."""
+    """The channels masked at each site right now, and the hooks that apply them."""
 
     def __init__(self) -> None:
-        self._stacks: dict[nn.Module, list[torch.Tensor]] = {}
-        self._merged: dict[nn.Module, torch.Tensor] = {}
-        self._hooks: dict[nn.Module, torch.utils.hooks.RemovableHandle] = {}
+        self._stacks: dict[Site, list[torch.Tensor]] = {}
+        self._merged: dict[Site, torch.Tensor] = {}
+        self._hooks: dict[Site, torch.utils.hooks.RemovableHandle] = {}
 
     @property
     def active(self) -> bool:
         return bool(self._stacks)
 
-    def push(self, module: nn.Module, idxs: torch.Tensor, kind: str) -> None:
-        stack = self._stacks.setdefault(module, [])
+    def push(self, site: Site, idxs: torch.Tensor, kind: str) -> None:
+        stack = self._stacks.setdefault(site, [])
         stack.append(idxs)  # already on the module's device: hooks never copy
-        self._merge(module)
-        if module not in self._hooks:
-            if kind == "layernorm":
-                self._hooks[module] = module.register_forward_hook(self._layernorm_hook)
+        self._merge(site)
+        if site not in self._hooks:
+            module, where = site
+            dim = -1 if kind == "linear" else 1
+            if where == "layernorm":
+                self._hooks[site] = module.register_forward_hook(self._layernorm_hook)
+            elif where == "output":
+                self._hooks[site] = module.register_forward_hook(self._zero_output(dim))
             else:
-                dim = -1 if kind == "linear" else 1
-                self._hooks[module] = module.register_forward_pre_hook(self._zero_hook(dim))
+                self._hooks[site] = module.register_forward_pre_hook(self._zero_input(dim))
 
-    def pop(self, module: nn.Module, idxs: torch.Tensor) -> None:
-        stack = self._stacks[module]
+    def pop(self, site: Site, idxs: torch.Tensor) -> None:
+        stack = self._stacks[site]
         del stack[next(i for i, t in enumerate(stack) if t is idxs)]
         if stack:
-            self._merge(module)
+            self._merge(site)
             return
-        del self._stacks[module], self._merged[module]
-        self._hooks.pop(module).remove()
+        del self._stacks[site], self._merged[site]
+        self._hooks.pop(site).remove()
 
-    def _merge(self, module: nn.Module) -> None:
-        stack = self._stacks[module]
-        self._merged[module] = stack[0] if len(stack) == 1 else torch.cat(stack).unique()
+    def _merge(self, site: Site) -> None:
+        stack = self._stacks[site]
+        self._merged[site] = stack[0] if len(stack) == 1 else torch.cat(stack).unique()
 
-    def _zero_hook(self, dim: int) -> Callable[[nn.Module, tuple], tuple]:
+    def _zero_input(self, dim: int) -> Callable[[nn.Module, tuple], tuple]:
         def hook(module: nn.Module, args: tuple) -> tuple:
             x = args[0]
-            return (x.index_fill(dim, self._merged[module], 0.0), *args[1:])
+            return (x.index_fill(dim, self._merged[module, "input"], 0.0), *args[1:])
+
+        return hook
+
+    def _zero_output(self, dim: int) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return output.index_fill(dim, self._merged[module, "output"], 0.0)
 
         return hook
 
@@ -74,7 +88,7 @@ class MaskState:
     ) -> torch.Tensor:
         x = args[0]
         keep = torch.ones(x.shape[-1], dtype=torch.bool, device=x.device)
-        keep[self._merged[module]] = False
+        keep[self._merged[module, "layernorm"]] = False
         w = module.weight[keep] if module.weight is not None else None
         b = module.bias[keep] if module.bias is not None else None
         y = F.layer_norm(x[..., keep], (int(keep.sum()),), w, b, module.eps)
@@ -84,16 +98,16 @@ class MaskState:
 class ChannelMask:
     """Handle of one trial removal: active from creation until :meth:`remove` (or ``with``)."""
 
-    def __init__(self, state: MaskState, pieces: list[tuple[nn.Module, torch.Tensor, str]]) -> None:
+    def __init__(self, state: MaskState, pieces: list[tuple[Site, torch.Tensor, str]]) -> None:
         self._state = state
         self._pieces = pieces
-        for module, idxs, kind in pieces:
-            state.push(module, idxs, kind)
+        for site, idxs, kind in pieces:
+            state.push(site, idxs, kind)
 
     def remove(self) -> None:
         """Undo the mask; calling it again does nothing."""
-        for module, idxs, _ in self._pieces:
-            self._state.pop(module, idxs)
+        for site, idxs, _ in self._pieces:
+            self._state.pop(site, idxs)
         self._pieces = []
 
     def __enter__(self) -> ChannelMask:
@@ -113,13 +127,14 @@ def mask_channels(
     ``mask_channels(graph, group, idxs)`` or ``mask_channels(graph, {group: idxs, ...})``;
     use it as a context manager or call ``.remove()``. Validated like :meth:`PruningGraph.prune`.
     """
-    pieces: list[tuple[nn.Module, torch.Tensor, str]] = []
+    pieces: list[tuple[Site, torch.Tensor, str]] = []
     for g, ids in graph.resolve(group, idxs):
         for member in g.members:
-            if member.consumer or member.kind == "layernorm":
+            if member.mask_site is not None:
                 hit = member.idxs[torch.isin(member.group_idxs, ids)]
                 if hit.numel():
-                    pieces.append((member.module, hit.to(_device(member.module)), member.kind))
+                    site = (member.module, member.mask_site)
+                    pieces.append((site, hit.to(_device(member.module)), member.kind))
     return ChannelMask(graph.masks, pieces)
 
 

@@ -12,17 +12,22 @@ from torch import nn
 from ..errors import AutopruneError
 from ..layers import ChannelPadShortcut
 from ..measure.complexity import as_inputs
+from ._attention import AttentionPruner, HeadPruning, attention_groups, attention_modules
 from ._fx import normalize_model
 from ._rules import (
+    CHANNELWISE_TYPES,
     TP_DUMMY_OPS,
     TP_PARAM_TYPES,
     ChannelPadPruner,
+    ChannelwisePruner,
     OpaquePruner,
+    matches,
     member_kind,
 )
-from ._trace import TraceRecorder, breaks_channels, meets_constant
+from ._trace import TraceRecorder, breaks_channels, meets_constant, sealed
 from .groups import ChannelGroup, MacTable, Member, Removed
 from .masking import MaskState
+from .scopes import ScopeContext, list_scopes, scope_layers
 
 Inputs = torch.Tensor | Sequence[torch.Tensor]
 Selection = ChannelGroup | str | Mapping[ChannelGroup | str, Sequence[int] | torch.Tensor]
@@ -33,9 +38,11 @@ class PruningGraph:
     """Channel groups of a model, their exact MAC costs, and physical removal.
 
     Build it with :func:`build_graph`. ``groups()`` lists the prunable groups; ``frozen`` says
-    why the others (the classifier's outputs, ignored layers, ...) are not. ``prune`` removes
-    channels for good and refreshes the groups; :func:`~autoprune.graph.mask_channels` tries a
-    removal without changing any weight.
+    why the others (the classifier's outputs, ignored layers, groups outside the scope, ...)
+    are not. ``prune`` removes channels for good and refreshes the groups;
+    :func:`~autoprune.graph.mask_channels` tries a removal without changing any weight.
+    Attention layers add groups of whole heads and head dimensions (see ``._attention``).
+    ``macs()`` counts the layers of the graph's ``scope`` (see :mod:`.scopes`).
     """
 
     def __init__(
@@ -50,12 +57,18 @@ class PruningGraph:
         output_nodes: set[tp.dependency.Node],
         constant_nodes: set[tp.dependency.Node],
         barriers: dict[tp.dependency.Node, str],
+        scope: str,
+        scope_context: ScopeContext,
     ) -> None:
         self.model = model
         self.example_inputs = example_inputs
         self.masks = MaskState()
+        self.scope = scope
         self._dg = dependency_graph
-        self._macs = macs
+        self._all_macs = macs
+        self._scope_context = scope_context
+        self._in_scope = self._scope_layers(scope)
+        self._macs = macs.restrict(self._in_scope)
         self._ignored = ignored
         self._root_types = root_types
         self._output_nodes = output_nodes
@@ -76,7 +89,19 @@ class PruningGraph:
             self.example_inputs,
             ignored_layers=[names[m] for m in self._ignored if m in names],
             prunable_types=self._root_types,
+            scope=self.scope,
         )
+
+    def _scope_layers(self, scope: str) -> frozenset[nn.Module]:
+        layers = [*self._all_macs.units, *self._all_macs.matmuls]
+        return scope_layers(scope, self._scope_context, layers)
+
+    def macs_by_scope(self) -> dict[str, int]:
+        """MACs of the layers of every registered scope, as the model is now."""
+        return {
+            name: self._all_macs.restrict(self._scope_layers(name)).total()
+            for name in list_scopes()
+        }
 
     @property
     def version(self) -> int:
@@ -134,8 +159,28 @@ class PruningGraph:
                     self._version,
                 )
             )
-        groups.sort(key=lambda g: order[self.model.get_submodule(g.name)])
-        self._groups = {g.name: g for g in groups}
+        position = {g.name: (order[self.model.get_submodule(g.name)], 0) for g in groups}
+        for attention in self._all_macs.matmuls:
+            if attention not in self._ignored:
+                heads = attention_groups(names[attention], attention, self._macs, self._version)
+                position.update({g.name: (order[attention], k + 1) for k, g in enumerate(heads)})
+                groups += heads
+        groups.sort(key=lambda g: position[g.name])
+        self._groups = {}
+        for g in groups:
+            if self._within_scope(g):
+                self._groups[g.name] = g
+            else:
+                self._frozen[g.name] = f"outside scope {self.scope!r}"
+
+    def _within_scope(self, group: ChannelGroup) -> bool:
+        """Whether every layer producing the group's channels is in the graph's scope."""
+        costs = self._all_macs.units
+        return all(
+            m.module in self._in_scope
+            for m in group.members
+            if m.out_channels and m.module in costs
+        )
 
     def _members(
         self, tp_group: tp.dependency.Group, names: dict[nn.Module, str]
@@ -156,6 +201,9 @@ class PruningGraph:
                 barrier = barrier or self._barriers.get(node)
                 continue
             if isinstance(module, tp.ops._OutputOp):
+                continue
+            if module in self._all_macs.matmuls:  # attention: its qkv reads, its proj writes
+                members.append(self._attention_member(module, item, names[module]))
                 continue
             name = names.get(module) if isinstance(module, nn.Module) else None
             if name is None:  # an nn.Parameter used outside its layer
@@ -178,6 +226,21 @@ class PruningGraph:
                 )
             )
         return members, reason, barrier
+
+    def _attention_member(
+        self, module: nn.Module, item: tp.dependency.group.GroupItem, name: str
+    ) -> Member:
+        reads = self._dg.is_in_channel_pruning_fn(item.dep.handler)
+        layer = module.qkv if reads else module.proj
+        return Member(
+            layer=f"{name}.{'qkv' if reads else 'proj'}",
+            kind="linear",
+            in_channels=reads,
+            out_channels=not reads,
+            module=layer,
+            idxs=torch.as_tensor(item.idxs, dtype=torch.long),
+            group_idxs=torch.as_tensor(item.root_idxs, dtype=torch.long),
+        )
 
     # --------------------------------------------------------------------- selections, MACs
     def resolve(
@@ -232,7 +295,8 @@ class PruningGraph:
     def macs(
         self, group: Selection | None = None, idxs: Sequence[int] | torch.Tensor | None = None
     ) -> int:
-        """MACs of all conv and linear layers, now or after removing a selection.
+        """MACs of the scope's conv and linear layers and attention matmuls, now or after
+        removing a selection (``scope="all"``: the model's, as ``FlopCounterMode`` counts them).
 
         Exact for any combination of groups, including layers whose input and output
         channels sit in two different selected groups (their savings are not additive).
@@ -257,7 +321,10 @@ class PruningGraph:
         for g, ids in plan:
             if ids.numel():
                 module, handler = g.root
-                self._dg.get_pruning_group(module, handler, ids.tolist()).prune()
+                if isinstance(handler, HeadPruning):
+                    handler(module, ids.tolist())
+                else:
+                    self._dg.get_pruning_group(module, handler, ids.tolist()).prune()
         if any(ids.numel() for _, ids in plan):
             self._version += 1
             self._groups = None
@@ -269,6 +336,7 @@ def build_graph(
     *,
     ignored_layers: Iterable[str | nn.Module] = (),
     prunable_types: tuple[type[nn.Module], ...] = DEFAULT_PRUNABLE_TYPES,
+    scope: str = "all",
 ) -> PruningGraph:
     """Trace ``model`` once and find its groups of coupled channels.
 
@@ -276,21 +344,27 @@ def build_graph(
     shortcuts become :class:`ChannelPadShortcut` layers); use ``graph.model`` afterwards.
     ``ignored_layers`` (names or modules; a container means all its layers) keep their shape:
     every group touching them is frozen. Groups are rooted at ``prunable_types`` outputs. The
-    classifier's outputs and the model input's channels are never pruned.
+    classifier's outputs and the model input's channels are never pruned. ``scope`` (a name
+    from :data:`~autoprune.graph.scopes.SCOPES`) limits the groups and the MACs counted.
     """
     inputs = as_inputs(example_inputs)
     model = normalize_model(model, inputs)
     ignored = _resolve_ignored(model, ignored_layers)
-    black_boxes = _black_boxes(model, ignored)
-    opaque = OpaquePruner()
+    attention = attention_modules(model)
+    channelwise = [m for m in model.modules() if matches(m, CHANNELWISE_TYPES)]
+    black_boxes = _black_boxes(model, ignored, {*attention, *channelwise})
+    opaque, per_channel = OpaquePruner(), ChannelwisePruner()
     pruners: dict[type, tp.pruner.BasePruningFunc] = {ChannelPadShortcut: ChannelPadPruner()}
     pruners.update({type(m): opaque for m in black_boxes})
+    pruners.update({type(m): AttentionPruner() for m in attention})
+    pruners.update({type(m): per_channel for m in channelwise})
     shortcuts = [m for m in model.modules() if isinstance(m, ChannelPadShortcut)]
-    recorder = TraceRecorder(model, [*black_boxes, *shortcuts])
+    recorder = TraceRecorder(model, [*black_boxes, *shortcuts], attention, channelwise)
     opaque.channels = recorder.widths  # filled by the forward, read by tp's shape inference
+    per_channel.channels = recorder.channels
     modes = {m: m.training for m in model.modules()}  # tp's trace leaves the model in eval
     try:
-        with torch.enable_grad(), recorder:
+        with torch.enable_grad(), recorder, sealed([*attention, *channelwise]):
             dg = tp.DependencyGraph().build_dependency(
                 model, inputs, customized_pruners=pruners, verbose=False
             )
@@ -298,16 +372,19 @@ def build_graph(
         for m, training in modes.items():
             m.training = training
     constant_nodes, barriers = _check_ops(dg, recorder)
+    matmuls = {a: (a.qkv, a.proj, recorder.attention_units[a]) for a in attention}
     graph = PruningGraph(
         model,
         inputs,
         dg,
-        MacTable(recorder.mac_units),
+        MacTable(recorder.mac_units, matmuls),
         ignored=ignored,
         root_types=tuple(prunable_types),
         output_nodes={n for n in dg.module2node.values() if n.grad_fn in recorder.outputs},
         constant_nodes=constant_nodes,
         barriers=barriers,
+        scope=scope,
+        scope_context=ScopeContext(model, dict(recorder.order), frozenset(attention)),
     )
     graph.groups()  # surface coupling errors now, not at the first use
     return graph
@@ -328,11 +405,16 @@ def _resolve_ignored(model: nn.Module, layers: Iterable[str | nn.Module]) -> fro
     return frozenset(found)
 
 
-def _black_boxes(model: nn.Module, ignored: frozenset[nn.Module]) -> list[nn.Module]:
-    """Ignored layers Torch-Pruning cannot handle; any other such layer is an error."""
+def _black_boxes(
+    model: nn.Module, ignored: frozenset[nn.Module], known: set[nn.Module]
+) -> list[nn.Module]:
+    """Ignored layers Torch-Pruning cannot handle; any other such layer is an error.
+
+    ``known``: layers with pruners of ours (attention, channel-wise), never black boxes.
+    """
     boxes = []
     for name, m in model.named_modules():
-        if isinstance(m, (*TP_PARAM_TYPES, ChannelPadShortcut)):
+        if isinstance(m, (*TP_PARAM_TYPES, ChannelPadShortcut)) or m in known:
             continue
         if next(m.parameters(recurse=False), None) is None:
             continue

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..graph._attention import attention_adapter
+from ..graph._rules import CHANNELWISE_TYPES, matches
 from ..layers import ChannelPadShortcut
 
 LayerRecord = dict[str, Any]
@@ -43,7 +45,17 @@ def register_layer_shape(*types: type[nn.Module]) -> Callable[[R], R]:
 
 
 def recorder_for(module: nn.Module) -> Recorder | None:
-    return next((LAYER_SHAPES[t] for t in type(module).__mro__ if t in LAYER_SHAPES), None)
+    """The registered recorder; else, for layers the pruning graph changes by rules of its own
+    (attention heads, channel-wise scales), one that keeps what those rules change."""
+    found = next((LAYER_SHAPES[t] for t in type(module).__mro__ if t in LAYER_SHAPES), None)
+    if found is not None:
+        return found
+    adapter = attention_adapter(module)
+    if adapter is not None:
+        return lambda m: {a: getattr(m, a) for a in adapter.attributes}
+    if matches(module, CHANNELWISE_TYPES) and _own_tensors(module):
+        return lambda m: {}
+    return None
 
 
 @register_layer_shape(nn.modules.conv._ConvNd)

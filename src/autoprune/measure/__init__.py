@@ -2,7 +2,7 @@
 
 from .accuracy import EvalResult, evaluate_batches
 from .complexity import count_macs, count_params
-from .latency import BACKENDS, Latency, available_backends, measure_latency
+from .latency import BACKENDS, Latency, available_backends, measure_latency, time_runner
 from .profile import ModelProfile, profile_model
 
 __all__ = [
@@ -16,4 +16,5 @@ __all__ = [
     "evaluate_batches",
     "measure_latency",
     "profile_model",
+    "time_runner",
 ]

@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from .._registry import Registry
-from ..io.export import export_onnx
+from ..io.export import FORMATS, ExportFormat, Runner
 
-# A backend turns (model, example input) into a callable that runs one batch.
-Runner = Callable[[torch.Tensor], object]
-BACKENDS: Registry[Callable[[nn.Module, torch.Tensor], Runner]] = Registry("latency backend")
+# A backend turns (model, example input) into a Runner that runs one batch.
+Backend = Callable[[nn.Module, torch.Tensor], Runner]
+BACKENDS: Registry[Backend] = Registry("latency backend")
 
 
 @dataclass(frozen=True)
@@ -40,35 +40,30 @@ class Latency:
 def _eager(model: nn.Module, example: torch.Tensor) -> Runner:
     model = model.eval()
 
-    def run(x: torch.Tensor) -> object:
+    def run(x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return model(x)
 
     return run
 
 
-@BACKENDS.register("onnxruntime")
-def _onnxruntime(model: nn.Module, example: torch.Tensor) -> Runner:
-    import onnxruntime as ort
+def _exported(fmt: ExportFormat) -> Backend:
+    """Write the model in ``fmt`` to a temporary file and run that file in its runtime."""
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(model, Path(tmp) / "model.onnx", example)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x.numpy()})
+    def prepare(model: nn.Module, example: torch.Tensor) -> Runner:
+        with tempfile.TemporaryDirectory() as tmp:
+            return fmt.load(fmt.write(model, Path(tmp) / f"model{fmt.suffix}", example))
+
+    return prepare
+
+
+for _format in FORMATS:  # one backend per export format: onnxruntime, torchscript
+    BACKENDS.register(_format.obj.runtime)(_exported(_format.obj))
 
 
 def available_backends() -> list[str]:
     """Backends usable here (``onnxruntime`` only where it is installed)."""
-    names = ["eager"]
-    try:
-        import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError:
-        return names
-    return [*names, "onnxruntime"]
+    return ["eager", *(f.obj.runtime for f in FORMATS if f.obj.available())]
 
 
 def measure_latency(
@@ -83,12 +78,38 @@ def measure_latency(
 ) -> list[Latency]:
     """Median wall time of one forward pass of random inputs, for each batch size.
 
-    The backend is prepared once (one ONNX export) and timed at every batch size;
-    ``min_seconds`` extends the repeats until that much time was measured, so that fast models
-    get enough samples.
+    The backend is prepared once (one export, for a runtime of exported files) and timed at
+    every batch size; ``min_seconds`` extends the repeats until that much time was measured,
+    so that fast models get enough samples.
     """
     device = next(model.parameters()).device
     run = BACKENDS.get(backend)(model, torch.randn(1, *input_shape, device=device))
+    return time_runner(
+        run,
+        input_shape,
+        backend=backend,
+        batch_sizes=batch_sizes,
+        warmup=warmup,
+        repeats=repeats,
+        min_seconds=min_seconds,
+        device=device,
+    )
+
+
+def time_runner(
+    run: Runner,
+    input_shape: tuple[int, ...],
+    *,
+    backend: str,
+    batch_sizes: Sequence[int] = (1,),
+    warmup: int = 5,
+    repeats: int = 20,
+    min_seconds: float = 0.0,
+    device: torch.device | str = "cpu",
+) -> list[Latency]:
+    """:func:`measure_latency` of a runner already prepared (an exported file, say), reported
+    under the name ``backend``."""
+    device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     results = []
     for batch_size in batch_sizes:

@@ -21,11 +21,27 @@ MODELS: Registry[ModelFn] = Registry("model")
 
 
 @dataclass(frozen=True)
+class Preprocessing:
+    """How the images a model's weights were trained on were prepared; loaders repeat it.
+
+    ``input_size`` is the side images are resized to (bilinear), ``mean``/``std`` the
+    normalisation; None keeps the dataset's own size or statistics. A caller's explicit input
+    size wins (``--input-size``).
+    """
+
+    input_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What a registered model expects: its input ``(C, H, W)``, classes and dataset.
 
     ``remap_keys`` maps a key of the model's published checkpoint to this implementation's
     key; :func:`~autoprune.models.load_weights` applies it before comparing keys.
+    ``preprocessing`` is what its published weights need from the data pipeline (e.g. CIFAR
+    images upsampled to 64 x 64); the default changes nothing.
     """
 
     name: str
@@ -34,6 +50,7 @@ class ModelInfo:
     dataset: str
     description: str
     remap_keys: Callable[[str], str] | None = None
+    preprocessing: Preprocessing = Preprocessing()
 
 
 def register_model(
@@ -44,6 +61,7 @@ def register_model(
     dataset: str = "cifar10",
     description: str = "",
     remap_keys: Callable[[str], str] | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> Callable[[F], F]:
     """Register ``fn(num_classes=..., **kwargs) -> nn.Module`` under ``name``."""
     return MODELS.register(
@@ -53,6 +71,7 @@ def register_model(
         dataset=dataset,
         description=description,
         remap_keys=remap_keys,
+        preprocessing=preprocessing or Preprocessing(),
     )
 
 

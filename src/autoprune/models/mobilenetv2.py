@@ -28,15 +28,17 @@ CIFAR_CFG: list[tuple[int, int, int, int]] = [
 class InvertedResidual(nn.Module):
     """1x1 expand -> 3x3 depthwise -> 1x1 linear projection; residual when shapes allow."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, expand: int) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int, expand: int, act: str = "relu6"
+    ) -> None:
         super().__init__()
         hidden = in_channels * expand
         self.use_residual = stride == 1 and in_channels == out_channels
         layers: list[nn.Module] = []
         if expand != 1:
-            layers.append(ConvBNAct(in_channels, hidden, 1, act="relu6"))
+            layers.append(ConvBNAct(in_channels, hidden, 1, act=act))
         layers += [
-            ConvBNAct(hidden, hidden, 3, stride=stride, groups=hidden, act="relu6"),
+            ConvBNAct(hidden, hidden, 3, stride=stride, groups=hidden, act=act),
             nn.Conv2d(hidden, out_channels, 1, bias=False),
             nn.BatchNorm2d(out_channels),
         ]

@@ -1,7 +1,7 @@
 """Prefix caching: what every candidate computes identically is computed once per batch.
 
 A trial removal changes the model's computation only from the first layer its mask hooks
-onwards (:mod:`autoprune.graph.masking` hooks the group's consumers and LayerNorms). Every
+onwards (:mod:`autoprune.graph.masking` hooks members at their ``mask_site``). Every
 module whose ``forward`` returned before that layer started, and that runs once per pass, gives
 the same output as in the unmasked model. Found without knowing the architecture:
 
@@ -122,15 +122,10 @@ class CallProfile:
 def hooked_modules(graph: PruningGraph, candidate: Candidate) -> list[nn.Module]:
     """The modules :func:`~autoprune.graph.mask_channels` hooks for ``candidate``.
 
-    Mirrors the masking rule: consumers that read a removed channel, and LayerNorms. Exactness
-    tests against physical pruning guard this mirror.
+    Every member with a mask site (``Member.mask_site``) that holds a removed channel.
     """
     group = graph.group(candidate.group)
-    return [
-        m.module
-        for m in group.members
-        if (m.consumer or m.kind == "layernorm") and m.count(candidate.idxs)
-    ]
+    return [m.module for m in group.members if m.mask_site and m.count(candidate.idxs)]
 
 
 @dataclass

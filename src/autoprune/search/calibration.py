@@ -8,7 +8,7 @@ dozen images before it spends the rest on the survivors sees every class early.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,12 +42,14 @@ class CalibrationSet:
         device: str | torch.device = "cpu",
         input_size: int | None = None,
         channels: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ) -> CalibrationSet:
         """``size`` training images, the same number per class where the classes allow it.
 
-        Deterministic from ``seed``; ``input_size`` and ``channels`` are passed to
-        :func:`~autoprune.data.make_loader` like for training, so the images look as the model
-        expects them.
+        Deterministic from ``seed``; ``input_size``, ``channels``, ``mean`` and ``std`` are
+        passed to :func:`~autoprune.data.make_loader` like for training, so the images look as
+        the model expects them.
         """
         if not 0 < size <= len(data):
             raise AutopruneError(
@@ -63,6 +65,8 @@ class CalibrationSet:
             device=device,
             input_size=input_size,
             channels=channels,
+            mean=mean,
+            std=std,
         )
         return cls(list(loader))
 

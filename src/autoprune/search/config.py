@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..criteria import list_criteria
 from ..errors import AutopruneError
+from ..graph import SCOPES
 from ..train import TrainConfig
+from ..transfer import TRANSFER_ORDERS
 from .candidates import OBJECTIVES
 from .schedules import ALLOCATIONS, SCHEDULES
 from .scorers import SCORERS
@@ -28,23 +30,45 @@ def _finetune() -> TrainConfig:
     return TrainConfig(lr=0.01, channels_last=False)
 
 
+# A linear head on frozen features takes a higher rate than the whole network.
+def _head_training() -> TrainConfig:
+    return TrainConfig(lr=0.05, channels_last=False, progress=False)
+
+
+def _adaptation() -> TrainConfig:
+    return TrainConfig(lr=0.01, channels_last=False, progress=False)
+
+
+def default_schedule(transfer: bool) -> str:
+    """Saliency-then-similarity for transfer runs (the I2CT finding), else the whole pool."""
+    return "saliency-then-similarity" if transfer else "auto"
+
+
 @dataclass
 class PruneConfig:
     """How to prune; ``autoprune prune`` options map onto these fields.
 
     Fractions of MACs (``target_macs_reduction``, ``step``, ``recover_every``) are of the
-    *original* model's conv and linear MACs. ``cap`` bounds what any group may lose, as a
+    *original* model's MACs in ``scope`` (:mod:`autoprune.graph.scopes`: ``all``, the default,
+    counts every conv, linear and attention matmul; ``conv`` and ``stem`` restrict both the
+    groups pruned and the MACs counted). ``cap`` bounds what any group may lose, as a
     fraction of its original channels (one channel always stays). ``recovery`` and ``finetune``
     are the trainer settings for brief recovery during the search and the final fine-tune; the
     search sets their ``epochs``, ``max_steps`` and ``seed`` from ``recover_steps``,
     ``finetune_epochs`` and ``seed``. With ``distill`` both train on
     ``(1 - distill_weight) * CE + distill_weight * T^2 * KL(teacher || student)`` at
     temperature ``distill_temperature``, the teacher being the unpruned model.
+
+    ``transfer`` replaces the classifier head (``transfer_head``, found when None) for the
+    data's classes and adapts the model first (:mod:`autoprune.transfer`): ``head_steps`` of
+    ``head_training`` on the head alone, then, if ``transfer_order`` says so, ``adapt_steps``
+    of ``adaptation`` on the whole network. ``schedule=None`` means
+    :func:`default_schedule` for this ``transfer`` setting.
     """
 
     target_macs_reduction: float = 0.5
     criteria: tuple[str, ...] = field(default_factory=default_criteria)
-    schedule: str = "auto"
+    schedule: str | None = None  # None: default_schedule(transfer)
     saliency_fraction: float = 0.5  # saliency-then-similarity: switch at this part of the target
     allocation: str = "uniform"  # fixed: "uniform" or "global"
     step: float = 0.01
@@ -65,9 +89,19 @@ class PruneConfig:
     distill_temperature: float = 4.0
     distill_weight: float = 0.5
     ignored_layers: tuple[str, ...] = ()
+    scope: str = "all"
+    transfer: bool = False  # the API also turns it on when the data's classes are not the head's
+    transfer_order: str = "adapt-then-prune"
+    transfer_head: str | None = None
+    head_steps: int = 100
+    head_training: TrainConfig = field(default_factory=_head_training)
+    adapt_steps: int = 300
+    adaptation: TrainConfig = field(default_factory=_adaptation)
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.schedule is None:
+            self.schedule = default_schedule(self.transfer)
         self.criteria = _names(self.criteria)
         self.ignored_layers = _names(self.ignored_layers)
         _fraction("target_macs_reduction", self.target_macs_reduction, open_right=True)
@@ -83,6 +117,8 @@ class PruneConfig:
             (ALLOCATIONS, self.allocation),
             (OBJECTIVES, self.objective),
             (SCORERS, self.scorer),
+            (TRANSFER_ORDERS, self.transfer_order),
+            (SCOPES, self.scope),
         ):
             registry.entry(name)
         SCHEDULES.get(self.schedule).check(self)
@@ -91,11 +127,18 @@ class PruneConfig:
             ("taylor_size", 1),
             ("recover_steps", 0),
             ("finetune_epochs", 0),
+            ("head_steps", 0),
+            ("adapt_steps", 0),
         ):
             if getattr(self, name) < low:
                 raise AutopruneError(f"{name} must be >= {low}, got {getattr(self, name)}")
         if self.distill_temperature <= 0 or not 0.0 <= self.distill_weight <= 1.0:
             raise AutopruneError("distill_temperature must be > 0 and distill_weight in [0, 1]")
+
+    def for_transfer(self, *, schedule_chosen: bool) -> PruneConfig:
+        """These settings for a transfer run: its default schedule unless one was chosen."""
+        schedule = self.schedule if schedule_chosen else default_schedule(True)
+        return replace(self, transfer=True, schedule=schedule)
 
 
 def _names(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:

@@ -7,6 +7,12 @@ everything else (the removals applied, in order, and the weights). So a resumed 
 exactly where an uninterrupted one would: it rebuilds the original model, replays the removals
 and loads the weights. Between trainings the weights are kept in the default memory layout,
 so a replayed model computes bit for bit like the uninterrupted one.
+
+Under a process group (``torchrun``) every rank runs this loop on the same model: candidates
+are scored in shares and the losses all-gathered (see :mod:`.scorers`), so all ranks apply the
+same removal; training is data parallel. A checksum of the weights is compared across ranks
+after every iteration. Rank 0 alone writes the run directory and shows progress; every rank
+reads it to resume.
 """
 
 from __future__ import annotations
@@ -21,15 +27,15 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from .._progress import Bar, console, progress_bar
 from ..data import BatchLoader
 from ..errors import AutopruneError
-from ..graph import build_graph
+from ..graph import build_graph, scope_report
 from ..measure import count_macs, count_params, evaluate_batches
-from ..train import LossFn, TrainConfig, TrainResult, fit
+from ..train import LossFn, TrainConfig, TrainResult, distillation, fit
 from .calibration import CalibrationSet
 from .candidates import removable
 from .config import PruneConfig
@@ -93,14 +99,16 @@ def run_search(
     out_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
     progress: bool = True,
+    transfer: dict[str, Any] | None = None,
 ) -> PruneResult:
     """Prune a copy of ``model`` to ``config.target_macs_reduction``; ``model`` is not changed.
 
     With ``out_dir`` the run is checkpointed there after every iteration and its outputs are
     written at the end; ``resume=True`` continues a run from there (a finished one is
-    returned as it is).
+    returned as it is). ``transfer`` (what :mod:`autoprune.transfer` did before) goes into
+    the summary as it is.
     """
-    return _Search(model, example_inputs, config, data, out_dir, progress).run(resume)
+    return _Search(model, example_inputs, config, data, out_dir, progress, transfer).run(resume)
 
 
 class _Search:
@@ -112,14 +120,16 @@ class _Search:
         data: SearchData,
         out_dir: str | os.PathLike[str] | None,
         progress: bool,
+        transfer: dict[str, Any] | None = None,
     ) -> None:
         self.start = time.perf_counter()
+        self.transfer = transfer
         self.original = model
         self.example_inputs = example_inputs
         self.config = config
         self.data = data
         self.run_dir = RunDir(out_dir) if out_dir is not None else None
-        self.progress = progress
+        self.progress = progress and distributed.is_main()
         self.schedule = SCHEDULES.get(config.schedule)(config)
         if self.schedule.needs_calibration and data.calib is None:
             raise AutopruneError(
@@ -131,8 +141,15 @@ class _Search:
         self.scorer = create_scorer(config.scorer, **config.scorer_options)
         self.teacher = copy.deepcopy(model).eval().requires_grad_(False) if config.distill else None
         self.graph = build_graph(
-            copy.deepcopy(model), example_inputs, ignored_layers=config.ignored_layers
+            copy.deepcopy(model),
+            example_inputs,
+            ignored_layers=config.ignored_layers,
+            scope=config.scope,
         )
+        self.scope_macs = self.graph.macs_by_scope()
+        for net in (self.graph.model, self.teacher):  # all ranks start from rank 0's weights
+            if net is not None:
+                distributed.broadcast_weights(net)
         self.original_macs = self.graph.macs()
         self.original_channels = {g.name: g.channels for g in self.graph.groups()}
         self.widths = layer_widths(self.graph.model)
@@ -141,6 +158,7 @@ class _Search:
     # ----------------------------------------------------------------------------- driver
     def run(self, resume: bool) -> PruneResult:
         saved = self.run_dir.load(resume) if self.run_dir is not None else None
+        distributed.barrier()  # every rank has looked before rank 0 writes the first state
         if saved is not None:
             self._restore(saved)
             if self.state.phase == "done":
@@ -204,6 +222,7 @@ class _Search:
         state.applied.append(list(step.removal.items()))
         state.iteration += 1
         state.history.append(entry)
+        distributed.check_in_sync(self.graph.model, f"at iteration {state.iteration}")
         self._checkpoint()
         return entry
 
@@ -264,6 +283,7 @@ class _Search:
             )
             earlier = sum(r.seconds for r in result.history[: result.resumed_from_epoch or 0])
             self.state.timings["finetune_s"] = earlier + time.perf_counter() - t0
+            distributed.check_in_sync(self.graph.model, "after fine-tuning")
             self.state.loss = self._calib_loss("after fine-tuning")
         self.state.phase = "done"
 
@@ -276,28 +296,15 @@ class _Search:
 
     def _loss_fn(self, train_config: TrainConfig) -> LossFn | None:
         """Cross-entropy, or mixed with distillation from the unpruned model."""
-        teacher = self.teacher
-        if teacher is None:
+        if self.teacher is None:
             return None
-        t, w, smoothing = (
-            self.config.distill_temperature,
-            self.config.distill_weight,
+        config = self.config
+        return distillation(
+            self.teacher,
+            config.distill_temperature,
+            config.distill_weight,
             train_config.label_smoothing,
         )
-
-        def loss(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                target = F.log_softmax(teacher(x).float() / t, dim=1)
-            kd = F.kl_div(
-                F.log_softmax(logits.float() / t, dim=1),
-                target,
-                reduction="batchmean",
-                log_target=True,
-            )
-            ce = F.cross_entropy(logits, y, label_smoothing=smoothing)
-            return (1.0 - w) * ce + w * t * t * kd
-
-        return loss
 
     # ---------------------------------------------------------------------- measurements
     def _reduction(self) -> float:
@@ -382,6 +389,7 @@ class _Search:
             self.graph.prune(dict(removal))
         device = next(self.graph.model.parameters()).device
         self.graph.model.load_state_dict({k: v.to(device) for k, v in weights.items()})
+        distributed.check_in_sync(self.graph.model, "after resuming")
 
     def _finish(self) -> PruneResult:
         model = self.graph.model
@@ -398,6 +406,9 @@ class _Search:
             timings={**self.state.timings, "total_s": self.state.total_s},
             config=asdict(self.config),
         )
+        summary["scopes"] = scope_report(self.scope_macs, self.graph.macs_by_scope())
+        if self.transfer is not None:
+            summary["transfer"] = self.transfer
         if self.run_dir is not None:
             self.run_dir.write_outputs(model, summary, _input_size(self.example_inputs))
             self._checkpoint()

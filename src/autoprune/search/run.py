@@ -15,13 +15,20 @@ from typing import Any
 
 from torch import nn
 
+from .. import distributed
 from ..errors import AutopruneError
-from ..io import save
+from ..io import load, save
+from ..io.model_io import ARCH_FILE
 from ..io.state import load_state, save_state
 
 
 class RunDir:
-    """The files of one run under ``path``."""
+    """The files of one run under ``path``.
+
+    Under a process group only rank 0 writes (every rank holds the same model and state);
+    every rank reads, so for resuming on several machines ``path`` must be on a filesystem
+    they share.
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -46,6 +53,8 @@ class RunDir:
         return load_state(self.state)
 
     def checkpoint(self, state: Mapping[str, Any], history: Sequence[Mapping[str, Any]]) -> None:
+        if not distributed.is_main():
+            return
         save_state(self.state, dict(state))
         _write_text(self.history, "".join(json.dumps(h) + "\n" for h in history))
 
@@ -53,6 +62,8 @@ class RunDir:
         self, model: nn.Module, summary: Mapping[str, Any], input_size: Sequence[int] | None
     ) -> None:
         """The pruned model (``autoprune.load`` reads it back) and ``summary.json``."""
+        if not distributed.is_main():
+            return
         metadata = {
             "pruned": {k: summary[k] for k in ("macs_reduction", "params_reduction")},
             "accuracy": summary["pruned"]["accuracy"],
@@ -62,6 +73,24 @@ class RunDir:
 
     def read_summary(self) -> dict[str, Any]:
         return json.loads(self.summary.read_text())
+
+
+def load_run_model(path: str | os.PathLike[str]) -> nn.Module:
+    """The pruned model of the run in ``path`` (its ``model/``), or the model that
+    :func:`autoprune.io.save` wrote to ``path``: commands that take a run take a bare model too."""
+    run = RunDir(path)
+    for candidate in (run.model, run.path):
+        if (candidate / ARCH_FILE).exists():
+            return load(candidate)
+    if run.state.exists():
+        raise AutopruneError(
+            f"{run.path} holds an unfinished pruning run: finish it with `autoprune prune ... "
+            "--resume`, which writes its model/"
+        )
+    raise AutopruneError(
+        f"{run.path} holds no model: give a finished pruning run (with a model/ directory) or "
+        "a directory written by autoprune.io.save"
+    )
 
 
 def _write_text(path: Path, text: str) -> None:

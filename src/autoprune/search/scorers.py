@@ -18,6 +18,11 @@ decisions for a fraction of the work, each trick switchable so its effect can be
   rounds on those rank like the whole set does (docs/benchmarks/scorer_tricks.md measures it
   on ResNet-56). Survivors still see every image: their losses are exact.
 
+Under a process group (``torchrun``) both scorers share the work out: each rank scores every
+``world_size``-th candidate (``fast``: of those still in the race, round by round) on the same
+images, the losses are all-gathered, and every rank returns the same list. A candidate's loss
+is computed exactly as in one process, so the decisions do not depend on the number of ranks.
+
 Adding a scorer is one registered class with this call signature; options are its fields.
 """
 
@@ -35,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from .._registry import Registry
 from ..errors import AutopruneError
 from ..graph import PruningGraph, mask_channels
@@ -104,11 +110,13 @@ class ExhaustiveScorer:
     ) -> list[float]:
         _check_scorable(graph, calib)
         start = time.perf_counter()
-        losses = []
-        for candidate in candidates:
+
+        def loss(candidate: Candidate) -> float:
             pruned = graph.copy()
             pruned.prune(candidate.group, candidate.idxs)
-            losses.append(calib.loss(pruned.model))
+            return calib.loss(pruned.model)
+
+        losses = distributed.share_map(loss, candidates)
         self.last_stats = {
             "scorer": "exhaustive",
             "candidates": len(candidates),
@@ -178,8 +186,11 @@ class FastScorer:
                 calib = self._hardest_first(graph.model, calib)
             while alive and done < total:
                 stop = self._next_stop(done, total, len(alive))
+                mine = [alive[i] for i in distributed.my_share(alive)]
                 for x, y in calib.slices(done, stop, self.max_batch):
-                    _score_batch(graph, candidates, cuts, set(alive), self._layout(x), y, sums)
+                    _score_batch(graph, candidates, cuts, set(mine), self._layout(x), y, sums)
+                for i, value in distributed.merge_shares({i: sums[i] for i in mine}).items():
+                    sums[i] = value
                 for i in alive:
                     seen[i] = stop
                 done, rounds = stop, rounds + 1
@@ -206,11 +217,13 @@ class FastScorer:
 
     def _hardest_first(self, model: nn.Module, calib: CalibrationSet) -> CalibrationSet:
         """The set reordered by ``model``'s loss per image, highest first."""
-        losses = [
-            F.cross_entropy(model(self._layout(x)).float(), y, reduction="none")
-            for x, y in calib.batches
-        ]
-        return calib.reordered(torch.argsort(torch.cat(losses), descending=True, stable=True))
+
+        def losses(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            x, y = batch
+            return F.cross_entropy(model(self._layout(x)).float(), y, reduction="none").cpu()
+
+        per_image = torch.cat(distributed.share_map(losses, calib.batches))
+        return calib.reordered(torch.argsort(per_image, descending=True, stable=True))
 
     def _next_stop(self, done: int, total: int, alive: int) -> int:
         """How many images the next round's candidates will have seen."""

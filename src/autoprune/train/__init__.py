@@ -3,7 +3,7 @@
 from .config import TrainConfig
 from .optim import build_optimizer
 from .schedules import SCHEDULES
-from .trainer import EpochRecord, LossFn, TrainResult, cross_entropy, fit
+from .trainer import EpochRecord, LossFn, TrainResult, cross_entropy, distillation, fit
 
 __all__ = [
     "SCHEDULES",
@@ -13,5 +13,6 @@ __all__ = [
     "TrainResult",
     "build_optimizer",
     "cross_entropy",
+    "distillation",
     "fit",
 ]

@@ -11,11 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from .._progress import console, progress_bar
 from ..data import BatchLoader
 from ..errors import AutopruneError
 from ..io.state import load_state, save_state
 from ..measure import evaluate_batches
+from ._ddp import data_parallel
 from .config import TrainConfig
 from .optim import build_optimizer
 from .schedules import SCHEDULES
@@ -51,6 +53,30 @@ def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
     return lambda logits, y, x: F.cross_entropy(logits, y, label_smoothing=label_smoothing)
 
 
+def distillation(
+    teacher: nn.Module, temperature: float, weight: float, label_smoothing: float = 0.0
+) -> LossFn:
+    """``(1 - weight) * CE + weight * T^2 * KL(teacher || student)`` at temperature ``T``.
+
+    ``teacher`` (the unpruned model, in eval mode) sees the same inputs as the student; the
+    ``T^2`` keeps the soft term's gradients on the scale of the hard one's.
+    """
+
+    def loss(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = F.log_softmax(teacher(x).float() / temperature, dim=1)
+        kd = F.kl_div(
+            F.log_softmax(logits.float() / temperature, dim=1),
+            target,
+            reduction="batchmean",
+            log_target=True,
+        )
+        ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        return (1.0 - weight) * ce + weight * temperature * temperature * kd
+
+    return loss
+
+
 def fit(
     model: nn.Module,
     train_loader: BatchLoader,
@@ -69,6 +95,11 @@ def fit(
     uninterrupted run, and a finished run is returned as it is. ``epoch_offset`` shifts the
     epochs the loader's shuffle and the per-epoch seed come from, so successive brief
     trainings (recovery during pruning) see different batches.
+
+    Under an initialised process group (``torchrun``) the model is trained with
+    DistributedDataParallel, built for this call and dropped at its end (the caller may change
+    the parameters between calls), and each process reads its part of every batch: the batch
+    size is the total over the processes. Rank 0 alone writes the checkpoint and shows progress.
     """
     device = next(model.parameters()).device
     if config.channels_last:
@@ -90,49 +121,55 @@ def fit(
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
 
+    if distributed.is_distributed():
+        train_loader = train_loader.shard(distributed.rank(), distributed.world_size())
+    show = config.progress and distributed.is_main()
+
     result = TrainResult()
     start_epoch = 0
     if checkpoint is not None and resume and Path(checkpoint).exists():
         start_epoch = _restore(checkpoint, config, model, optimizer, scheduler, scaler, result)
         result.resumed_from_epoch = start_epoch
-    for epoch in range(start_epoch, config.epochs):
-        if result.steps >= total_steps:
-            break
-        record = _train_epoch(
-            model,
-            train_loader,
-            loss_fn,
-            optimizer,
-            scheduler,
-            scaler,
-            epoch=epoch,
-            data_epoch=epoch + epoch_offset,
-            config=config,
-            step=result.steps,
-            total_steps=total_steps,
-            amp=(use_amp, amp_dtype),
-        )
-        result.steps += record.steps
-        if val_loader is not None:
-            ev = evaluate_batches(model, val_loader)
-            record.val_accuracy, record.val_loss = ev.accuracy, ev.loss
-        result.history.append(record)
-        if config.progress:
-            console.print(_summary_line(record, config.epochs))
-        if checkpoint is not None:
-            save_state(
-                checkpoint,
-                {
-                    "epoch": epoch + 1,
-                    "steps": result.steps,
-                    "config": asdict(config),
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "history": [asdict(r) for r in result.history],
-                },
+    with data_parallel(model) as net:
+        for epoch in range(start_epoch, config.epochs):
+            if result.steps >= total_steps:
+                break
+            record = _train_epoch(
+                net,
+                train_loader,
+                loss_fn,
+                optimizer,
+                scheduler,
+                scaler,
+                epoch=epoch,
+                data_epoch=epoch + epoch_offset,
+                config=config,
+                step=result.steps,
+                total_steps=total_steps,
+                amp=(use_amp, amp_dtype),
+                show=show,
             )
+            result.steps += record.steps
+            if val_loader is not None:
+                ev = evaluate_batches(model, val_loader)
+                record.val_accuracy, record.val_loss = ev.accuracy, ev.loss
+            result.history.append(record)
+            if show:
+                console.print(_summary_line(record, config.epochs))
+            if checkpoint is not None and distributed.is_main():
+                save_state(
+                    checkpoint,
+                    {
+                        "epoch": epoch + 1,
+                        "steps": result.steps,
+                        "config": asdict(config),
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "history": [asdict(r) for r in result.history],
+                    },
+                )
     return result
 
 
@@ -150,9 +187,12 @@ def _train_epoch(
     step: int,
     total_steps: int,
     amp: tuple[bool, torch.dtype],
+    show: bool,
 ) -> EpochRecord:
-    # Seeding per epoch makes dropout etc. independent of where a resumed run started.
-    torch.manual_seed(config.seed * 100_003 + data_epoch)
+    # Seeding per epoch makes dropout etc. independent of where a resumed run started; each
+    # process draws its own (one process: rank 0 of 1, the same seed as ever).
+    world, rank = distributed.world_size(), distributed.rank()
+    torch.manual_seed((config.seed * 100_003 + data_epoch) * world + rank)
     loader.set_epoch(data_epoch)
     model.train()
     use_amp, amp_dtype = amp
@@ -162,7 +202,7 @@ def _train_epoch(
     samples = steps = shown = 0
     budget = min(len(loader), total_steps - step)
     start = time.perf_counter()
-    with progress_bar(f"epoch {epoch + 1}/{config.epochs}", budget, enabled=config.progress) as bar:
+    with progress_bar(f"epoch {epoch + 1}/{config.epochs}", budget, enabled=show) as bar:
         for x, y in loader:
             if steps >= budget:
                 break
@@ -193,11 +233,14 @@ def _train_epoch(
                 )
                 shown = steps
     seconds = time.perf_counter() - start
+    # Summed over the processes' parts: the record is the whole batches', as in one process.
+    sums = torch.stack([loss_sum.double(), correct.double(), loss_sum.new_tensor(samples).double()])
+    total_loss, total_correct, samples = distributed.all_reduce_sum(sums).tolist()
     return EpochRecord(
         epoch=epoch + 1,
         steps=steps,
-        train_loss=float(loss_sum) / max(1, samples),
-        train_accuracy=100.0 * float(correct) / max(1, samples),
+        train_loss=total_loss / max(1, samples),
+        train_accuracy=100.0 * total_correct / max(1, samples),
         lr=scheduler.get_last_lr()[0],
         images_per_s=samples / seconds,
         seconds=seconds,
