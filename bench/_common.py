@@ -86,9 +86,10 @@ def previous_rows(out: Path, **settings: Any) -> list[dict[str, Any]]:
     return old["runs"] if same else []
 
 
-def accuracy(model: nn.Module, data: ImageData) -> float:
-    """Top-1 test accuracy in percent."""
-    return evaluate_batches(model, loader_for(model, data, batch_size=256, train=False)).accuracy
+def accuracy(model: nn.Module, data: ImageData, input_size: int | None = None) -> float:
+    """Top-1 test accuracy in percent (images resized to ``input_size`` when given)."""
+    loader = loader_for(model, data, batch_size=256, train=False, input_size=input_size)
+    return evaluate_batches(model, loader).accuracy
 
 
 def finetune(
@@ -99,6 +100,7 @@ def finetune(
     lr: float,
     seed: int,
     loss_fn: LossFn | None = None,
+    input_size: int | None = None,
 ) -> None:
     """Fine-tune in place with autoprune's trainer: SGD (nesterov, weight decay 5e-4), cosine
     schedule, batch 128. ``epochs`` may be a fraction (a smoke run trains a few steps)."""
@@ -110,5 +112,7 @@ def finetune(
         progress=False,
         seed=seed,
     )
-    loader = loader_for(model, train, batch_size=config.batch_size, train=True, seed=seed)
+    loader = loader_for(
+        model, train, batch_size=config.batch_size, train=True, seed=seed, input_size=input_size
+    )
     fit(model, loader, config, loss_fn=loss_fn)

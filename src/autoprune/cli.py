@@ -25,7 +25,7 @@ from .io.export_check import export_checked
 from .measure import available_backends, profile_model
 from .models import MODELS, model_info
 from .report import write_report
-from .search import ALLOCATIONS, OBJECTIVES, SCORERS, PruneConfig
+from .search import ALLOCATIONS, GRANULARITIES, OBJECTIVES, SCORERS, PruneConfig
 from .search import SCHEDULES as PRUNE_SCHEDULES
 from .search.run import load_run_model
 from .train import SCHEDULES, TrainConfig
@@ -307,6 +307,16 @@ def prune_cmd(
     ignored_layers: Annotated[
         str, typer.Option(help="Comma-separated layers to keep unpruned.")
     ] = "",
+    granularity: Annotated[
+        str,
+        typer.Option(
+            help="What to remove, coarse to fine: comma-separated "
+            f"{', '.join(GRANULARITIES.names())} (e.g. block,layer,channel,weight)."
+        ),
+    ] = ",".join(PRUNE.granularity),
+    weight_sparsity: Annotated[
+        float, typer.Option(help="With --granularity ...,weight: the share of weights zeroed.")
+    ] = PRUNE.weight_sparsity,
     scope: Annotated[
         str,
         typer.Option(
@@ -360,6 +370,8 @@ def prune_cmd(
         finetune=replace(PRUNE.finetune, lr=finetune_lr, batch_size=batch_size),
         distill=distill,
         ignored_layers=ignored_layers,
+        granularity=granularity,
+        weight_sparsity=weight_sparsity,
         scope=scope,
         transfer_order=transfer_order,
         transfer_head=transfer_head,

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import torch
 import torch_pruning as tp
@@ -32,9 +31,7 @@ from torch import nn
 
 from ..attention import MultiHeadAttention
 from ..errors import AutopruneError
-
-if TYPE_CHECKING:
-    from .groups import ChannelGroup, MacTable
+from .groups import ChannelGroup, MacTable, Member
 
 HEAD_KINDS = ("heads", "head_dim", "value_dim")
 
@@ -51,6 +48,8 @@ class HeadShape:
 class AttentionAdapter:
     """How pruning reads and changes one attention implementation.
 
+    Every supported layer computes ``proj(attention(split(qkv(x))))`` with two linears named
+    ``qkv`` and ``proj``, and keeps its softmax scale fixed.
     ``head_major``: ``qkv`` rows are ``[q k v]`` per head (EfficientFormer) rather than
     ``[q | k | v]``, each of ``num_heads`` blocks. ``tied``: one size for q, k and v (the
     ``head_dim`` group then removes value dimensions too). ``per_head``: parameters with one
@@ -95,6 +94,7 @@ def register_attention(*keys: type[nn.Module] | str) -> Callable[[Adapter], Adap
 
 
 def attention_adapter(module: nn.Module) -> AttentionAdapter | None:
+    """The adapter of ``module``'s class (or a base class), None for other layers."""
     for cls in type(module).__mro__:
         for key in (cls, f"{cls.__module__}.{cls.__qualname__}"):
             if key in ADAPTERS:
@@ -278,9 +278,11 @@ class AttentionPruner(tp.pruner.BasePruningFunc):
 def attention_groups(
     name: str, module: nn.Module, macs: MacTable, version: int
 ) -> list[ChannelGroup]:
-    """The head groups of attention layer ``name`` (those its adapter says are exact)."""
-    from .groups import ChannelGroup, Member
+    """The head groups of attention layer ``name`` (those its adapter says are exact).
 
+    Masking zeroes the ``qkv`` rows at its output (their only reader is the attention) and the
+    ``proj`` columns at its input, as for any consumer.
+    """
     adapter = attention_adapter(module)
     assert adapter is not None
     shape = adapter.shape(module)
@@ -295,11 +297,28 @@ def attention_groups(
         row_ids = torch.cat([torch.full((len(p.rows),), c) for c, p in enumerate(picked)])
         col_ids = torch.cat([torch.full((len(p.cols),), c) for c, p in enumerate(picked)])
         members = [
-            Member(f"{name}.qkv", "linear", False, True, module.qkv, rows, row_ids, True),
+            Member(
+                f"{name}.qkv",
+                "linear",
+                in_channels=False,
+                out_channels=True,
+                module=module.qkv,
+                idxs=rows,
+                group_idxs=row_ids,
+                mask_output=True,
+            )
         ]
         if cols.numel():
             members.append(
-                Member(f"{name}.proj", "linear", True, False, module.proj, cols, col_ids)
+                Member(
+                    f"{name}.proj",
+                    "linear",
+                    in_channels=True,
+                    out_channels=False,
+                    module=module.proj,
+                    idxs=cols,
+                    group_idxs=col_ids,
+                )
             )
         root = (module, HeadPruning(kind))
         groups.append(ChannelGroup(f"{name}[{kind}]", members, channels, macs, root, version))
@@ -307,6 +326,7 @@ def attention_groups(
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Every attention layer of ``model`` that pruning knows, checked to be supported."""
     found = [m for m in model.modules() if is_attention(m)]
     for m in found:
         attention_adapter(m).check(m)  # type: ignore[union-attr]

@@ -2,8 +2,10 @@
 prunable group may contain.
 
 Torch-Pruning couples channels through every op it traces; what it cannot know is how a layer
-of ours maps channels (:class:`ChannelPadShortcut`) or that a user's layer must stay as it is
-(an ignored layer with parameters of its own). Both are told to it here as "customized pruners".
+of ours maps channels (:class:`ChannelPadShortcut`), that a layer carries channels one to one
+through reshapes it cannot follow (patch unfolding, layer scales: :data:`CHANNELWISE_TYPES`),
+or that a user's layer must stay as it is (an ignored layer with parameters of its own). All
+are told to it here as "customized pruners"; attention layers have theirs in ``._attention``.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from ._rules import CONV_TYPES, channels_of
+from .units import patched_forwards
 
 
 @dataclass(frozen=True)
@@ -183,11 +184,5 @@ def sealed(modules: Iterable[nn.Module]) -> Iterator[None]:
     it would couple the wrong channels. A sealed layer is one node from its input to its
     output (its hooks and sublayers still run, so MACs are still counted).
     """
-    patched = list(modules)
-    for m in patched:
-        m.forward = functools.partial(_sealed_call, m.forward)
-    try:
+    with patched_forwards({m: functools.partial(_sealed_call, m.forward) for m in modules}):
         yield
-    finally:
-        for m in patched:
-            del m.forward

@@ -28,6 +28,7 @@ from ._trace import TraceRecorder, breaks_channels, meets_constant, sealed
 from .groups import ChannelGroup, MacTable, Member, Removed
 from .masking import MaskState
 from .scopes import ScopeContext, list_scopes, scope_layers
+from .units import remove_modules
 
 Inputs = torch.Tensor | Sequence[torch.Tensor]
 Selection = ChannelGroup | str | Mapping[ChannelGroup | str, Sequence[int] | torch.Tensor]
@@ -83,9 +84,13 @@ class PruningGraph:
 
         What LAASP's reference does per candidate: prune the copy for real, leave this one be.
         """
+        return self._build(copy.deepcopy(self.model))
+
+    def _build(self, model: nn.Module) -> PruningGraph:
+        """A graph of ``model`` (this one's, or a copy) with this graph's options."""
         names = {m: n for n, m in self.model.named_modules()}
         return build_graph(
-            copy.deepcopy(self.model),
+            model,
             self.example_inputs,
             ignored_layers=[names[m] for m in self._ignored if m in names],
             prunable_types=self._root_types,
@@ -328,6 +333,27 @@ class PruningGraph:
         if any(ids.numel() for _, ids in plan):
             self._version += 1
             self._groups = None
+
+    def remove_modules(self, paths: Sequence[str]) -> None:
+        """Replace whole blocks or layers by the identity (:mod:`.units`), for good.
+
+        Their inputs and outputs must have the same shape. The graph is traced again: groups
+        that ran through the removed modules change, and keep their names where their first
+        layer is still there.
+        """
+        if self.masks.active:
+            raise AutopruneError("remove the active channel masks before pruning")
+        remove_modules(self.model, paths)
+        version = self._version + 1
+        self.__dict__.update(self._build(self.model).__dict__)
+        self._version, self._groups = version, None
+
+    def module_macs(self, modules: Iterable[nn.Module]) -> int:
+        """MACs (of the scope) of the layers inside ``modules``: what removing them saves."""
+        inside = {m for module in modules for m in module.modules()}
+        layers = sum(self._macs.layer_macs(m) for m in self._macs.units if m in inside)
+        matmuls = sum(self._macs.matmul_macs(a, {}) for a in self._macs.matmuls if a in inside)
+        return layers + matmuls
 
 
 def build_graph(

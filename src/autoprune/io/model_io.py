@@ -1,9 +1,12 @@
 """Saving and loading a (pruned) model as a directory, without pickle.
 
 ``arch.json`` holds how to build the dense model (the ``autoprune_arch`` that
-:func:`~autoprune.models.create_model` attaches: a registry name or a factory, with kwargs) and
-each layer's current shape; ``model.safetensors`` holds the state_dict. Loading builds the dense
-model, shrinks its layers to the recorded shapes, then loads the tensors strictly. No code is
+:func:`~autoprune.models.create_model` attaches: a registry name or a factory, with kwargs),
+the blocks and layers multi-grain pruning removed (``removed``), the layers holding weight
+masks (``masked``) and each layer's current shape; ``model.safetensors`` holds the state_dict,
+masks included. Loading builds the dense model, puts the identity in place of the removed
+modules, gives the masked layers their mask buffers, shrinks its layers to the recorded
+shapes, then loads the tensors strictly. No code is
 ever unpickled, and the files are readable by anything that reads JSON and safetensors.
 """
 
@@ -22,11 +25,13 @@ from torch import nn
 
 from ..errors import AutopruneError, CheckpointError, UnknownNameError
 from ..graph import NORMALIZED_ATTR, normalize_model
+from ..graph.sparsity import attach_mask, masked_layers
+from ..graph.units import remove_modules, removed_paths
 from ..models import check_state_dict, create_model, model_info
 from .shapes import apply_layers, record_layers
 
 ARCH_FILE, WEIGHTS_FILE = "arch.json", "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: removed blocks and layers, weight masks
 METADATA_ATTR = "autoprune_metadata"
 
 
@@ -121,6 +126,8 @@ def save(
     if rewritten is not None:
         record["normalized"] = list(rewritten)
     record["metadata"] = {**getattr(model, METADATA_ATTR, {}), **(metadata or {})}
+    record["removed"] = removed_paths(model)
+    record["masked"] = list(masked_layers(model))
     tensors, tied = _split_tied(model.state_dict())
     record["tied"] = tied
     try:
@@ -188,6 +195,9 @@ def load(path: str | os.PathLike[str], *, trust_factory: bool = False) -> nn.Mod
     record = _read_record(path)
     model = _build(record, path, trust_factory)
     try:
+        remove_modules(model, record.get("removed", []))
+        for name in record.get("masked", []):
+            attach_mask(model.get_submodule(name))
         apply_layers(model, record["layers"])
     except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(

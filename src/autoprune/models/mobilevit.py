@@ -162,7 +162,7 @@ CIFAR_64PX = Preprocessing(input_size=64, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 @register_model(
     "mobilevit_xxs",
     input_size=(3, 64, 64),
-    description="MobileViT-XXS (reference layout; CIFAR-10 weights at 64x64), 1.02M params",
+    description="MobileViT-XXS (reference layout; CIFAR-10 weights at 64x64), 1.01M params",
     remap_keys=reference_key,
     preprocessing=CIFAR_64PX,
 )
@@ -176,7 +176,7 @@ def mobilevit_xxs(num_classes: int = 10, head_dim: int = 8) -> MobileViT:
     input_size=(3, 256, 256),
     num_classes=1000,
     dataset="imagenet",
-    description="MobileViT-XS (reference layout), 2.0M params with 1000 classes",
+    description="MobileViT-XS (reference layout), 2.38M params with 1000 classes",
     remap_keys=reference_key,
 )
 def mobilevit_xs(num_classes: int = 1000, head_dim: int = 8) -> MobileViT:
@@ -189,7 +189,7 @@ def mobilevit_xs(num_classes: int = 1000, head_dim: int = 8) -> MobileViT:
     input_size=(3, 256, 256),
     num_classes=1000,
     dataset="imagenet",
-    description="MobileViT-S (reference layout), 5.0M params with 1000 classes",
+    description="MobileViT-S (reference layout), 5.64M params with 1000 classes",
     remap_keys=reference_key,
 )
 def mobilevit_s(num_classes: int = 1000, head_dim: int = 8) -> MobileViT:

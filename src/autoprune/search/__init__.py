@@ -3,12 +3,14 @@
 Every iteration a schedule proposes a removal (for the loss-aware ones: the best of the
 (group, criterion) candidates scored on a calibration set), it is applied physically, the
 model recovers briefly every ``recover_every`` of the original MACs, and the run is
-checkpointed so it can resume. Schedules, allocations, objectives and scorers are registries.
+checkpointed so it can resume. Schedules, allocations, objectives, scorers and granularities
+(blocks, layers, channels, weights: multi-grain pruning, coarse to fine) are registries.
 """
 
 from .calibration import CalibrationSet
 from .candidates import OBJECTIVES, Candidate, Objective, make_candidates
 from .config import PruneConfig, default_criteria
+from .granularity import GRANULARITIES, Granularity
 from .loop import PruneResult, SearchData, run_search
 from .run import RunDir
 from .schedules import ALLOCATIONS, SCHEDULES, Schedule, SearchContext, Step
@@ -16,11 +18,13 @@ from .scorers import SCORERS, create_scorer
 
 __all__ = [
     "ALLOCATIONS",
+    "GRANULARITIES",
     "OBJECTIVES",
     "SCHEDULES",
     "SCORERS",
     "CalibrationSet",
     "Candidate",
+    "Granularity",
     "Objective",
     "PruneConfig",
     "PruneResult",

@@ -25,8 +25,8 @@ copy per replay.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,29 +35,10 @@ from torch import nn
 from torch.utils._pytree import tree_map_only
 
 from ..graph import PruningGraph
+from ..graph.units import Forward, patched_forwards
 
 if TYPE_CHECKING:
     from .candidates import Candidate
-
-Forward = Callable[..., Any]
-_MISSING = object()
-
-
-@contextmanager
-def patched_forwards(patches: Mapping[nn.Module, Forward]) -> Iterator[None]:
-    """Give modules another ``forward`` for the duration; the originals return on any exit."""
-    saved: dict[nn.Module, Any] = {}
-    try:
-        for module, forward in patches.items():
-            saved[module] = module.__dict__.get("forward", _MISSING)
-            module.forward = forward
-        yield
-    finally:
-        for module, old in saved.items():
-            if old is _MISSING:
-                del module.forward
-            else:
-                module.forward = old
 
 
 @dataclass(frozen=True)
@@ -119,15 +100,6 @@ class CallProfile:
         return tuple(outermost)
 
 
-def hooked_modules(graph: PruningGraph, candidate: Candidate) -> list[nn.Module]:
-    """The modules :func:`~autoprune.graph.mask_channels` hooks for ``candidate``.
-
-    Every member with a mask site (``Member.mask_site``) that holds a removed channel.
-    """
-    group = graph.group(candidate.group)
-    return [m.module for m in group.members if m.mask_site and m.count(candidate.idxs)]
-
-
 @dataclass
 class CutPoint:
     """Candidates sharing a cut: one set of cached outputs serves all of them."""
@@ -146,7 +118,7 @@ def plan_cuts(
         return [CutPoint(0, None, (), list(range(len(candidates))))]
     cuts: dict[int, CutPoint] = {}
     for i, candidate in enumerate(candidates):
-        position, module = profile.cut(hooked_modules(graph, candidate))
+        position, module = profile.cut(candidate.changed(graph))
         if position not in cuts:
             cuts[position] = CutPoint(position, module, profile.frontier(position))
         cuts[position].candidates.append(i)

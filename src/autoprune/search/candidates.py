@@ -9,11 +9,14 @@ turns a candidate's calibration loss into the number the search minimises.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from .._registry import Registry
 from ..criteria import TaylorAccumulator, select
@@ -26,12 +29,40 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Candidate:
-    """Removing ``idxs`` (sorted) from ``group``, as ``criteria`` would; saves ``macs_saved``."""
+    """Removing ``idxs`` (sorted) from ``group``, as ``criteria`` would; saves ``macs_saved``.
+
+    The other granularities subclass :class:`GrainCandidate` and override the methods; channel
+    candidates are tried by :func:`~autoprune.graph.mask_channels`.
+    """
 
     group: str  # ChannelGroup.name in the current PruningGraph
     criteria: tuple[str, ...]  # every criterion in the pool that picks exactly these channels
     idxs: torch.Tensor
     macs_saved: int  # exact, from graph.macs
+    params_saved: int = 0  # set where no MACs are saved (weights): loss_per_mac divides by it
+
+    def changed(self, graph: PruningGraph) -> list[nn.Module]:
+        """The modules whose computation the trial changes first (the prefix cache cuts there):
+        every member with a mask site (``Member.mask_site``) holding a removed channel."""
+        group = graph.group(self.group)
+        return [m.module for m in group.members if m.mask_site and m.count(self.idxs)]
+
+    def prune(self, graph: PruningGraph) -> None:
+        """Apply the removal physically (what the ``exhaustive`` scorer does to a copy)."""
+        graph.prune(self.group, self.idxs)
+
+    def removal(self) -> dict[str, torch.Tensor]:
+        """What a :class:`~.schedules.Step` applies: ``{name: indices}``."""
+        return {self.group: self.idxs}
+
+
+@dataclass(frozen=True)
+class GrainCandidate(Candidate, ABC):
+    """A candidate of another granularity than channels (:mod:`.granularity`): it tries its
+    removal in place itself, as a context manager that restores the model on exit."""
+
+    @abstractmethod
+    def trial(self, graph: PruningGraph) -> AbstractContextManager[Any]: ...
 
 
 # (loss with the candidate removed, candidate) -> value to minimise
@@ -45,11 +76,17 @@ def loss_objective(base_loss: float) -> Objective:
     return lambda loss, candidate: loss
 
 
-@OBJECTIVES.register("loss_per_mac", description="loss increase per MAC saved")
+@OBJECTIVES.register("loss_per_mac", description="loss increase per MAC (weights: parameter) saved")
 def loss_per_mac(base_loss: float) -> Objective:
     """Loss increase over ``base_loss`` (the model before this step) per MAC the step saves:
-    fairer where one channel of a group saves far more than the step (a stem group)."""
-    return lambda loss, candidate: (loss - base_loss) / max(1, candidate.macs_saved)
+    fairer where one channel of a group saves far more than the step (a stem group). Weight
+    candidates save no dense MACs: theirs is per parameter saved."""
+
+    def objective(loss: float, candidate: Candidate) -> float:
+        saved = candidate.macs_saved or candidate.params_saved
+        return (loss - base_loss) / max(1, saved)
+
+    return objective
 
 
 def removable(group: ChannelGroup, original_channels: int, cap: float) -> int:

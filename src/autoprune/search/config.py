@@ -11,6 +11,7 @@ from ..graph import SCOPES
 from ..train import TrainConfig
 from ..transfer import TRANSFER_ORDERS
 from .candidates import OBJECTIVES
+from .granularity import check_granularity
 from .schedules import ALLOCATIONS, SCHEDULES
 from .scorers import SCORERS
 
@@ -59,6 +60,12 @@ class PruneConfig:
     ``(1 - distill_weight) * CE + distill_weight * T^2 * KL(teacher || student)`` at
     temperature ``distill_temperature``, the teacher being the unpruned model.
 
+    ``granularity`` lists what may be removed, coarse to fine (:mod:`.granularity`:
+    ``block``, ``layer``, ``channel``, ``weight``); the structured ones share the MACs target
+    by ``macs_shares`` (cumulative, in order; equal when empty), ``weight`` masks the smallest
+    weights, ``weight_step`` of all conv and linear weights per step, until ``weight_sparsity``
+    of them are zero.
+
     ``transfer`` replaces the classifier head (``transfer_head``, found when None) for the
     data's classes and adapts the model first (:mod:`autoprune.transfer`): ``head_steps`` of
     ``head_training`` on the head alone, then, if ``transfer_order`` says so, ``adapt_steps``
@@ -89,6 +96,10 @@ class PruneConfig:
     distill_temperature: float = 4.0
     distill_weight: float = 0.5
     ignored_layers: tuple[str, ...] = ()
+    granularity: tuple[str, ...] = ("channel",)
+    macs_shares: tuple[float, ...] = ()
+    weight_sparsity: float = 0.5
+    weight_step: float = 0.05
     scope: str = "all"
     transfer: bool = False  # the API also turns it on when the data's classes are not the head's
     transfer_order: str = "adapt-then-prune"
@@ -104,10 +115,14 @@ class PruneConfig:
             self.schedule = default_schedule(self.transfer)
         self.criteria = _names(self.criteria)
         self.ignored_layers = _names(self.ignored_layers)
+        self.granularity = _names(self.granularity)
+        self.macs_shares = tuple(float(s) for s in self.macs_shares)
         _fraction("target_macs_reduction", self.target_macs_reduction, open_right=True)
         _fraction("step", self.step, open_right=True)
         _fraction("cap", self.cap)
         _fraction("recover_every", self.recover_every)
+        _fraction("weight_sparsity", self.weight_sparsity, open_right=True)
+        _fraction("weight_step", self.weight_step)
         if not 0.0 <= self.saliency_fraction <= 1.0:
             raise AutopruneError(
                 f"saliency_fraction must be in [0, 1], got {self.saliency_fraction}"
@@ -122,6 +137,7 @@ class PruneConfig:
         ):
             registry.entry(name)
         SCHEDULES.get(self.schedule).check(self)
+        check_granularity(self)
         for name, low in (
             ("calib_size", 1),
             ("taylor_size", 1),

@@ -34,16 +34,18 @@ from .._progress import Bar, console, progress_bar
 from ..data import BatchLoader
 from ..errors import AutopruneError
 from ..graph import build_graph, scope_report
+from ..graph.sparsity import masks_held
 from ..measure import count_macs, count_params, evaluate_batches
 from ..train import LossFn, TrainConfig, TrainResult, distillation, fit
 from .calibration import CalibrationSet
 from .candidates import removable
 from .config import PruneConfig
+from .granularity import GRANULARITIES, Granularity, accounting, plan
 from .run import RunDir, layer_widths, summarize
-from .schedules import SCHEDULES, TOLERANCE, SearchContext, Step
+from .schedules import SCHEDULES, SearchContext, Step
 from .scorers import create_scorer
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 Removal = list[tuple[str, torch.Tensor]]
 
 
@@ -76,8 +78,10 @@ class PruneResult:
 class SearchState:
     """Everything of a run that is not in the original model; saved after every iteration."""
 
-    applied: list[Removal] = field(default_factory=list)  # per iteration, (group, idxs) pairs
+    # per iteration: (granularity, its removal as (name, idxs) pairs)
+    applied: list[tuple[str, Removal]] = field(default_factory=list)
     iteration: int = 0
+    grain: int = 0  # index of the granularity being worked on (config.granularity)
     data_epochs: int = 0  # training epochs drawn so far: the next training starts after them
     next_recovery: float = 0.0  # MACs reduction at which the next recovery is due
     loss: float | None = None  # calibration loss of the model now
@@ -131,11 +135,13 @@ class _Search:
         self.run_dir = RunDir(out_dir) if out_dir is not None else None
         self.progress = progress and distributed.is_main()
         self.schedule = SCHEDULES.get(config.schedule)(config)
-        if self.schedule.needs_calibration and data.calib is None:
+        self.grains = plan(config, self.schedule)
+        if any(g.needs_calibration for g in self.grains) and data.calib is None:
             raise AutopruneError(
-                f"schedule {config.schedule!r} with criteria {', '.join(config.criteria)} needs "
-                "data: pass train_data or calib_data (only schedule 'fixed' with a data-free "
-                "criterion runs on example inputs alone)"
+                f"schedule {config.schedule!r} with criteria {', '.join(config.criteria)} and "
+                f"granularity {','.join(config.granularity)} needs data: pass train_data or "
+                "calib_data (only schedule 'fixed' with a data-free criterion, on channels "
+                "alone, runs on example inputs alone)"
             )
         self.recovering = data.train is not None and config.recover_steps > 0
         self.scorer = create_scorer(config.scorer, **config.scorer_options)
@@ -167,7 +173,8 @@ class _Search:
                     self.graph.model, self.run_dir.read_summary(), self.state.history
                 )
         else:
-            self._check_reachable()
+            if "channel" in self.config.granularity:
+                self._check_reachable()
             self.state.loss = self._calib_loss("before pruning")
             self.state.baseline = {**self._measure(self.graph.model), "calib_loss": self.state.loss}
             self._checkpoint()
@@ -177,23 +184,27 @@ class _Search:
         return self._finish()
 
     def _search(self) -> None:
+        """The granularities in turn, each until its goal or until it has nothing to offer."""
         target = self.config.target_macs_reduction
         with progress_bar("pruning", 1000, enabled=self.progress) as bar:
             reporter = _Reporter(bar, self.progress, target, self._reduction())
             while self.state.phase == "search":
-                if self._reduction() >= target - TOLERANCE:
+                if self.state.grain == len(self.grains):
                     self.state.phase = "finetune"
                     self._checkpoint()
                     break
-                reporter.log(self._iterate(), self._reduction())
+                entry = self._iterate(self.grains[self.state.grain])
+                if entry is None:  # this granularity is done: on to the next
+                    self.state.grain += 1
+                    self._checkpoint()
+                    continue
+                reporter.log(entry, self._reduction())
 
-    def _iterate(self) -> dict[str, Any]:
-        """One iteration: propose, check, apply, recover when due, checkpoint."""
-        state, config = self.state, self.config
-        t0 = time.perf_counter()
-        ctx = SearchContext(
+    def _context(self) -> SearchContext:
+        state = self.state
+        return SearchContext(
             self.graph,
-            config,
+            self.config,
             self.data.calib,
             self.scorer,
             self.original_macs,
@@ -201,15 +212,24 @@ class _Search:
             state.loss,
             state.next_recovery if self.recovering else None,
         )
-        step = self.schedule.propose(ctx)
+
+    def _iterate(self, grain: Granularity) -> dict[str, Any] | None:
+        """One iteration of ``grain``: propose, check, apply, recover when due, checkpoint.
+        None (and nothing done) when ``grain`` has reached its goal or has nothing to offer."""
+        state, config = self.state, self.config
+        t0 = time.perf_counter()
+        ctx = self._context()
+        step = None if grain.reached(ctx) else grain.propose(ctx)
+        if step is None:
+            return None
         self._check_finite(step.loss, "with the chosen removal")
-        self.graph.prune(step.removal)
+        self._apply(grain, step.removal)
         reduction = self._reduction()
-        entry = self._record(step, reduction, time.perf_counter() - t0)
+        entry = self._record(grain, step, reduction, time.perf_counter() - t0)
         state.timings["search_s"] += entry["seconds"]
         state.loss = step.loss
-        done = reduction >= config.target_macs_reduction - TOLERANCE
-        if self.recovering and (done or reduction >= state.next_recovery - 1e-12):
+        due = grain.recover_every_step or reduction >= state.next_recovery - 1e-12
+        if self.recovering and (due or grain.reached(self._context())):
             t1 = time.perf_counter()
             self._recover()
             state.loss = self._calib_loss("after recovery")
@@ -219,20 +239,31 @@ class _Search:
             entry["loss_recovered"] = state.loss
             entry["recovery_s"] = round(time.perf_counter() - t1, 3)
             state.timings["recovery_s"] += entry["recovery_s"]
-        state.applied.append(list(step.removal.items()))
+        state.applied.append((grain.name, list(step.removal.items())))
         state.iteration += 1
         state.history.append(entry)
         distributed.check_in_sync(self.graph.model, f"at iteration {state.iteration}")
         self._checkpoint()
         return entry
 
-    def _record(self, step: Step, reduction: float, seconds: float) -> dict[str, Any]:
+    def _apply(self, grain: Granularity, removal: dict[str, torch.Tensor]) -> None:
+        """Apply a removal; groups a block or layer removal renamed start at their width now."""
+        grain.apply(self.graph, removal)
+        for group in self.graph.groups():
+            self.original_channels.setdefault(group.name, group.channels)
+
+    def _record(
+        self, grain: Granularity, step: Step, reduction: float, seconds: float
+    ) -> dict[str, Any]:
         removed = {name: int(idxs.numel()) for name, idxs in step.removal.items()}
+        channels = grain.name == "channel"
         return {
             "iteration": self.state.iteration + 1,
-            "group": next(iter(removed)) if len(removed) == 1 else None,
+            "granularity": grain.name,
+            "group": next(iter(removed)) if len(removed) == 1 or not channels else None,
             "criteria": list(step.criteria),
-            "channels": sum(removed.values()),
+            "channels": sum(removed.values()) if channels else 0,
+            "count": grain.count(step.removal),
             "removed": removed,
             "loss": step.loss,
             "loss_recovered": None,
@@ -289,7 +320,8 @@ class _Search:
 
     def _fit(self, loader: BatchLoader, train_config: TrainConfig, **kwargs: Any) -> TrainResult:
         model = self.graph.model
-        result = fit(model, loader, train_config, loss_fn=self._loss_fn(train_config), **kwargs)
+        with masks_held(model):
+            result = fit(model, loader, train_config, loss_fn=self._loss_fn(train_config), **kwargs)
         # One memory layout outside training, so a resumed run computes bit for bit the same.
         model.to(memory_format=torch.contiguous_format)
         return result
@@ -385,8 +417,9 @@ class _Search:
             )
         weights = saved.pop("model")
         self.state = SearchState(**saved)
-        for removal in self.state.applied:
-            self.graph.prune(dict(removal))
+        grains = {g.name: g for g in self.grains}
+        for name, removal in self.state.applied:
+            self._apply(grains[name], dict(removal))
         device = next(self.graph.model.parameters()).device
         self.graph.model.load_state_dict({k: v.to(device) for k, v in weights.items()})
         distributed.check_in_sync(self.graph.model, "after resuming")
@@ -407,6 +440,15 @@ class _Search:
             config=asdict(self.config),
         )
         summary["scopes"] = scope_report(self.scope_macs, self.graph.macs_by_scope())
+        extra = accounting(
+            model,
+            self.graph.example_inputs,
+            self.state.baseline["params"],
+            pruned["macs"],
+            self.state.history,
+        )
+        summary["pruned"]["sparse_macs"] = extra.pop("sparse_macs")
+        summary.update(extra)
         if self.transfer is not None:
             summary["transfer"] = self.transfer
         if self.run_dir is not None:
@@ -456,6 +498,11 @@ class _Reporter:
             return
         done = min(1000, round(1000 * reduction / self.target))
         what = entry["group"] or f"{len(entry['removed'])} groups"
+        unit = (
+            entry["granularity"]
+            if entry["count"] == 1
+            else GRANULARITIES.get(entry["granularity"]).counts
+        )
         loss = "-" if entry["loss"] is None else f"{entry['loss']:.4f}"
         self.bar.update(
             done - self.shown,
@@ -468,7 +515,7 @@ class _Reporter:
         self.shown = done
         line = (
             f"iter {entry['iteration']:>3}  MACs -{100 * reduction:5.1f}%  {what} "
-            f"-{entry['channels']} ({','.join(entry['criteria'])})  calib loss {loss}"
+            f"-{entry['count']} {unit} ({','.join(entry['criteria'])})  calib loss {loss}"
         )
         if entry["loss_recovered"] is not None:
             line += f" -> {entry['loss_recovered']:.4f} recovered"

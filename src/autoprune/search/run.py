@@ -141,7 +141,7 @@ def summarize(
         "macs_reduction": 1.0 - pruned["macs"] / baseline["macs"],
         "params_reduction": 1.0 - pruned["params"] / baseline["params"],
         "layers": [
-            {"name": name, "before": before, "after": widths_after[name]}
+            {"name": name, "before": before, "after": widths_after.get(name, 0)}  # 0: removed
             for name, before in widths_before.items()
         ],
         "criteria_chosen": criteria_chosen(history),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,7 @@ from .._registry import Registry
 from ..criteria import CRITERIA, list_criteria, score, select
 from ..errors import AutopruneError
 from ..graph import PruningGraph, mask_channels
-from .candidates import OBJECTIVES, criteria_state, make_candidates, removable
+from .candidates import OBJECTIVES, Candidate, criteria_state, make_candidates, removable
 
 if TYPE_CHECKING:
     from .calibration import CalibrationSet
@@ -64,13 +64,18 @@ class SearchContext:
 
 @dataclass
 class Step:
-    """What one iteration removes ({group: channel indices}) and how it was chosen."""
+    """What one iteration removes and how it was chosen.
+
+    ``removal`` is ``{group: channel indices}`` for channels; the other granularities
+    (:mod:`.granularity`) say what theirs holds.
+    """
 
     removal: dict[str, torch.Tensor]
     criteria: tuple[str, ...]
     loss: float | None  # calibration loss with the removal applied (None without data)
     candidates: int
     stats: dict[str, Any] = field(default_factory=dict)
+    granularity: str = "channel"
 
 
 class Schedule(ABC):
@@ -121,21 +126,32 @@ class LossAware(Schedule):
             candidates = landing or candidates
         if not candidates:
             raise AutopruneError("every group is at its cap: nothing is left to prune")
-        objective = OBJECTIVES.get(cfg.objective)(ctx.loss)
-        losses = ctx.scorer(ctx.graph, candidates, ctx.calib, objective)
-        values = [
-            objective(v, c) if math.isfinite(v) else math.inf
-            for v, c in zip(losses, candidates, strict=True)
-        ]
-        best = min(range(len(candidates)), key=values.__getitem__)  # first of equals: deterministic
-        chosen = candidates[best]
-        return Step(
-            {chosen.group: chosen.idxs},
-            chosen.criteria,
-            losses[best],
-            len(candidates),
-            dict(ctx.scorer.last_stats),
-        )
+        return choose(ctx, candidates)
+
+
+def choose(
+    ctx: SearchContext, candidates: Sequence[Candidate], granularity: str = "channel"
+) -> Step:
+    """The candidate with the best objective on the calibration set, as the step to apply."""
+    cfg = ctx.config
+    if ctx.calib is None or ctx.scorer is None or ctx.loss is None:
+        raise AutopruneError(f"granularity {granularity!r} needs calibration data")
+    objective = OBJECTIVES.get(cfg.objective)(ctx.loss)
+    losses = ctx.scorer(ctx.graph, candidates, ctx.calib, objective)
+    values = [
+        objective(v, c) if math.isfinite(v) else math.inf
+        for v, c in zip(losses, candidates, strict=True)
+    ]
+    best = min(range(len(candidates)), key=values.__getitem__)  # first of equals: deterministic
+    chosen = candidates[best]
+    return Step(
+        chosen.removal(),
+        chosen.criteria,
+        losses[best],
+        len(candidates),
+        dict(ctx.scorer.last_stats),
+        granularity,
+    )
 
 
 @SCHEDULES.register("auto", description="the whole criteria pool every iteration (LAASP)")

@@ -32,7 +32,7 @@ import inspect
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -46,7 +46,7 @@ from ..errors import AutopruneError
 from ..graph import PruningGraph, mask_channels
 from ._prefix import CallProfile, CutPoint, PrefixCache, plan_cuts
 from .calibration import CalibrationSet
-from .candidates import Candidate, Objective  # Objective: (loss, candidate) -> lower is better
+from .candidates import Candidate, GrainCandidate, Objective  # Objective: lower is better
 
 DEFAULT_SCORER = "fast"
 
@@ -113,7 +113,7 @@ class ExhaustiveScorer:
 
         def loss(candidate: Candidate) -> float:
             pruned = graph.copy()
-            pruned.prune(candidate.group, candidate.idxs)
+            candidate.prune(pruned)
             return calib.loss(pruned.model)
 
         losses = distributed.share_map(loss, candidates)
@@ -257,9 +257,17 @@ def _score_batch(
             continue
         cache.advance(cut)
         for i in members:
-            with mask_channels(graph, candidates[i].group, candidates[i].idxs):
+            with _trial(graph, candidates[i]):
                 logits = cache.run()
             sums[i] += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+
+
+def _trial(graph: PruningGraph, candidate: Candidate) -> AbstractContextManager[Any]:
+    """The candidate's removal, tried in place: channels are masked by the graph; blocks,
+    layers and weights (:mod:`.granularity`) bring their own trial."""
+    if isinstance(candidate, GrainCandidate):
+        return candidate.trial(graph)
+    return mask_channels(graph, candidate.group, candidate.idxs)
 
 
 def _check_scorable(graph: PruningGraph, calib: CalibrationSet) -> None:

@@ -1,0 +1,292 @@
+"""Granularities: what the search removes, from whole blocks down to single weights.
+
+Pruning a network at one granularity leaves long chains of thin layers (channels only) or
+very sparse dense layers (weights only); multi-grain pruning (MGP, Kollek et al. 2021) works
+coarse to fine instead. A run goes through ``config.granularity`` in the registered order
+(``rank``), each until its goal, with recovery in between:
+
+- ``block`` and ``layer`` (:mod:`autoprune.graph.units`): every removable unit is a
+  candidate, tried by letting its input pass through; goal: a share of the MACs target;
+- ``channel``: the schedule's (group, criterion) candidates, as in a channel-only run; goal:
+  the MACs target (it is the last structured granularity, so it finishes the MACs);
+- ``weight`` (:mod:`autoprune.graph.sparsity`): per layer, the smallest-magnitude weights
+  making up ``weight_step`` of all conv and linear weights; goal: ``weight_sparsity``.
+
+Candidates are scored by the same scorer on the same calibration loss; with the
+``loss_per_mac`` objective weight candidates count parameters instead of MACs. Adding a
+granularity is one registered class here.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from .._registry import Registry
+from ..errors import AutopruneError
+from ..graph import PruningGraph
+from ..graph.sparsity import (
+    MASK,
+    mask_weights,
+    masked_count,
+    sparse_macs,
+    weight_layers,
+    zeroed,
+)
+from ..graph.units import find_units, substitute_identity
+from ..measure import count_params
+from .candidates import GrainCandidate
+from .schedules import TOLERANCE, Schedule, SearchContext, Step, choose
+
+if TYPE_CHECKING:
+    from .config import PruneConfig
+
+EMPTY = torch.zeros(0, dtype=torch.long)
+MAX_LAYER_SPARSITY = 0.99  # a layer keeps at least 1 % of its weights
+
+
+class Granularity(ABC):
+    """One phase of a run: proposes its steps until ``goal`` and applies them.
+
+    ``structured`` granularities save dense MACs (their goal is a MACs reduction); ``counts``
+    names what the summary counts of them.
+    """
+
+    structured: ClassVar[bool] = True
+    counts: ClassVar[str]
+    recover_every_step: ClassVar[bool] = False
+
+    def __init__(self, name: str, config: PruneConfig, goal: float, schedule: Schedule) -> None:
+        self.name, self.config, self.goal, self.schedule = name, config, goal, schedule
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+    def reached(self, ctx: SearchContext) -> bool:
+        return ctx.reduction >= self.goal - TOLERANCE
+
+    @abstractmethod
+    def propose(self, ctx: SearchContext) -> Step | None:
+        """The next step, or None when this granularity has nothing left to offer."""
+
+    @abstractmethod
+    def apply(self, graph: PruningGraph, removal: Mapping[str, torch.Tensor]) -> None:
+        """Apply a step's removal physically (also when a resumed run replays it)."""
+
+    def count(self, removal: Mapping[str, torch.Tensor]) -> int:
+        return sum(int(idxs.numel()) for idxs in removal.values())
+
+
+GRANULARITIES: Registry[type[Granularity]] = Registry("granularity")
+
+
+def check_granularity(config: PruneConfig) -> None:
+    """Refuse unknown, repeated or out-of-order granularities and ill-formed MACs shares."""
+    names = config.granularity
+    if not names:
+        raise AutopruneError("give at least one granularity")
+    ranks = [GRANULARITIES.entry(n).meta["rank"] for n in names]
+    if len(set(names)) != len(names) or ranks != sorted(ranks):
+        order = sorted(GRANULARITIES.names(), key=lambda n: GRANULARITIES.entry(n).meta["rank"])
+        raise AutopruneError(
+            f"granularities run coarse to fine, each once: give them in the order "
+            f"{','.join(order)}, got {','.join(names)}"
+        )
+    shares = config.macs_shares
+    structured = [n for n in names if GRANULARITIES.get(n).structured]
+    if shares and (
+        len(shares) != len(structured) or min(shares) <= 0 or abs(sum(shares) - 1) > 1e-6
+    ):
+        raise AutopruneError(
+            f"macs_shares: one positive share per structured granularity "
+            f"({', '.join(structured)}) summing to 1, got {list(shares)}"
+        )
+
+
+def plan(config: PruneConfig, schedule: Schedule) -> list[Granularity]:
+    """The run's granularities in order, each with its goal: structured ones share the MACs
+    target (``macs_shares``, equal by default), ``weight`` aims at ``weight_sparsity``."""
+    structured = [n for n in config.granularity if GRANULARITIES.get(n).structured]
+    shares = config.macs_shares or [1.0] * len(structured)
+    total = sum(shares)
+    goals = {
+        n: config.target_macs_reduction * min(1.0, s / total)
+        for n, s in zip(structured, accumulate(shares), strict=True)
+    }
+    return [
+        GRANULARITIES.get(n)(n, config, goals.get(n, config.weight_sparsity), schedule)
+        for n in config.granularity
+    ]
+
+
+def _ignored(paths: Sequence[str], ignored: Sequence[str]) -> bool:
+    """Whether a path is, holds or lies inside an ignored layer."""
+    return any(
+        p == i or p.startswith(i + ".") or i.startswith(p + ".") for p in paths for i in ignored
+    )
+
+
+# --------------------------------------------------------------------------- blocks, layers
+@dataclass(frozen=True)
+class UnitCandidate(GrainCandidate):
+    """Replacing the modules at ``paths`` by the identity (``group`` names the unit)."""
+
+    paths: tuple[str, ...] = ()
+
+    def _modules(self, graph: PruningGraph) -> list[nn.Module]:
+        return [graph.model.get_submodule(p) for p in self.paths]
+
+    def trial(self, graph: PruningGraph) -> AbstractContextManager[Any]:
+        return substitute_identity(self._modules(graph))
+
+    def changed(self, graph: PruningGraph) -> list[nn.Module]:
+        return self._modules(graph)
+
+    def prune(self, graph: PruningGraph) -> None:
+        graph.remove_modules(self.paths)
+
+    def removal(self) -> dict[str, torch.Tensor]:
+        return dict.fromkeys(self.paths, EMPTY)
+
+
+class _Units(Granularity):
+    """Every block or layer whose removal stays within the MACs target is a candidate."""
+
+    kind: ClassVar[str]
+
+    def propose(self, ctx: SearchContext) -> Step | None:
+        graph = ctx.graph
+        room = ctx.remaining_macs + TOLERANCE * ctx.original_macs
+        candidates = []
+        for unit in find_units(graph.model, graph.example_inputs):
+            if unit.kind != self.kind or _ignored(unit.paths, self.config.ignored_layers):
+                continue
+            saved = graph.module_macs(graph.model.get_submodule(p) for p in unit.paths)
+            if 0 < saved <= room:
+                candidates.append(UnitCandidate(unit.name, (), EMPTY, saved, paths=unit.paths))
+        return choose(ctx, candidates, self.name) if candidates else None
+
+    def apply(self, graph: PruningGraph, removal: Mapping[str, torch.Tensor]) -> None:
+        graph.remove_modules(list(removal))
+
+    def count(self, removal: Mapping[str, torch.Tensor]) -> int:
+        return 1
+
+
+@GRANULARITIES.register(
+    "block", rank=0, description="residual blocks and runs of layers between equal shapes"
+)
+class Block(_Units):
+    kind = "block"
+    counts = "blocks"
+
+
+@GRANULARITIES.register("layer", rank=1, description="one conv + norm + activation, stride 1")
+class Layer(_Units):
+    kind = "layer"
+    counts = "layers"
+
+
+# ---------------------------------------------------------------------------------- channels
+@GRANULARITIES.register("channel", rank=2, description="channel groups, by the schedule")
+class Channel(Granularity):
+    counts = "channels"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.schedule.needs_calibration
+
+    def propose(self, ctx: SearchContext) -> Step | None:
+        return self.schedule.propose(ctx)
+
+    def apply(self, graph: PruningGraph, removal: Mapping[str, torch.Tensor]) -> None:
+        graph.prune(dict(removal))
+
+
+# ----------------------------------------------------------------------------------- weights
+@dataclass(frozen=True)
+class WeightCandidate(GrainCandidate):
+    """Masking the weights at flat positions ``idxs`` of the layer named ``group``."""
+
+    def trial(self, graph: PruningGraph) -> AbstractContextManager[Any]:
+        return zeroed(graph.model.get_submodule(self.group), self.idxs)
+
+    def changed(self, graph: PruningGraph) -> list[nn.Module]:
+        return [graph.model.get_submodule(self.group)]
+
+    def prune(self, graph: PruningGraph) -> None:
+        mask_weights(graph.model.get_submodule(self.group), self.idxs)
+
+
+@GRANULARITIES.register("weight", rank=3, description="unstructured magnitude masks")
+class Weight(Granularity):
+    """Steps of ``weight_step`` of all conv and linear weights, one layer at a time; every step
+    is followed by recovery (with the masks held)."""
+
+    structured = False
+    counts = "weights"
+    recover_every_step = True
+
+    def _remaining(self, model: nn.Module) -> tuple[int, int]:
+        masked, total = masked_count(model)
+        return round(self.goal * total) - masked, total
+
+    def reached(self, ctx: SearchContext) -> bool:
+        return self._remaining(ctx.graph.model)[0] <= 0
+
+    def propose(self, ctx: SearchContext) -> Step | None:
+        remaining, total = self._remaining(ctx.graph.model)
+        step = min(max(1, round(self.config.weight_step * total)), remaining)
+        offers = []
+        for name, module in weight_layers(ctx.graph.model).items():
+            if _ignored([name], self.config.ignored_layers):
+                continue
+            scores = module.weight.detach().abs().reshape(-1).clone()
+            mask = getattr(module, MASK, None)
+            if mask is not None:
+                scores[~mask.reshape(-1)] = math.inf
+            free = math.floor(MAX_LAYER_SPARSITY * scores.numel()) - int(scores.isinf().sum())
+            n = min(step, free)
+            if n >= 1:
+                idxs = torch.topk(scores, n, largest=False).indices.sort().values.cpu()
+                offers.append(WeightCandidate(name, ("magnitude",), idxs, 0, n))
+        # Candidates that remove the whole step compare by loss alone; smaller ones only if
+        # no layer can give the whole step.
+        candidates = [c for c in offers if c.params_saved == step] or offers
+        return choose(ctx, candidates, self.name) if candidates else None
+
+    def apply(self, graph: PruningGraph, removal: Mapping[str, torch.Tensor]) -> None:
+        for name, idxs in removal.items():
+            mask_weights(graph.model.get_submodule(name), idxs)
+
+
+def accounting(
+    model: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    baseline_params: int,
+    dense_macs: int,
+    history: Sequence[Mapping[str, Any]],
+) -> dict[str, Any]:
+    """What summary.json reports of a multi-grain run: removals per granularity, non-zero
+    parameters and the compression they give, weight sparsity and the sparse MACs estimate."""
+    removed = {GRANULARITIES.get(n).counts: 0 for n in GRANULARITIES.names()}
+    for entry in history:
+        removed[GRANULARITIES.get(entry["granularity"]).counts] += entry["count"]
+    nonzero = count_params(model, nonzero=True)
+    masked, total = masked_count(model)
+    return {
+        "nonzero_params": nonzero,
+        "compression_ratio": baseline_params / max(1, nonzero),
+        "weight_sparsity": masked / max(1, total),
+        "sparse_macs": sparse_macs(model, example_inputs, dense_macs),
+        "removed": removed,
+    }

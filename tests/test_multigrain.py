@@ -1,0 +1,244 @@
+"""Multi-grain pruning: blocks and layers leave as the identity, weight masks hold, and a
+block,layer,channel,weight run accounts for what it removed, saves, loads and exports."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import autoprune
+from autoprune.data import load_dataset
+from autoprune.errors import AutopruneError
+from autoprune.graph import build_graph
+from autoprune.graph.sparsity import MASK, mask_weights, masked_count, masks_held
+from autoprune.graph.units import RemovedLayer, find_units
+from autoprune.io import load, save
+from autoprune.io.export import FORMATS, run_onnx
+from autoprune.measure import count_macs, count_params
+from autoprune.models import create_model
+from autoprune.search import PruneConfig, create_scorer
+from autoprune.search import loop as search_loop
+from autoprune.search.calibration import CalibrationSet
+from autoprune.search.candidates import loss_objective
+from autoprune.search.granularity import EMPTY, UnitCandidate, WeightCandidate
+from autoprune.train import TrainConfig, fit
+
+X32 = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def trained_bn(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """``model`` with BatchNorm statistics from ``x`` (not the identity), in eval mode."""
+    model.train()
+    with torch.no_grad():
+        model(x)
+    return model.eval()
+
+
+def identity_at(model: nn.Module, paths: tuple[str, ...]) -> nn.Module:
+    """A copy of ``model`` with plain ``nn.Identity`` at ``paths``: the reference."""
+    ref = copy.deepcopy(model)
+    for path in paths:
+        parent, _, child = path.rpartition(".")
+        setattr(ref.get_submodule(parent), child, nn.Identity())
+    return ref
+
+
+@pytest.fixture(scope="module")
+def resnet20() -> nn.Module:
+    torch.manual_seed(0)
+    return trained_bn(create_model("resnet20"), X32)
+
+
+def units_of(model: nn.Module, kind: str) -> list:
+    return [u for u in find_units(model, (X32[:1],)) if u.kind == kind]
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "expected"),
+    [
+        ("resnet20", "block", "layer2.1"),
+        ("resnet20", "layer", "layer1.0.conv1"),
+        ("resnet20", "layer", "layer3.2.conv2"),
+        ("vgg16_bn", "block", "features.17..features.22"),
+        ("vgg16_bn", "layer", "features.20"),
+    ],
+)
+def test_removal_equals_the_model_with_identity_in_its_place(name, kind, expected):
+    torch.manual_seed(0)
+    model = trained_bn(create_model(name), X32)
+    units = {u.name: u for u in units_of(model, kind)}
+    assert expected in units, sorted(units)
+    paths = units[expected].paths
+    reference = identity_at(model, paths)
+    graph = build_graph(copy.deepcopy(model), X32[:1])
+    saved = graph.module_macs(graph.model.get_submodule(p) for p in paths)
+    before = graph.macs()
+    graph.remove_modules(paths)
+    assert all(isinstance(graph.model.get_submodule(p), RemovedLayer) for p in paths)
+    assert graph.macs() == before - saved == count_macs(graph.model, X32[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(graph.model.eval()(X32), reference(X32), rtol=0, atol=0)
+        assert not torch.equal(model(X32), reference(X32))
+    assert graph.groups()  # the graph was traced again and still has its channel groups
+
+
+def test_units_are_only_shape_keeping():
+    units = units_of(create_model("resnet20"), "block")
+    # stride-2 blocks change the shape; whole stages hold blocks and are not innermost
+    assert {u.name for u in units} == {f"layer{s}.{b}" for s in (1, 2, 3) for b in (0, 1, 2)} - {
+        "layer2.0",
+        "layer3.0",
+    }
+    smallcnn = find_units(create_model("smallcnn"), (torch.zeros(1, 1, 28, 28),))
+    assert smallcnn == []  # every conv widens
+
+
+def scorers_agree(graph, candidates, calib) -> None:
+    fast = create_scorer("fast", halving=False)(graph, candidates, calib, loss_objective(0.0))
+    exact = create_scorer("exhaustive")(graph, candidates, calib, loss_objective(0.0))
+    assert fast == pytest.approx(exact, rel=1e-4)
+    assert len(set(exact)) == len(exact)  # every candidate changes the loss differently
+
+
+def test_masked_scoring_equals_physical_removal(resnet20):
+    graph = build_graph(copy.deepcopy(resnet20), X32[:1])
+    y = torch.arange(8) % 10
+    calib = CalibrationSet([(torch.randn(8, 3, 32, 32), y)])
+    units = units_of(resnet20, "block")[:3] + units_of(resnet20, "layer")[:3]
+    candidates = [UnitCandidate(u.name, (), EMPTY, 1, paths=u.paths) for u in units]
+    scorers_agree(graph, candidates, calib)
+    conv = graph.model.layer2[1].conv1
+    weights = [
+        WeightCandidate(
+            "layer2.1.conv1", ("magnitude",), torch.arange(k, conv.weight.numel(), 3), 0
+        )
+        for k in range(3)
+    ]
+    scorers_agree(graph, weights, calib)
+    assert not graph.masks.active and not hasattr(conv, MASK)
+
+
+def test_weight_masks_survive_training_and_save_load(tmp_path: Path):
+    torch.manual_seed(0)
+    model = create_model("smallcnn")
+    conv = model.stage2.conv
+    mask_weights(conv, torch.arange(0, conv.weight.numel(), 2))
+    assert masked_count(model) == (
+        conv.weight.numel() // 2,
+        sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))),
+    )
+    train = load_dataset("synthetic", "train", channels=1, image_size=16, size=64)
+    loader = autoprune.api.loader_for(model, train, batch_size=16, train=True, seed=0)
+    before = conv.weight.detach().clone()
+    with masks_held(model):
+        fit(model, loader, TrainConfig(epochs=1, lr=0.1, channels_last=False, progress=False))
+    mask = getattr(conv, MASK)
+    assert torch.all(conv.weight[~mask] == 0)
+    assert not torch.equal(conv.weight[mask], before[mask])  # the kept weights trained
+    save(model, tmp_path / "m")
+    loaded = load(tmp_path / "m").eval()
+    assert torch.equal(getattr(loaded.stage2.conv, MASK), mask)
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+
+
+def test_granularities_are_checked():
+    assert PruneConfig().granularity == ("channel",)
+    with pytest.raises(AutopruneError, match="coarse to fine"):
+        PruneConfig(granularity="channel,block")
+    with pytest.raises(AutopruneError, match="macs_shares"):
+        PruneConfig(granularity="block,channel", macs_shares=(0.5, 0.6))
+    with pytest.raises(AutopruneError, match="unknown granularity"):
+        PruneConfig(granularity="neuron")
+
+
+TRAIN = load_dataset("synthetic", "train", channels=3, image_size=16, size=128)
+VAL = load_dataset("synthetic", "test", channels=3, image_size=16, size=64)
+EXAMPLE = torch.zeros(1, 3, 16, 16)
+
+
+# About a dozen iterations: a block, two layers, channels, then weights, on ResNet-20 at 16 px.
+MULTIGRAIN = {
+    "example_inputs": EXAMPLE,
+    "train_data": TRAIN,
+    "val_data": VAL,
+    "target_macs_reduction": 0.3,
+    "granularity": "block,layer,channel,weight",
+    "weight_sparsity": 0.3,
+    "weight_step": 0.1,
+    "step": 0.05,
+    "recover_every": 0.1,
+    "recover_steps": 2,
+    "calib_size": 32,
+    "recovery": TrainConfig(batch_size=32, lr=0.01, channels_last=False, progress=False),
+}
+
+
+@pytest.fixture(scope="module")
+def multigrain(resnet20, tmp_path_factory) -> tuple[autoprune.PruneResult, Path]:
+    out = tmp_path_factory.mktemp("multigrain")
+    return autoprune.prune(resnet20, out_dir=out, progress=False, **MULTIGRAIN), out
+
+
+def test_multigrain_run_accounts_for_every_granularity(resnet20, multigrain):
+    result, _ = multigrain
+    summary, model, history = result.summary, result.model, result.history
+    assert [h["granularity"] for h in history] == sorted(
+        (h["granularity"] for h in history), key=["block", "layer", "channel", "weight"].index
+    )
+    removed = summary["removed"]
+    assert removed["blocks"] >= 1 and removed["layers"] >= 1 and removed["channels"] >= 1
+    removed_paths = [n for n, m in model.named_modules() if isinstance(m, RemovedLayer)]
+    blocks = [h for h in history if h["granularity"] == "block"]
+    layers = [h for h in history if h["granularity"] == "layer"]
+    assert len(removed_paths) == sum(len(h["removed"]) for h in blocks + layers)
+    masked, total = masked_count(model)
+    assert removed["weights"] == masked and masked / total == pytest.approx(0.3, abs=1e-3)
+    assert summary["weight_sparsity"] == masked / total
+    nonzero = count_params(model, nonzero=True)
+    assert summary["nonzero_params"] == nonzero < count_params(model)
+    assert summary["compression_ratio"] == count_params(resnet20) / nonzero
+    assert abs(summary["macs_reduction"] - 0.3) <= 0.005
+    pruned = summary["pruned"]
+    assert pruned["macs"] == count_macs(model, EXAMPLE)
+    assert pruned["sparse_macs"] < pruned["macs"]
+    assert any(layer["after"] == 0 for layer in summary["layers"])  # removed convs
+
+
+def test_multigrain_result_loads_back_and_exports(multigrain, tmp_path):
+    result, out = multigrain
+    model = result.model.eval()
+    loaded = load(out / "model").eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert masked_count(loaded) == masked_count(model)
+    onnx = FORMATS.get("onnx")
+    if not onnx.available():
+        pytest.skip("onnx runtime not installed")
+    path = onnx.write(loaded, tmp_path / "m.onnx", x[:1])
+    torch.testing.assert_close(run_onnx(path)(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_interrupted_multigrain_run_resumes_to_the_same_model(resnet20, multigrain, tmp_path):
+    result, _ = multigrain
+    real, calls = search_loop.fit, []
+
+    def killed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # in the layer or channel phase, after a block went
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(search_loop, "fit", killed)
+        with pytest.raises(KeyboardInterrupt):
+            autoprune.prune(resnet20, out_dir=tmp_path, progress=False, **MULTIGRAIN)
+    resumed = autoprune.prune(resnet20, out_dir=tmp_path, resume=True, progress=False, **MULTIGRAIN)
+    a, b = resumed.model.state_dict(), result.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
