@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from _small import EXAMPLE, SMALL, TRAIN, VAL
 
 import autoprune
 from autoprune import cli, distributed
-from autoprune.data import load_dataset, make_loader
+from autoprune.data import make_loader
 from autoprune.errors import AutopruneError
 from autoprune.graph import build_graph
 from autoprune.io import load
@@ -32,22 +33,9 @@ from autoprune.search import OBJECTIVES, SCORERS, CalibrationSet, RunDir, create
 from autoprune.search import loop as search_loop
 from autoprune.search import scorers as search_scorers
 from autoprune.search.candidates import criteria_state, make_candidates, removable
-from autoprune.train import TrainConfig
 
 WORLD = 2
 ATOL = 1e-5
-TRAIN = load_dataset("synthetic", "train", channels=1, image_size=16, size=128)
-VAL = load_dataset("synthetic", "test", channels=1, image_size=16, size=64)
-EXAMPLE = torch.zeros(1, 1, 16, 16)
-# About seven iterations and three recoveries (2 steps of 32 images) with distillation.
-SETTINGS = {
-    "target_macs_reduction": 0.3,
-    "step": 0.05,
-    "recover_every": 0.1,
-    "recover_steps": 2,
-    "calib_size": 32,
-    "recovery": TrainConfig(batch_size=32, lr=0.01, channels_last=False, progress=False),
-}
 
 # What the command-line run does: resnet20 on synthetic images, two iterations, one recovery.
 CLI_ARGV = ["prune", "-m", "resnet20", "-d", "synthetic", "--input-size", "16"]
@@ -65,7 +53,7 @@ def prune(out_dir: Path | None, resume: bool = False) -> autoprune.PruneResult:
         out_dir=out_dir,
         resume=resume,
         progress=False,
-        **SETTINGS,
+        **SMALL,
     )
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _small import SMALL, synthetic_task
 from torch import nn
 
 import autoprune
@@ -157,25 +158,17 @@ def test_granularities_are_checked():
         PruneConfig(granularity="neuron")
 
 
-TRAIN = load_dataset("synthetic", "train", channels=3, image_size=16, size=128)
-VAL = load_dataset("synthetic", "test", channels=3, image_size=16, size=64)
+TRAIN, VAL = synthetic_task(channels=3)
 EXAMPLE = torch.zeros(1, 3, 16, 16)
-
-
 # About a dozen iterations: a block, two layers, channels, then weights, on ResNet-20 at 16 px.
 MULTIGRAIN = {
+    **SMALL,
     "example_inputs": EXAMPLE,
     "train_data": TRAIN,
     "val_data": VAL,
-    "target_macs_reduction": 0.3,
     "granularity": "block,layer,channel,weight",
     "weight_sparsity": 0.3,
     "weight_step": 0.1,
-    "step": 0.05,
-    "recover_every": 0.1,
-    "recover_steps": 2,
-    "calib_size": 32,
-    "recovery": TrainConfig(batch_size=32, lr=0.01, channels_last=False, progress=False),
 }
 
 

@@ -12,26 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from _small import EXAMPLE, SMALL, TRAIN, VAL
 from PIL import Image, ImageStat
 
 import autoprune
-from autoprune.data import load_dataset
 from autoprune.errors import AutopruneError
 from autoprune.report.plots import PLOTS
-from autoprune.train import TrainConfig
-
-TRAIN = load_dataset("synthetic", "train", channels=1, image_size=16, size=128)
-VAL = load_dataset("synthetic", "test", channels=1, image_size=16, size=64)
-EXAMPLE = torch.zeros(1, 1, 16, 16)
-# Seven iterations with recoveries on a smallcnn at 16 x 16 pixels: a few seconds.
-SMALL = {
-    "target_macs_reduction": 0.3,
-    "step": 0.05,
-    "recover_every": 0.1,
-    "recover_steps": 2,
-    "calib_size": 32,
-    "recovery": TrainConfig(batch_size=32, lr=0.01, channels_last=False, progress=False),
-}
 
 
 @pytest.fixture(scope="module")

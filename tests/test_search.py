@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _small import EXAMPLE, SMALL, TRAIN, VAL
 
 import autoprune
-from autoprune.data import load_dataset
 from autoprune.errors import AutopruneError
 from autoprune.graph import build_graph
 from autoprune.io import load
@@ -21,20 +21,7 @@ from autoprune.search import OBJECTIVES, SCHEDULES, PruneConfig, make_candidates
 from autoprune.search import loop as search_loop
 from autoprune.search import scorers as search_scorers
 from autoprune.search.candidates import criteria_state, removable
-from autoprune.train import TrainConfig
 
-TRAIN = load_dataset("synthetic", "train", channels=1, image_size=16, size=128)
-VAL = load_dataset("synthetic", "test", channels=1, image_size=16, size=64)
-EXAMPLE = torch.zeros(1, 1, 16, 16)
-# About six iterations and three recoveries on a smallcnn at 16 x 16 pixels: seconds.
-SMALL = {
-    "target_macs_reduction": 0.3,
-    "step": 0.05,
-    "recover_every": 0.1,
-    "recover_steps": 2,
-    "calib_size": 32,
-    "recovery": TrainConfig(batch_size=32, lr=0.01, channels_last=False, progress=False),
-}
 TOLERANCE = 0.005
 
 

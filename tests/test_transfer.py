@@ -6,15 +6,15 @@ import json
 
 import pytest
 import torch
+from _small import BRIEF, synthetic_task
+from _small import SMALL as SMALL_RUN
 from torch import nn
 
 import autoprune
-from autoprune.data import load_dataset
 from autoprune.errors import AutopruneError
 from autoprune.io import load
 from autoprune.models import create_model
 from autoprune.search import PruneConfig
-from autoprune.train import TrainConfig
 from autoprune.transfer import (
     TRANSFER_ORDERS,
     find_head,
@@ -25,17 +25,10 @@ from autoprune.transfer import (
 )
 
 CLASSES = 7  # the new task's; the zoo models are built for 10
-TRAIN = load_dataset("synthetic", "train", num_classes=CLASSES, channels=1, image_size=16, size=128)
-VAL = load_dataset("synthetic", "test", num_classes=CLASSES, channels=1, image_size=16, size=64)
-BRIEF = TrainConfig(batch_size=32, lr=0.01, channels_last=False, progress=False)
+TRAIN, VAL = synthetic_task(num_classes=CLASSES)
 # A few iterations, recoveries and adapting steps on a smallcnn at 16 x 16 pixels: seconds.
 SMALL = {
-    "target_macs_reduction": 0.3,
-    "step": 0.05,
-    "recover_every": 0.1,
-    "recover_steps": 2,
-    "calib_size": 32,
-    "recovery": BRIEF,
+    **SMALL_RUN,
     "head_steps": 3,
     "head_training": BRIEF,
     "adapt_steps": 3,
