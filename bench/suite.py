@@ -2,7 +2,7 @@
 
 The order puts what others read first: bench/search_quality.py saves the exhaustive search's
 model that bench/quality.py loads, and bench/quality.py saves the pruned models whose latency
-bench/speed.py measures (when that script exists). The suite stops at the first failure.
+bench/speed.py measures. The suite stops at the first failure.
 
     python bench/suite.py            # every benchmark at full size: hours, writes docs/benchmarks/
     python bench/suite.py --smoke    # smoke sizes, for CI; a script's output shows if it fails
@@ -22,9 +22,13 @@ SCRIPTS = (
     "search_quality.py",
     "quality.py",
     "search_cost.py",
-    "speed.py",  # optional: skipped where it does not exist
+    "speed.py",
     "scorer_tricks.py",
     "objective_distill.py",
+    "distributed_scoring.py",
+    "multigrain.py",
+    "mobilevit.py",
+    "transfer.py",
 )
 
 
@@ -36,9 +40,6 @@ def main() -> None:
     total = time.perf_counter()
     for name in SCRIPTS:
         script = BENCH / name
-        if not script.exists():
-            print(f"- bench/{name}: not present, skipped", flush=True)
-            continue
         print(f"+ python bench/{name} {' '.join(extra)}".rstrip(), flush=True)
         start, cpu = time.perf_counter(), _children_cpu()
         # A smoke run's output matters only when it fails; a full run's progress is worth seeing.
