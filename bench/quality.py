@@ -206,13 +206,18 @@ def main() -> None:
             "macs": count_macs(dense, example),
             "params": count_params(dense),
         },
-        "runs": previous_rows(args.out, **settings),
+        "runs": [],
     }
     for seed in (int(s) for s in args.seeds.split(",")):
         for method in args.methods:
             setup = Setup(args, dense, train, example, seed)
             row = measure(method, setup, test, kd, results["baseline"])
-            runs = [r for r in results["runs"] if (r["method"], r["seed"]) != (method, seed)]
+            # Re-read: a method run at the same time in another process may have added its row.
+            runs = [
+                r
+                for r in previous_rows(args.out, **settings)
+                if (r["method"], r["seed"]) != (method, seed)
+            ]
             results["runs"] = [*runs, row]
             results["machine"] = machine()
             write(args.out, results)

@@ -6,6 +6,7 @@ same budget, measure again. The dataset is CIFAR-10-JPEG75 (not CIFAR-10).
 
     python bench/search_quality.py              # ResNet-56, -50 % MACs (about an hour, 2 cores)
     python bench/search_quality.py --smoke      # a tiny run, for CI
+    python bench/search_quality.py --scorers '' # only rewrite the table from the JSON
 
 Writes docs/benchmarks/search_quality.json and .md (the table is generated from the JSON).
 Results are written after every method, so an interrupted run keeps what it finished.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import math
 from pathlib import Path
 
 import torch
@@ -46,6 +47,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--scorers", default="fast,exhaustive")
     p.add_argument("--fast-calib", type=int, default=1024)
     p.add_argument("--exhaustive-calib", type=int, default=256)
+    p.add_argument(
+        "--fast-options",
+        type=json.loads,
+        default={},
+        help='fast scorer options, JSON (e.g. \'{"race_z": 3, "keep": 1}\'): a row of its own',
+    )
     p.add_argument("--finetune-epochs", type=float, default=1.0)
     p.add_argument("--finetune-lr", type=float, default=0.01)
     p.add_argument("--test-size", type=int, default=10_000)
@@ -84,42 +91,49 @@ def main() -> None:
             "macs": count_macs(dense, example),
             "params": count_params(dense),
         },
-        "runs": previous_rows(args.out, model=args.model, target_macs_reduction=args.target),
+        "runs": [],
     }
-    for scorer in args.scorers.split(","):
+    search_runs = args.searched.parent / "search-runs"
+    settings = {"model": args.model, "target_macs_reduction": args.target}
+    for scorer in filter(None, args.scorers.split(",")):
         calib = args.fast_calib if scorer == "fast" else args.exhaustive_calib
-        name = f"{args.model}-{args.target:g}-{scorer}-seed{args.seed}"
-        start = time.perf_counter()
+        options = args.fast_options if scorer == "fast" else {}
+        label = " ".join([scorer, *(f"{k}={v}" for k, v in sorted(options.items()))])
+        name = run_name(args, label, args.seed)
         result = autoprune.prune(
             dense,
             train_data=train,
             target_macs_reduction=args.target,
             scorer=scorer,
+            scorer_options=options,
             calib_size=calib,
             recover_steps=0,
             finetune_epochs=0,
             seed=args.seed,
             progress=True,  # in a log: one line per iteration
             # Checkpointed every iteration: an interrupted hour-long reference run resumes.
-            out_dir=args.searched.parent / "search-runs" / name,
+            out_dir=search_runs / name,
             resume=True,
         )
-        search_s = time.perf_counter() - start
-        model = result.model
+        model, history = result.model, result.history
         save(model, args.searched / name)
         after_search = accuracy(model, test)
         finetune(model, train, args.finetune_epochs, lr=args.finetune_lr, seed=args.seed)
-        history = result.history
+        # Re-read: a scorer run at the same time in another process may have added its row.
         # Rows from before seeds were recorded ran with the default seed, 0.
         results["runs"] = [
-            r for r in results["runs"] if (r["scorer"], r.get("seed", 0)) != (scorer, args.seed)
+            r
+            for r in previous_rows(args.out, **settings)
+            if (r["scorer"], r.get("seed", 0)) != (label, args.seed)
         ]
         results["runs"].append(
             {
-                "scorer": scorer,
+                "scorer": label,
                 "seed": args.seed,
                 "calib_images": calib,
-                "search_s": round(search_s, 1),
+                # the iterations' own times: a run resumed across sessions counts only them
+                "search_s": round(sum(h["seconds"] for h in history), 1),
+                "images_scored": sum(h["scorer"]["images"] for h in history),
                 "iterations": len(history),
                 "candidates_scored": sum(h.get("candidates", 0) for h in history),
                 "macs_reduction": 1 - count_macs(model, example) / results["baseline"]["macs"],
@@ -127,10 +141,29 @@ def main() -> None:
                 "accuracy_after_search": after_search,
                 "accuracy_after_finetune": accuracy(model, test),
                 "groups_chosen": [h.get("group") for h in history],
+                "decisions": decisions(history),
             }
         )
         write(args.out, results)
         print(json.dumps(results["runs"][-1], indent=1)[:2000], flush=True)
+    if not args.scorers:  # --scorers '': rewrite the table, recovering decisions from the runs
+        results["runs"] = previous_rows(
+            args.out, model=args.model, target_macs_reduction=args.target
+        )
+        for r in results["runs"]:
+            history = search_runs / run_name(args, r["scorer"], r.get("seed", 0)) / "history.jsonl"
+            if "decisions" not in r and history.exists():
+                lines = history.read_text().splitlines()
+                r["decisions"] = decisions([json.loads(line) for line in lines])
+        write(args.out, results)
+
+
+def run_name(args: argparse.Namespace, label: str, seed: int) -> str:
+    return f"{args.model}-{args.target:g}-{label.replace(' ', '-')}-seed{seed}"
+
+
+def decisions(history: list[dict]) -> list[dict]:
+    return [{"group": h["group"], "channels": h["channels"], "loss": h["loss"]} for h in history]
 
 
 def write(out: Path, results: dict) -> None:
@@ -139,22 +172,52 @@ def write(out: Path, results: dict) -> None:
         f"# Search quality: fast vs exhaustive scorer ({results['model']}, "
         f"{results['dataset']}, -{results['target_macs_reduction']:.0%} MACs)",
         "",
-        f"Generated by `bench/search_quality.py`. Protocol: {results['protocol']}.",
+        f"Generated by `bench/search_quality.py`. Protocol: {results['protocol']}. "
+        "Search time: the iterations' own times (a resumed run counts only them), on a shared "
+        "machine; images scored: candidate evaluations x images, summed over the search. "
+        "Same decisions: the iterations, from the first, that chose the same group and channel "
+        "count with the same loss as the exhaustive scorer.",
         f"Dense baseline: {base['accuracy']:.2f} % test accuracy, {base['macs'] / 1e6:.1f} M MACs, "
         f"{base['params'] / 1e6:.3f} M params.",
         "",
-        "| scorer | calibration images | search time (s) | iterations | MACs red. | params red. "
-        "| acc. after search | acc. after fine-tune |",
-        "|---|---|---|---|---|---|---|---|",
+        "| scorer | calibration images | search time (s) | iterations | images scored "
+        "| same decisions as exhaustive | MACs red. | params red. | acc. after search "
+        "| acc. after fine-tune |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    reference = next((r for r in results["runs"] if r["scorer"] == "exhaustive"), None)
     for r in results["runs"]:
         lines.append(
             f"| {r['scorer']} | {r['calib_images']} | {r['search_s']:.0f} | {r['iterations']} "
+            f"| {images_scored(r):,} | {agreement(r, reference)} "
             f"| {r['macs_reduction']:.1%} | {r['params_reduction']:.1%} "
             f"| {r['accuracy_after_search']:.2f} % | {r['accuracy_after_finetune']:.2f} % |"
         )
     lines += ["", machine_line(results["machine"])]
     write_results(out, results, "\n".join(lines) + "\n")
+
+
+def images_scored(row: dict) -> int:
+    """Rows from before the count was recorded: exhaustive scores every candidate on all."""
+    return row.get("images_scored", row["candidates_scored"] * row["calib_images"])
+
+
+def agreement(row: dict, reference: dict | None) -> str:
+    """``k/n``: the first ``k`` of ``row``'s ``n`` decisions equal the reference's."""
+    if reference is None or "decisions" not in row or "decisions" not in reference:
+        return "-"
+    pairs = zip(row["decisions"], reference["decisions"], strict=False)
+    same = next((i for i, (a, b) in enumerate(pairs) if not same_decision(a, b)), None)
+    n = len(row["decisions"])
+    if same is None:
+        same = min(n, len(reference["decisions"]))
+    return f"{same}/{n}"
+
+
+def same_decision(a: dict, b: dict) -> bool:
+    return (a["group"], a["channels"]) == (b["group"], b["channels"]) and math.isclose(
+        a["loss"], b["loss"], rel_tol=1e-5, abs_tol=1e-7
+    )
 
 
 if __name__ == "__main__":

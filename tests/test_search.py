@@ -254,6 +254,30 @@ def test_resume_with_other_settings_is_refused(smallcnn, finished):
         small_prune(smallcnn, out_dir=out, resume=True, step=0.02)
 
 
+def test_channel_multiple_leaves_every_group_a_multiple_of_it(smallcnn):
+    graph = build_graph(create_model("smallcnn"), EXAMPLE)
+    graph.prune("stage2.conv", torch.arange(3))  # 61 channels: the first step rounds to 56
+    pool = ("l1", "fpgm")
+    state = criteria_state(graph, pool, None, 0, 1)
+    for multiple in (1, 4, 8):
+        limits = {g.name: removable(g, 64, 0.75, multiple) for g in graph.groups()}
+        assert limits["stage2.conv"] == {1: 45, 4: 45, 8: 45}[multiple]  # keep 16 of 64
+        candidates = make_candidates(graph, pool, 0.05 * graph.macs(), limits, state, multiple)
+        assert {c.group for c in candidates} == {g.name for g in graph.groups()}
+        for c in candidates:
+            kept = graph.group(c.group).channels - len(c.idxs)
+            assert kept % multiple == 0 and 0 < len(c.idxs) <= limits[c.group]
+    small = removable(graph.group("stage1.conv"), 32, 0.75, 64)
+    assert small == 0  # fewer channels than the multiple: nothing may go
+
+    result = small_prune(smallcnn, channel_multiple=8)
+    widths = [g.channels for g in build_graph(result.model, EXAMPLE).groups()]
+    assert result.summary["macs_reduction"] >= 0.3 - TOLERANCE
+    assert all(w % 8 == 0 for w in widths) and widths != [32, 64, 128]
+    with pytest.raises(AutopruneError, match="channel_multiple"):
+        PruneConfig(schedule="fixed", criteria=("l1",), channel_multiple=8)
+
+
 # ---------------------------------------------------------------------------- bad input
 
 

@@ -278,6 +278,13 @@ def prune_cmd(
     cap: Annotated[
         float, typer.Option(help="Most of a group's original channels that may go.")
     ] = PRUNE.cap,
+    channel_multiple: Annotated[
+        int,
+        typer.Option(
+            help="Keep a multiple of this many channels per group (8 or 16: faster CPU "
+            "inference, see docs/benchmarks/speed.md)."
+        ),
+    ] = PRUNE.channel_multiple,
     objective: Annotated[str, typer.Option(help=_choices(OBJECTIVES))] = PRUNE.objective,
     scorer: Annotated[str, typer.Option(help=_choices(SCORERS))] = PRUNE.scorer,
     calib_size: Annotated[
@@ -359,6 +366,7 @@ def prune_cmd(
         allocation=allocation,
         step=step,
         cap=cap,
+        channel_multiple=channel_multiple,
         objective=objective,
         scorer=scorer,
         calib_size=calib_size,

@@ -89,25 +89,33 @@ def loss_per_mac(base_loss: float) -> Objective:
     return objective
 
 
-def removable(group: ChannelGroup, original_channels: int, cap: float) -> int:
-    """How many more channels ``group`` may lose: up to ``cap`` of its original ones, keeping 1."""
+def removable(group: ChannelGroup, original_channels: int, cap: float, multiple: int = 1) -> int:
+    """How many more channels ``group`` may lose: up to ``cap`` of its original ones, keeping 1,
+    and leaving a multiple of ``multiple`` (none when fewer than that are left)."""
     allowed = math.floor(cap * original_channels + 1e-9) - (original_channels - group.channels)
-    return max(0, min(allowed, group.channels - 1))
+    n = max(0, min(allowed, group.channels - 1))
+    kept = -(-(group.channels - n) // multiple) * multiple  # rounded up to the multiple
+    return max(0, group.channels - kept)
 
 
-def channels_for(group: ChannelGroup, macs: float, limit: int) -> int:
-    """The number of channels (1 to ``limit``) whose removal saves closest to ``macs``."""
+def channels_for(group: ChannelGroup, macs: float, limit: int, multiple: int = 1) -> int:
+    """The number of channels (at most ``limit``, leaving a multiple of ``multiple``) whose
+    removal saves closest to ``macs``; 0 if no such number is allowed."""
+    first = group.channels % multiple or multiple  # the fewest that leave a multiple
+    count = (limit - first) // multiple + 1  # allowed numbers: first + k * multiple, k < count
+    if count < 1:
+        return 0
 
-    def saved(n: int) -> int:
-        return group.macs_saved(torch.arange(n))
+    def saved(k: int) -> int:
+        return group.macs_saved(torch.arange(first + k * multiple))
 
-    lo, hi = 1, limit
-    while lo < hi:  # smallest n saving at least ``macs`` (savings grow with n)
+    lo, hi = 0, count - 1
+    while lo < hi:  # smallest k saving at least ``macs`` (savings grow with k)
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if saved(mid) >= macs else (mid + 1, hi)
-    if lo > 1 and macs - saved(lo - 1) < saved(lo) - macs:
+    if lo > 0 and macs - saved(lo - 1) < saved(lo) - macs:
         lo -= 1
-    return lo
+    return first + lo * multiple
 
 
 def criteria_state(
@@ -139,8 +147,10 @@ def make_candidates(
     macs: float,
     limits: Mapping[str, int],
     state: Mapping[str, Any],
+    multiple: int = 1,
 ) -> list[Candidate]:
-    """One candidate per group and distinct channel choice, each saving about ``macs``.
+    """One candidate per group and distinct channel choice, each saving about ``macs`` and
+    leaving a multiple of ``multiple`` channels.
 
     A criterion that does not apply to a group (``bn_scale`` where there is no BatchNorm,
     ``taylor`` where no gradient arrives) offers nothing there instead of stopping the search.
@@ -152,7 +162,9 @@ def make_candidates(
         limit = limits.get(group.name, 0)
         if limit < 1:
             continue
-        n = channels_for(group, macs, limit)
+        n = channels_for(group, macs, limit, multiple)
+        if n < 1:
+            continue
         picks: dict[tuple[int, ...], list[str]] = {}
         for name in criteria:
             try:

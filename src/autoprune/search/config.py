@@ -53,7 +53,8 @@ class PruneConfig:
     *original* model's MACs in ``scope`` (:mod:`autoprune.graph.scopes`: ``all``, the default,
     counts every conv, linear and attention matmul; ``conv`` and ``stem`` restrict both the
     groups pruned and the MACs counted). ``cap`` bounds what any group may lose, as a
-    fraction of its original channels (one channel always stays). ``recovery`` and ``finetune``
+    fraction of its original channels (one channel always stays), and ``channel_multiple``
+    makes every group keep a multiple of that many channels. ``recovery`` and ``finetune``
     are the trainer settings for brief recovery during the search and the final fine-tune; the
     search sets their ``epochs``, ``max_steps`` and ``seed`` from ``recover_steps``,
     ``finetune_epochs`` and ``seed``. With ``distill`` both train on
@@ -80,6 +81,9 @@ class PruneConfig:
     allocation: str = "uniform"  # fixed: "uniform" or "global"
     step: float = 0.01
     cap: float = 0.75
+    # Every group keeps a multiple of this many channels: ONNX Runtime's and oneDNN's fast CPU
+    # convolutions work on blocks of 8 or 16 channels (docs/benchmarks/speed.md measures it).
+    channel_multiple: int = 1
     # Defaults measured by bench/objective_distill.py (ResNet-20, -50 % MACs, same budget):
     # distillation +5.2 points with "loss", +2.4 with "loss_per_mac"; "loss" best with it.
     objective: str = "loss"
@@ -140,6 +144,7 @@ class PruneConfig:
         check_granularity(self)
         for name, low in (
             ("calib_size", 1),
+            ("channel_multiple", 1),
             ("taylor_size", 1),
             ("recover_steps", 0),
             ("finetune_epochs", 0),

@@ -374,9 +374,9 @@ class _Search:
 
     def _check_reachable(self) -> None:
         """Refuse a target the caps make unreachable, with the highest one they allow."""
-        cap = self.config.cap
+        cap, multiple = self.config.cap, self.config.channel_multiple
         at_cap = {
-            g.name: torch.arange(removable(g, self.original_channels[g.name], cap))
+            g.name: torch.arange(removable(g, self.original_channels[g.name], cap, multiple))
             for g in self.graph.groups()
         }
         best = 1.0 - self.graph.macs(at_cap) / self.original_macs

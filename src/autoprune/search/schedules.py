@@ -56,9 +56,10 @@ class SearchContext:
         )
 
     def limits(self) -> dict[str, int]:
-        cap = self.config.cap
+        cap, multiple = self.config.cap, self.config.channel_multiple
         return {
-            g.name: removable(g, self.original_channels[g.name], cap) for g in self.graph.groups()
+            g.name: removable(g, self.original_channels[g.name], cap, multiple)
+            for g in self.graph.groups()
         }
 
 
@@ -119,7 +120,9 @@ class LossAware(Schedule):
         allowed = self.criteria(ctx.reduction / cfg.target_macs_reduction)
         state = criteria_state(ctx.graph, allowed, ctx.calib, cfg.seed, cfg.taylor_size)
         step, remaining = cfg.step * ctx.original_macs, ctx.remaining_macs
-        candidates = make_candidates(ctx.graph, allowed, min(step, remaining), ctx.limits(), state)
+        candidates = make_candidates(
+            ctx.graph, allowed, min(step, remaining), ctx.limits(), state, cfg.channel_multiple
+        )
         if remaining < step:  # the last step: keep candidates that land on the target, if any
             slack = TOLERANCE * ctx.original_macs
             landing = [c for c in candidates if abs(remaining - c.macs_saved) <= slack]
@@ -205,6 +208,11 @@ class Fixed(Schedule):
             raise AutopruneError(
                 f"schedule 'fixed' takes exactly one criterion (e.g. l1), "
                 f"got {', '.join(config.criteria)}"
+            )
+        if config.channel_multiple > 1:
+            raise AutopruneError(
+                "channel_multiple works with the loss-aware schedules (auto, "
+                "saliency-then-similarity), not with 'fixed'"
             )
 
     @property
