@@ -14,8 +14,9 @@ dataset is CIFAR-10-JPEG75 (not CIFAR-10). Torch-Pruning's pruners run through i
 Writes docs/benchmarks/quality.{json,md,png}; results are written after every method. Each
 pruned model (before fine-tuning) is saved to runs/bench-searched/ for bench/speed.py. The
 exhaustive search takes about an hour: a model that bench/search_quality.py already searched
-(runs/bench-searched/MODEL-TARGET-exhaustive-seedS) is loaded instead, with its search time
-from docs/benchmarks/search_quality.json.
+with the same scorer, calibration size and seed (runs/bench-searched/MODEL-TARGET-SCORER-seedS,
+for autoprune-auto and laasp-exhaustive) is loaded instead, with the search time recorded in
+docs/benchmarks/search_quality.json.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from _common import (
@@ -79,7 +81,7 @@ class Pruned:
     recorded_search_s: float | None = None  # that search's time, where it was recorded
 
 
-def autoprune_method(schedule: str, scorer: str) -> Callable[[Setup], Pruned]:
+def autoprune_method(schedule: str, scorer: str, **options: Any) -> Callable[[Setup], Pruned]:
     def run(setup: Setup) -> Pruned:
         args = setup.args
         result = autoprune.prune(
@@ -93,30 +95,42 @@ def autoprune_method(schedule: str, scorer: str) -> Callable[[Setup], Pruned]:
             finetune_epochs=0,
             seed=setup.seed,
             progress=True,  # in a log: one line per iteration
+            **options,
         )
         return Pruned(result.model)
 
     return run
 
 
-def exhaustive_dir(args: argparse.Namespace, seed: int) -> Path:
-    """Where bench/search_quality.py saves the model its exhaustive search found."""
-    return args.searched / f"{args.model}-{args.target:g}-exhaustive-seed{seed}"
+def searched_dir(args: argparse.Namespace, scorer: str, seed: int) -> Path:
+    """Where bench/search_quality.py saves the model its search with ``scorer`` found."""
+    return args.searched / f"{args.model}-{args.target:g}-{scorer}-seed{seed}"
 
 
-def laasp_exhaustive(setup: Setup) -> Pruned:
-    """The exhaustive scorer, or the model bench/search_quality.py found with it."""
-    args = setup.args
-    saved = exhaustive_dir(args, setup.seed)
-    if not saved.exists():
-        return autoprune_method("auto", "exhaustive")(setup)
-    rows = previous_rows(args.search_quality, model=args.model, target_macs_reduction=args.target)
-    times = [
-        r["search_s"]
-        for r in rows  # rows from before seeds were recorded ran with the default seed, 0
-        if r["scorer"] == "exhaustive" and r.get("seed", 0) == setup.seed
-    ]
-    return Pruned(load(saved), saved.name, times[0] if times else None)
+def searched(scorer: str) -> Callable[[Setup], Pruned]:
+    """``auto`` with ``scorer``, or the model bench/search_quality.py found with the same
+    scorer, calibration size and seed (it saves the search time it recorded)."""
+
+    def run(setup: Setup) -> Pruned:
+        args = setup.args
+        calib = args.exhaustive_calib if scorer == "exhaustive" else args.calib
+        saved = searched_dir(args, scorer, setup.seed)
+        rows = previous_rows(
+            args.search_quality, model=args.model, target_macs_reduction=args.target
+        )
+        row = next(
+            (
+                r
+                for r in rows  # rows from before seeds were recorded ran with the default seed
+                if (r["scorer"], r.get("seed", 0), r["calib_images"]) == (scorer, setup.seed, calib)
+            ),
+            None,
+        )
+        if row is None or not saved.exists():
+            return autoprune_method("auto", scorer)(setup)
+        return Pruned(load(saved), saved.name, row["search_s"])
+
+    return run
 
 
 def torch_pruning_method(name: str) -> Callable[[Setup], Pruned]:
@@ -132,9 +146,11 @@ def torch_pruning_method(name: str) -> Callable[[Setup], Pruned]:
 
 
 METHODS: dict[str, Callable[[Setup], Pruned]] = {
-    "autoprune-auto": autoprune_method("auto", "fast"),
+    "autoprune-auto": searched("fast"),
     "autoprune-sts": autoprune_method("saliency-then-similarity", "fast"),
-    "laasp-exhaustive": laasp_exhaustive,
+    # every group keeps a multiple of 8 channels: ONNX Runtime's fast convolutions need it
+    "autoprune-auto-x8": autoprune_method("auto", "fast", channel_multiple=8),
+    "laasp-exhaustive": searched("exhaustive"),
     **{name: torch_pruning_method(name) for name in TP_METHODS},
 }
 
@@ -145,7 +161,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--target", type=float, default=0.5, help="MACs reduction")
     p.add_argument("--methods", default=",".join(METHODS), help=f"from {', '.join(METHODS)}")
     p.add_argument("--seeds", default="0", help="comma-separated")
-    p.add_argument("--calib", type=int, default=DEFAULTS.calib_size, help="autoprune's fast")
+    # the exhaustive reference's 256 images: bench/search_quality.py's fast search is reused
+    p.add_argument("--calib", type=int, default=256, help="autoprune's fast scorer")
     p.add_argument("--exhaustive-calib", type=int, default=256)
     p.add_argument("--taylor-images", type=int, default=DEFAULTS.taylor_size, help="tp-taylor")
     p.add_argument("--finetune-epochs", type=float, default=3.0)
@@ -166,7 +183,8 @@ def parse_args() -> argparse.Namespace:
     unknown = set(methods) - METHODS.keys()
     if unknown:
         p.error(f"unknown method(s) {', '.join(sorted(unknown))}; known: {', '.join(METHODS)}")
-    if args.smoke and "laasp-exhaustive" in methods and not exhaustive_dir(args, 0).exists():
+    reference = searched_dir(args, "exhaustive", 0)
+    if args.smoke and "laasp-exhaustive" in methods and not reference.exists():
         # Even tiny, the exhaustive search is the slow part of a smoke run (bench/suite.py
         # runs bench/search_quality.py --smoke first, which saves the model this one loads).
         print("smoke: skipping laasp-exhaustive (run bench/search_quality.py --smoke first)")
@@ -362,7 +380,9 @@ def write(out: Path, results: dict) -> None:
         "Notes:",
         f"- autoprune-auto / autoprune-sts: `autoprune.prune` with the fast scorer, schedule "
         f"`auto` / `saliency-then-similarity`, {calib['autoprune_fast']} calibration images, "
-        "`recover_steps=0`, `finetune_epochs=0`.",
+        "`recover_steps=0`, `finetune_epochs=0`; autoprune-auto-x8: the same as "
+        "autoprune-auto with `channel_multiple=8` (every group keeps a multiple of 8 channels, "
+        "for ONNX Runtime's blocked convolutions; docs/benchmarks/speed.md).",
         f"- laasp-exhaustive: the exhaustive LAASP-style scorer (a deep copy per candidate) on "
         f"{calib['exhaustive']} calibration images (LAASP used 10,000). (loaded): the model "
         "bench/search_quality.py searched with the same settings, with the search time it "

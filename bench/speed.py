@@ -12,6 +12,9 @@ speed-up if latency followed MACs). Pruned models are read, not trained: accurac
     python bench/speed.py --pruned DIR ...  # pruned models (autoprune.io.save or run dirs)
     python bench/speed.py --smoke           # ResNet-20, a few repeats, one thread, for CI
 
+A second table times the dense model with every channel group cut to aligned and unaligned
+widths (``WIDTHS``): what ONNX Runtime's blocked kernels make of channel counts.
+
 Without ``--pruned`` or pruned models of ``--model`` in ``--searched`` (other benchmarks save
 theirs there; ``--smoke`` does not look), it prunes one without data: L1 magnitude, fixed
 schedule, ``--target`` of the MACs. Writes docs/benchmarks/speed.json, .md and .png.
@@ -20,8 +23,10 @@ schedule, ``--target`` of the MACs. Writes docs/benchmarks/speed.json, .md and .
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,6 +36,7 @@ from torch import nn
 
 import autoprune
 from autoprune.errors import AutopruneError
+from autoprune.graph import build_graph
 from autoprune.io.export import Runner
 from autoprune.measure import BACKENDS, count_macs, count_params, time_runner
 from autoprune.search.run import load_run_model
@@ -94,6 +100,30 @@ def pruned_models(args: argparse.Namespace, dense: nn.Module) -> dict[str, nn.Mo
     return {f"{args.model}-l1-fixed-{args.target:g} (data-free)": result.model}
 
 
+# name -> channels a group keeps, of its c: the same model at aligned and unaligned widths
+WIDTHS: dict[str, Callable[[int], int]] = {
+    "c - 1 (all unaligned)": lambda c: c - 1,
+    "3/4 c": lambda c: 3 * c // 4,
+    "3/4 c, rounded up to 16": lambda c: -(-3 * c // 64) * 16,
+    "1/2 c": lambda c: c // 2,
+    "1/2 c, rounded up to 16": lambda c: -(-c // 32) * 16,
+}
+
+
+def width_variants(dense: nn.Module) -> dict[str, nn.Module]:
+    """``dense`` with every channel group cut to each of ``WIDTHS`` (first channels kept: only
+    the shapes matter for latency)."""
+    variants = {}
+    for name, keep in WIDTHS.items():
+        graph = build_graph(copy.deepcopy(dense), torch.zeros(1, *INPUT_SHAPE))
+        for group in graph.groups():
+            cut = group.channels - max(1, min(group.channels, keep(group.channels)))
+            if cut:
+                graph.prune(group.name, torch.arange(cut))
+        variants[f"widths {name}"] = graph.model
+    return variants
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -101,6 +131,8 @@ def main() -> None:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     dense = autoprune.create_model(args.model, weights=adapted_weights(args.model)).eval()
     models = {f"{args.model} (dense)": dense, **pruned_models(args, dense)}
+    aligned = width_variants(dense)
+    models.update(aligned)
     example = torch.zeros(1, *INPUT_SHAPE)
     runners = {
         (name, backend): BACKENDS.get(backend)(model.eval(), example)
@@ -130,6 +162,8 @@ def main() -> None:
                 "macs_reduction": 1 - macs / dense_macs,
                 "macs_ratio": dense_macs / macs,
                 "latency": latency,
+                "widths": sorted({g.channels for g in build_graph(model, example).groups()}),
+                "alignment_study": name in aligned,
             }
         )
     for row in rows:  # speed-up against the dense model at the same backend and batch size
@@ -199,22 +233,39 @@ def write(out: Path, results: dict) -> None:
         + " |",
         "|---|---|---|---|---|" + "---|" * len(columns),
     ]
-    for row in rows:
-        cells = [f"{lat['median_ms']:.2f} ms ({lat['speedup']:.2f}x)" for lat in row["latency"]]
-        lines.append(
-            f"| {row['model']} | {row['macs'] / 1e6:.1f} | {row['params'] / 1e3:.1f} "
-            f"| {row['macs_reduction']:.1%} | {row['macs_ratio']:.2f}x | "
-            + " | ".join(cells)
-            + " |"
-        )
+    header = lines[-2:]
+    study = [r for r in rows if r.get("alignment_study")]
+    rows = [r for r in rows if not r.get("alignment_study")]
+    lines += [table_row(row) for row in rows]
+    lines += ["", f"![speed-up vs MACs ratio]({out.with_suffix('.png').name})", ""]
+    if study:
+        lines += [
+            "## Channel alignment",
+            "",
+            "The dense model with every channel group cut to the widths named (the channel "
+            "counts that occur are listed): ONNX Runtime converts a convolution to its blocked "
+            "NCHWc kernels only when its input and output channels are multiples of the block "
+            "(8 with AVX2, 16 with AVX-512, as here); otherwise it runs im2col + GEMM. "
+            "`channel_multiple=16` keeps a pruned model on the fast path.",
+            "",
+            *header,
+            *[table_row(row, widths=True) for row in rows[:1] + study],
+            "",
+        ]
     lines += [
-        "",
-        f"![speed-up vs MACs ratio]({out.with_suffix('.png').name})",
-        "",
         machine_line(results["machine"]) + (f" {runtimes}." if runtimes else ""),
     ]
     write_results(out, results, "\n".join(lines) + "\n")
     plot(rows[1:], columns, results).savefig(out.with_suffix(".png"), dpi=120)
+
+
+def table_row(row: dict, widths: bool = False) -> str:
+    cells = [f"{lat['median_ms']:.2f} ms ({lat['speedup']:.2f}x)" for lat in row["latency"]]
+    name = f"{row['model']}: {', '.join(map(str, row['widths']))}" if widths else row["model"]
+    return (
+        f"| {name} | {row['macs'] / 1e6:.1f} | {row['params'] / 1e3:.1f} "
+        f"| {row['macs_reduction']:.1%} | {row['macs_ratio']:.2f}x | " + " | ".join(cells) + " |"
+    )
 
 
 def plot(pruned: list[dict], columns: list[tuple[str, int]], results: dict) -> Figure:
