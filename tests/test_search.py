@@ -254,6 +254,14 @@ def test_resume_with_other_settings_is_refused(smallcnn, finished):
         small_prune(smallcnn, out_dir=out, resume=True, step=0.02)
 
 
+def test_resume_after_a_scorer_default_changed_is_refused(smallcnn, finished, monkeypatch):
+    _, out = finished
+    newer = search_scorers.FastScorer(min_images=16)  # as if a new release changed a default
+    monkeypatch.setattr(search_loop, "create_scorer", lambda name, **options: newer)
+    with pytest.raises(AutopruneError, match=r"other settings.*scorer_settings"):
+        small_prune(smallcnn, out_dir=out, resume=True)
+
+
 def test_channel_multiple_leaves_every_group_a_multiple_of_it(smallcnn):
     graph = build_graph(create_model("smallcnn"), EXAMPLE)
     graph.prune("stage2.conv", torch.arange(3))  # 61 channels: the first step rounds to 56

@@ -23,7 +23,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 import torch
@@ -43,7 +43,7 @@ from .config import PruneConfig
 from .granularity import GRANULARITIES, Granularity, accounting, plan
 from .run import RunDir, layer_widths, summarize
 from .schedules import SCHEDULES, SearchContext, Step
-from .scorers import create_scorer
+from .scorers import Scorer, create_scorer
 
 STATE_FORMAT = 2
 Removal = list[tuple[str, torch.Tensor]]
@@ -400,14 +400,14 @@ class _Search:
             return
         state = {
             "format": STATE_FORMAT,
-            "config": _comparable(self.config),
+            "config": _comparable(self.config, self.scorer),
             **asdict(self.state),
             "model": self.graph.model.state_dict(),
         }
         self.run_dir.checkpoint(state, self.state.history)
 
     def _restore(self, saved: dict[str, Any]) -> None:
-        config, before = _comparable(self.config), saved.pop("config")
+        config, before = _comparable(self.config, self.scorer), saved.pop("config")
         changed = sorted(k for k in config.keys() | before.keys() if config.get(k) != before.get(k))
         if changed or saved.pop("format") != STATE_FORMAT:
             raise AutopruneError(
@@ -457,12 +457,17 @@ class _Search:
         return PruneResult(model, summary, self.state.history)
 
 
-def _comparable(config: PruneConfig) -> dict[str, Any]:
-    """The settings a resumed run must share with the saved one, as JSON values."""
-    values = json.loads(json.dumps(asdict(config)))
+def _comparable(config: PruneConfig, scorer: Scorer) -> dict[str, Any]:
+    """The settings a resumed run must share with the saved one, as JSON values: the config,
+    and every setting of the scorer, so that a changed scorer default is not resumed into."""
+    values = asdict(config)
     for train in ("recovery", "finetune"):
         values[train].pop("progress")
-    return values
+    if is_dataclass(scorer):
+        values["scorer_settings"] = {
+            f.name: getattr(scorer, f.name) for f in fields(scorer) if f.init
+        }
+    return json.loads(json.dumps(values))
 
 
 def _json_safe(value: Any) -> Any:
