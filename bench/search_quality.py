@@ -51,7 +51,7 @@ def parse_args() -> argparse.Namespace:
         "--fast-options",
         type=json.loads,
         default={},
-        help='fast scorer options, JSON (e.g. \'{"race_z": 3, "keep": 1}\'): a row of its own',
+        help='fast scorer options, JSON (e.g. \'{"keep": 0.75}\'): a row of its own',
     )
     p.add_argument("--finetune-epochs", type=float, default=1.0)
     p.add_argument("--finetune-lr", type=float, default=0.01)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import pytest
 import torch
@@ -282,29 +281,6 @@ def test_halving_keeps_the_winner_and_scores_it_on_the_whole_set():
     for i, v in enumerate(losses):  # the dropped: inf, with their partial estimate kept
         assert math.isfinite(v) or stats["images_per_candidate"][i] < calib.size
         assert math.isfinite(stats["estimates"][i])
-
-
-def test_racing_drops_clear_losers_first_and_never_a_tie_with_the_leader():
-    graph = make_graph("resnet20")
-    with torch.no_grad():
-        graph.model.linear.weight *= 2
-        calib = CalibrationSet(
-            [(x, graph.model(x).argmax(1)) for x, _ in random_calib((16,) * 4).batches]
-        )
-    candidates = candidates_of(graph)
-    exact = create_scorer("fast", halving=False)(graph, candidates, calib, by_loss)
-    best = min(range(len(exact)), key=exact.__getitem__)
-    worst = max(range(len(exact)), key=exact.__getitem__)
-    assert exact[worst] > 100 * exact[best]
-    twin = replace(candidates[best], criteria=("twin",))  # the same channels: the same losses
-    scorer = create_scorer("fast", min_images=8, min_keep=1, keep=1.0, race_z=3.0)
-    losses = scorer(graph, [*candidates, twin], calib, by_loss)
-    seen = scorer.last_stats["images_per_candidate"]
-
-    assert losses[best] == pytest.approx(exact[best], abs=1e-6) and seen[best] == 64
-    assert seen[-1] == 64  # a tie stays in the race to the end
-    assert seen[worst] == 8  # a clear loser is out after the first round
-    assert scorer.last_stats["images"] < len(seen) * calib.size / 2
 
 
 def test_halving_ranks_by_the_objective_not_the_loss():
