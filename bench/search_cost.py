@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -132,6 +133,7 @@ def time_iterations(
         "candidates": statistics.median(h["candidates"] for h in history),
         "iterations_to_target": iterations,
         "search_estimate_s": iterations * median,
+        "load_1min": round(os.getloadavg()[0], 1),  # rows may come from different runs
     }
     if scorer == "exhaustive":  # LAASP's cost grows with its images; extrapolated, not measured
         row["laasp_median_s_extrapolated"] = median / args.calib * LAASP_IMAGES
@@ -159,12 +161,14 @@ def write(out: Path, results: dict) -> None:
         f"time per calibration image to LAASP's {LAASP_IMAGES:,} images: **extrapolated**, "
         "not measured, and an upper bound (the per-candidate cost of copying the model is "
         "scaled with the images too). Weights: only timing matters, so ResNet-32/44 use the "
-        "original CIFAR-10 weights (no CIFAR-10-JPEG75-adapted ones exist).",
+        "original CIFAR-10 weights (no CIFAR-10-JPEG75-adapted ones exist). A scorer can be "
+        "re-measured on its own (`--scorers`): the load column says how busy the shared "
+        "machine was when each row was measured (- : not recorded, an earlier run).",
         "",
         "| model | weights | scorer | s / iteration (median) | candidates / iteration "
         f"| iterations to -{target:.0%} | search to -{target:.0%} (estimate) "
-        f"| at {LAASP_IMAGES:,} images (extrapolated) |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        f"| at {LAASP_IMAGES:,} images (extrapolated) | load (1 min) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["runs"]:
         laasp = r.get("laasp_median_s_extrapolated")
@@ -176,7 +180,7 @@ def write(out: Path, results: dict) -> None:
         lines.append(
             f"| {r['model']} | {r['weights']} | {r['scorer']} | {r['median_s']:.2f} "
             f"| {r['candidates']:.0f} | {r['iterations_to_target']} "
-            f"| {clock(r['search_estimate_s'])} | {extrapolated} |"
+            f"| {clock(r['search_estimate_s'])} | {extrapolated} | {r.get('load_1min', '-')} |"
         )
     lines += ["", machine_line(results["machine"])]
     write_results(out, results, "\n".join(lines) + "\n")
