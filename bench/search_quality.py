@@ -51,7 +51,7 @@ def parse_args() -> argparse.Namespace:
         "--fast-options",
         type=json.loads,
         default={},
-        help='fast scorer options, JSON (e.g. \'{"keep": 0.75}\'): a row of its own',
+        help="fast scorer options, JSON (e.g. '{\"keep\": 0.75}'): a row of its own",
     )
     p.add_argument("--finetune-epochs", type=float, default=1.0)
     p.add_argument("--finetune-lr", type=float, default=0.01)
@@ -146,15 +146,16 @@ def main() -> None:
         )
         write(args.out, results)
         print(json.dumps(results["runs"][-1], indent=1)[:2000], flush=True)
-    if not args.scorers:  # --scorers '': rewrite the table, recovering decisions from the runs
+    if not args.scorers:  # --scorers '': rewrite the table, with what older rows lack from runs
         results["runs"] = previous_rows(
             args.out, model=args.model, target_macs_reduction=args.target
         )
         for r in results["runs"]:
             history = search_runs / run_name(args, r["scorer"], r.get("seed", 0)) / "history.jsonl"
-            if "decisions" not in r and history.exists():
-                lines = history.read_text().splitlines()
-                r["decisions"] = decisions([json.loads(line) for line in lines])
+            if history.exists():
+                records = [json.loads(line) for line in history.read_text().splitlines()]
+                r.setdefault("decisions", decisions(records))
+                r.setdefault("images_scored", sum(h["scorer"]["images"] for h in records))
         write(args.out, results)
 
 
@@ -189,17 +190,12 @@ def write(out: Path, results: dict) -> None:
     for r in results["runs"]:
         lines.append(
             f"| {r['scorer']} | {r['calib_images']} | {r['search_s']:.0f} | {r['iterations']} "
-            f"| {images_scored(r):,} | {agreement(r, reference)} "
+            f"| {r.get('images_scored', 0):,} | {agreement(r, reference)} "
             f"| {r['macs_reduction']:.1%} | {r['params_reduction']:.1%} "
             f"| {r['accuracy_after_search']:.2f} % | {r['accuracy_after_finetune']:.2f} % |"
         )
     lines += ["", machine_line(results["machine"])]
     write_results(out, results, "\n".join(lines) + "\n")
-
-
-def images_scored(row: dict) -> int:
-    """Rows from before the count was recorded: exhaustive scores every candidate on all."""
-    return row.get("images_scored", row["candidates_scored"] * row["calib_images"])
 
 
 def agreement(row: dict, reference: dict | None) -> str:
