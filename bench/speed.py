@@ -237,6 +237,7 @@ def write(out: Path, results: dict) -> None:
     study = [r for r in rows if r.get("alignment_study")]
     rows = [r for r in rows if not r.get("alignment_study")]
     lines += [table_row(row) for row in rows]
+    lines += ["", *fastest(rows[1:], columns)]
     lines += ["", f"![speed-up vs MACs ratio]({out.with_suffix('.png').name})", ""]
     if study:
         lines += [
@@ -257,6 +258,20 @@ def write(out: Path, results: dict) -> None:
     ]
     write_results(out, results, "\n".join(lines) + "\n")
     plot(rows[1:], columns, results).savefig(out.with_suffix(".png"), dpi=120)
+
+
+def fastest(pruned: list[dict], columns: list[tuple[str, int]]) -> list[str]:
+    """Which pruned model is fastest per backend and batch size: a win is not assumed."""
+    if not pruned:
+        return []
+    lines = ["Fastest pruned model:"]
+    for i, (backend, batch) in enumerate(columns):
+        best = max(pruned, key=lambda row: row["latency"][i]["speedup"])
+        lines.append(
+            f"- {backend}, batch {batch}: {best['model']} "
+            f"({best['latency'][i]['speedup']:.2f}x the dense model)"
+        )
+    return lines
 
 
 def table_row(row: dict, widths: bool = False) -> str:
