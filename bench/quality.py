@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from _common import (
@@ -81,7 +80,7 @@ class Pruned:
     recorded_search_s: float | None = None  # that search's time, where it was recorded
 
 
-def autoprune_method(schedule: str, scorer: str, **options: Any) -> Callable[[Setup], Pruned]:
+def autoprune_method(schedule: str, scorer: str) -> Callable[[Setup], Pruned]:
     def run(setup: Setup) -> Pruned:
         args = setup.args
         result = autoprune.prune(
@@ -95,7 +94,6 @@ def autoprune_method(schedule: str, scorer: str, **options: Any) -> Callable[[Se
             finetune_epochs=0,
             seed=setup.seed,
             progress=True,  # in a log: one line per iteration
-            **options,
         )
         return Pruned(result.model)
 
@@ -148,8 +146,6 @@ def torch_pruning_method(name: str) -> Callable[[Setup], Pruned]:
 METHODS: dict[str, Callable[[Setup], Pruned]] = {
     "autoprune-auto": searched("fast"),
     "autoprune-sts": autoprune_method("saliency-then-similarity", "fast"),
-    # widths in multiples of 16: ONNX Runtime's blocked kernels on AVX-512 (speed.md)
-    "autoprune-auto-x16": autoprune_method("auto", "fast", channel_multiple=16),
     "laasp-exhaustive": searched("exhaustive"),
     **{name: torch_pruning_method(name) for name in TP_METHODS},
 }
@@ -380,9 +376,7 @@ def write(out: Path, results: dict) -> None:
         "Notes:",
         f"- autoprune-auto / autoprune-sts: `autoprune.prune` with the fast scorer, schedule "
         f"`auto` / `saliency-then-similarity`, {calib['autoprune_fast']} calibration images, "
-        "`recover_steps=0`, `finetune_epochs=0`; autoprune-auto-x16: the same as "
-        "autoprune-auto with `channel_multiple=16` (every group keeps a multiple of 16 "
-        "channels, for ONNX Runtime's blocked kernels: docs/benchmarks/speed.md).",
+        "`recover_steps=0`, `finetune_epochs=0`.",
         f"- laasp-exhaustive: the exhaustive LAASP-style scorer (a deep copy per candidate) on "
         f"{calib['exhaustive']} calibration images (LAASP used 10,000). (loaded): the model "
         "bench/search_quality.py searched with the same settings, with the search time it "
