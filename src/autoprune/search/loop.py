@@ -38,7 +38,6 @@ from ..graph.sparsity import masks_held
 from ..measure import count_macs, count_params, evaluate_batches
 from ..train import LossFn, TrainConfig, TrainResult, distillation, fit
 from .calibration import CalibrationSet
-from .candidates import removable
 from .config import PruneConfig
 from .granularity import GRANULARITIES, Granularity, accounting, plan
 from .run import RunDir, layer_widths, summarize
@@ -374,13 +373,9 @@ class _Search:
 
     def _check_reachable(self) -> None:
         """Refuse a target the caps make unreachable, with the highest one they allow."""
-        cap, multiple = self.config.cap, self.config.channel_multiple
-        at_cap = {
-            g.name: torch.arange(removable(g, self.original_channels[g.name], cap, multiple))
-            for g in self.graph.groups()
-        }
+        at_cap = {name: torch.arange(n) for name, n in self._context().limits().items()}
         best = 1.0 - self.graph.macs(at_cap) / self.original_macs
-        target = self.config.target_macs_reduction
+        target, cap = self.config.target_macs_reduction, self.config.cap
         if target > best:
             raise AutopruneError(
                 f"a {100 * target:.1f} % MACs reduction is out of reach: with every group at its "
