@@ -71,6 +71,10 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    search_runs = args.searched.parent / "search-runs"
+    if not args.scorers:
+        rerender(args, search_runs)
+        return
     torch.manual_seed(args.seed)
     root = cifar10_jpeg75_root()
     train = load_dataset("cifar10", "train", root)
@@ -93,9 +97,8 @@ def main() -> None:
         },
         "runs": [],
     }
-    search_runs = args.searched.parent / "search-runs"
     settings = {"model": args.model, "target_macs_reduction": args.target}
-    for scorer in filter(None, args.scorers.split(",")):
+    for scorer in args.scorers.split(","):
         calib = args.fast_calib if scorer == "fast" else args.exhaustive_calib
         options = args.fast_options if scorer == "fast" else {}
         label = " ".join([scorer, *(f"{k}={v}" for k, v in sorted(options.items()))])
@@ -133,7 +136,6 @@ def main() -> None:
                 "calib_images": calib,
                 # the iterations' own times: a run resumed across sessions counts only them
                 "search_s": round(sum(h["seconds"] for h in history), 1),
-                "images_scored": sum(h["scorer"]["images"] for h in history),
                 "iterations": len(history),
                 "candidates_scored": sum(h.get("candidates", 0) for h in history),
                 "macs_reduction": 1 - count_macs(model, example) / results["baseline"]["macs"],
@@ -141,30 +143,38 @@ def main() -> None:
                 "accuracy_after_search": after_search,
                 "accuracy_after_finetune": accuracy(model, test),
                 "groups_chosen": [h.get("group") for h in history],
-                "decisions": decisions(history),
+                **from_history(history),
             }
         )
         write(args.out, results)
         print(json.dumps(results["runs"][-1], indent=1)[:2000], flush=True)
-    if not args.scorers:  # --scorers '': rewrite the table, with what older rows lack from runs
-        results["runs"] = previous_rows(
-            args.out, model=args.model, target_macs_reduction=args.target
-        )
-        for r in results["runs"]:
-            history = search_runs / run_name(args, r["scorer"], r.get("seed", 0)) / "history.jsonl"
-            if history.exists():
-                records = [json.loads(line) for line in history.read_text().splitlines()]
-                r.setdefault("decisions", decisions(records))
-                r.setdefault("images_scored", sum(h["scorer"]["images"] for h in records))
-        write(args.out, results)
+
+
+def rerender(args: argparse.Namespace, search_runs: Path) -> None:
+    """The table again from the JSON as measured, with what older rows lack read from the
+    runs' histories (decisions, images scored)."""
+    results = json.loads(args.out.with_suffix(".json").read_text())
+    for r in results["runs"]:
+        history = search_runs / run_name(args, r["scorer"], r.get("seed", 0)) / "history.jsonl"
+        if history.exists():
+            records = [json.loads(line) for line in history.read_text().splitlines()]
+            for key, value in from_history(records).items():
+                r.setdefault(key, value)
+    write(args.out, results)
 
 
 def run_name(args: argparse.Namespace, label: str, seed: int) -> str:
     return f"{args.model}-{args.target:g}-{label.replace(' ', '-')}-seed{seed}"
 
 
-def decisions(history: list[dict]) -> list[dict]:
-    return [{"group": h["group"], "channels": h["channels"], "loss": h["loss"]} for h in history]
+def from_history(history: list[dict]) -> dict:
+    """A row's images scored and decisions (to compare with the exhaustive scorer's)."""
+    return {
+        "images_scored": sum(h["scorer"]["images"] for h in history),
+        "decisions": [
+            {"group": h["group"], "channels": h["channels"], "loss": h["loss"]} for h in history
+        ],
+    }
 
 
 def write(out: Path, results: dict) -> None:
