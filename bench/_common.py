@@ -16,7 +16,7 @@ from torch import nn
 
 import autoprune
 from autoprune.api import loader_for
-from autoprune.data import ImageData
+from autoprune.data import ImageData, load_dataset
 from autoprune.measure import evaluate_batches
 from autoprune.train import LossFn, TrainConfig, fit
 
@@ -34,6 +34,13 @@ def cifar10_jpeg75_root() -> Path:
         script = SHARED / "data" / "prepare_cifar10_jpeg75.py"
         subprocess.run([sys.executable, str(script)], check=True)
     return CIFAR10_JPEG75
+
+
+def cifar10_jpeg75(test_size: int = 10_000) -> tuple[ImageData, ImageData]:
+    """The CIFAR-10-JPEG75 training split and its first ``test_size`` test images."""
+    root = cifar10_jpeg75_root()
+    train = load_dataset("cifar10", "train", root)
+    return train, load_dataset("cifar10", "test", root).subset(range(test_size))
 
 
 def adapted_weights(model: str) -> Path:

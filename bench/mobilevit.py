@@ -34,7 +34,7 @@ from _common import (
     SHARED,
     SMOKE,
     accuracy,
-    cifar10_jpeg75_root,
+    cifar10_jpeg75,
     machine,
     machine_line,
     write_results,
@@ -42,7 +42,6 @@ from _common import (
 
 import autoprune
 from autoprune.attention import MultiHeadAttention
-from autoprune.data import load_dataset
 from autoprune.measure import count_params
 from autoprune.search import PruneConfig
 
@@ -122,9 +121,7 @@ def attention_shapes(model: torch.nn.Module) -> dict[str, str]:
 def main() -> None:
     args = parse_args()
     torch.manual_seed(args.seed)
-    root = cifar10_jpeg75_root()
-    train = load_dataset("cifar10", "train", root)
-    test = load_dataset("cifar10", "test", root).subset(range(args.test_size))
+    train, test = cifar10_jpeg75(args.test_size)
     dense = autoprune.create_model("mobilevit_xxs", weights=WEIGHTS)
     results: dict[str, Any] = {
         "machine": machine(),

@@ -31,7 +31,7 @@ from _common import (
     SMOKE,
     accuracy,
     adapted_weights,
-    cifar10_jpeg75_root,
+    cifar10_jpeg75,
     finetune,
     machine,
     machine_line,
@@ -137,10 +137,8 @@ def prune_row(
 
 
 def resnet56_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
-    root = cifar10_jpeg75_root()
-    train = load_dataset("cifar10", "train", root)
+    train, test = cifar10_jpeg75(args.test_size)
     train = train.subset(range(args.train_size)) if args.train_size else train
-    test = load_dataset("cifar10", "test", root).subset(range(args.test_size))
     model = "resnet20" if args.smoke else "resnet56"
     dense = autoprune.create_model(model, weights=adapted_weights(model))
     common = {"target_macs_reduction": args.target, "val_data": test}

@@ -15,10 +15,9 @@ import argparse
 from itertools import product
 from pathlib import Path
 
-from _common import DOCS, adapted_weights, cifar10_jpeg75_root, machine, machine_line, write_results
+from _common import DOCS, adapted_weights, cifar10_jpeg75, machine, machine_line, write_results
 
 import autoprune
-from autoprune.data import load_dataset
 
 
 def parse_args() -> argparse.Namespace:
@@ -41,9 +40,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    root = cifar10_jpeg75_root()
-    train = load_dataset("cifar10", "train", root)
-    test = load_dataset("cifar10", "test", root).subset(range(args.test_size))
+    train, test = cifar10_jpeg75(args.test_size)
     dense = autoprune.create_model(args.model, weights=adapted_weights(args.model))
     result = {
         "dataset": "CIFAR-10-JPEG75",

@@ -37,7 +37,7 @@ from _common import (
     SMOKE,
     accuracy,
     adapted_weights,
-    cifar10_jpeg75_root,
+    cifar10_jpeg75,
     finetune,
     machine,
     machine_line,
@@ -49,7 +49,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 import autoprune
-from autoprune.data import ImageData, load_dataset
+from autoprune.data import ImageData
 from autoprune.io import load, save
 from autoprune.measure import count_macs, count_params
 from autoprune.search import PruneConfig
@@ -191,9 +191,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    root = cifar10_jpeg75_root()
-    train = load_dataset("cifar10", "train", root)
-    test = load_dataset("cifar10", "test", root).subset(range(args.test_size))
+    train, test = cifar10_jpeg75(args.test_size)
     dense = autoprune.create_model(args.model, weights=adapted_weights(args.model)).eval()
     example = torch.zeros(1, 3, 32, 32)
     teacher = copy.deepcopy(dense).requires_grad_(False)

@@ -26,7 +26,7 @@ from _common import (
     SMOKE,
     accuracy,
     adapted_weights,
-    cifar10_jpeg75_root,
+    cifar10_jpeg75,
     finetune,
     machine,
     machine_line,
@@ -35,7 +35,6 @@ from _common import (
 )
 
 import autoprune
-from autoprune.data import load_dataset
 from autoprune.io import save
 from autoprune.measure import count_macs, count_params
 
@@ -76,9 +75,7 @@ def main() -> None:
         rerender(args, search_runs)
         return
     torch.manual_seed(args.seed)
-    root = cifar10_jpeg75_root()
-    train = load_dataset("cifar10", "train", root)
-    test = load_dataset("cifar10", "test", root).subset(range(args.test_size))
+    train, test = cifar10_jpeg75(args.test_size)
     dense = autoprune.create_model(args.model, weights=adapted_weights(args.model))
     example = torch.zeros(1, 3, 32, 32)
     results = {
