@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +56,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--weight-sparsity", type=float, default=0.5, help="ResNet-56")
     p.add_argument("--vgg-target", type=float, default=0.7, help="VGG-19: MACs reduction")
     p.add_argument("--vgg-sparsity", type=float, default=0.95, help="VGG-19: weight sparsity")
-    p.add_argument("--vgg-epochs", type=float, default=2.0, help="training VGG-19 from scratch")
-    p.add_argument("--step", type=float, default=0.02)
+    p.add_argument("--vgg-epochs", type=float, default=1.0, help="training VGG-19 from scratch")
+    p.add_argument("--step", type=float, default=0.02, help="ResNet-56: MACs per search step")
+    p.add_argument(
+        "--vgg-step", type=float, default=0.05, help="VGG-19 (3x ResNet-56's MACs per image)"
+    )
     p.add_argument("--criteria", default=None, help="[default: the whole pool]")
     p.add_argument("--calib", type=int, default=512)
     p.add_argument("--recover-steps", type=int, default=50)
@@ -78,7 +80,8 @@ def parse_args() -> argparse.Namespace:
             0.05,
         )
         args.criteria = "l1"
-        args.vgg_epochs, args.step, args.calib, args.recover_steps = 0.05, 0.08, 16, 1
+        args.vgg_epochs, args.step, args.vgg_step = 0.05, 0.08, 0.08
+        args.calib, args.recover_steps = 16, 1
         args.finetune_epochs, args.test_size, args.train_size = 0.05, 64, 256
         args.out, args.runs = SMOKE / "multigrain", SMOKE / "multigrain-runs"
     return args
@@ -90,16 +93,16 @@ def prune_row(
     train: ImageData,
     test: ImageData,
     name: str,
+    step: float,
     input_size: int | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Prune ``dense``, fine-tune, and the row: compression, MACs, accuracy lost."""
-    start = time.perf_counter()
     result = autoprune.prune(
         dense,
         example_inputs=EXAMPLE,
         train_data=train,
-        step=args.step,
+        step=step,
         criteria=args.criteria,
         calib_size=args.calib,
         recover_steps=args.recover_steps,
@@ -110,7 +113,6 @@ def prune_row(
         input_size=input_size,
         **settings,
     )
-    search_s = time.perf_counter() - start
     model, summary = result.model, result.summary
     with masks_held(model):  # masked weights stay zero while fine-tuning
         finetune(model, train, args.finetune_epochs, lr=0.01, seed=args.seed, input_size=input_size)
@@ -120,7 +122,14 @@ def prune_row(
     return {
         "run": name,
         "granularity": summary["config"]["granularity"],
-        "search_s": round(search_s, 1),
+        "step": step,
+        "calib_images": args.calib,
+        "steps_per_recovery": args.recover_steps,
+        "finetune_epochs": args.finetune_epochs,
+        "train_images": len(train),
+        "load_average": machine()["load_average"],
+        # the iterations' own times: a run resumed across sessions counts only them
+        "search_s": round(sum(h["seconds"] for h in result.history), 1),
         "iterations": summary["iterations"],
         "recovery_steps": recoveries * args.recover_steps,
         "removed": summary["removed"],
@@ -141,7 +150,7 @@ def resnet56_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     train = train.subset(range(args.train_size)) if args.train_size else train
     model = "resnet20" if args.smoke else "resnet56"
     dense = autoprune.create_model(model, weights=adapted_weights(model))
-    common = {"target_macs_reduction": args.target, "val_data": test}
+    common = {"target_macs_reduction": args.target, "val_data": test, "step": args.step}
     return [
         prune_row(args, dense, train, test, f"{model}-channel", granularity="channel", **common),
         prune_row(
@@ -180,6 +189,7 @@ def vgg_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         train,
         test,
         "vgg19_bn-multigrain",
+        step=args.vgg_step,
         input_size=32,
         granularity=MULTIGRAIN,
         target_macs_reduction=args.vgg_target,
@@ -194,23 +204,12 @@ STUDIES = {"resnet56": resnet56_rows, "vgg19": vgg_rows}
 
 def main() -> None:
     args = parse_args()
-    results = {
-        "machine": machine(),
-        "protocol": (
-            f"loss-aware search (fast scorer, {args.calib} calibration images, step "
-            f"{args.step}), recovery {args.recover_steps} steps per recovery, distillation on; "
-            f"then {args.finetune_epochs} epoch(s) of fine-tuning (SGD lr 0.01, cosine) for "
-            "every run. Multi-grain runs share the MACs target equally between block, layer "
-            "and channel, then mask weights to the sparsity, recovering after each weight step"
-        ),
-        "runs": previous_rows(args.out, protocol_step=args.step),
-        "protocol_step": args.step,
-    }
     for study in args.studies.split(","):
         rows = STUDIES[study](args)
         names = {r["run"] for r in rows}
-        results["runs"] = [r for r in results["runs"] if r["run"] not in names] + rows
-        write(args.out, results)
+        # read again: the other study may have run beside this one
+        kept = [r for r in previous_rows(args.out) if r["run"] not in names]
+        write(args.out, {"machine": machine(), "runs": kept + rows})
         print(json.dumps(rows, indent=1)[:3000], flush=True)
 
 
@@ -218,13 +217,18 @@ def write(out: Path, results: dict[str, Any]) -> None:
     lines = [
         "# Multi-grain pruning vs channels only",
         "",
-        f"Generated by `bench/multigrain.py`. Protocol: {results['protocol']}.",
+        "Generated by `bench/multigrain.py`. Protocol: loss-aware search (fast scorer) with "
+        "brief distilled recovery every 2 % of MACs; multi-grain runs share the MACs target "
+        "equally between block, layer and channel, then mask weights step by step to the "
+        "sparsity, recovering after each step; then the same fine-tune (SGD lr 0.01, cosine) "
+        "for every run, masks held. Compression: dense parameters / non-zero parameters.",
         "ResNet runs: CIFAR-10-JPEG75 (adapted weights). VGG-19-BN: trained by the script on "
-        "Fashion-MNIST.",
+        "Fashion-MNIST (grey as RGB, 32 x 32).",
         "",
         "| run | granularity | removed (blocks / layers / channels / weights) | MACs red. "
-        "| sparse MACs red. | compression | dense acc. | acc. after fine-tune | lost |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| sparse MACs red. | compression | dense acc. | acc. after fine-tune | lost "
+        "| search (s) | step / calib. / fine-tune |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
         rm = r["removed"]
@@ -233,7 +237,8 @@ def write(out: Path, results: dict[str, Any]) -> None:
             f"{rm['channels']} / {rm['weights']} | {r['macs_reduction']:.1%} "
             f"| {r['sparse_macs_reduction']:.1%} | {r['compression_ratio']:.1f}x "
             f"| {r['accuracy_dense']:.2f} % | {r['accuracy_after_finetune']:.2f} % "
-            f"| {r['accuracy_lost']:+.2f} |"
+            f"| {r['accuracy_lost']:+.2f} | {r['search_s']:.0f} "
+            f"| {r['step']:g} / {r['calib_images']} / {r['finetune_epochs']:g} ep. |"
         )
     lines += ["", machine_line(results["machine"])]
     write_results(out, results, "\n".join(lines) + "\n")
