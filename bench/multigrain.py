@@ -56,7 +56,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--weight-sparsity", type=float, default=0.5, help="ResNet-56")
     p.add_argument("--vgg-target", type=float, default=0.7, help="VGG-19: MACs reduction")
     p.add_argument("--vgg-sparsity", type=float, default=0.95, help="VGG-19: weight sparsity")
-    p.add_argument("--vgg-epochs", type=float, default=1.0, help="training VGG-19 from scratch")
+    p.add_argument("--vgg-epochs", type=float, default=1.5, help="training VGG-19 from scratch")
+    # 80 steps from scratch: 75.4 % test accuracy at lr 0.01, 20.6 % at 0.05 (too high so early)
+    p.add_argument("--vgg-lr", type=float, default=0.01, help="training VGG-19 from scratch")
     p.add_argument("--step", type=float, default=0.02, help="ResNet-56: MACs per search step")
     p.add_argument(
         "--vgg-step", type=float, default=0.05, help="VGG-19 (3x ResNet-56's MACs per image)"
@@ -168,12 +170,12 @@ def resnet56_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def trained_vgg(args: argparse.Namespace, train: ImageData) -> torch.nn.Module:
     """VGG-19-BN trained on ``train`` (saved under --runs and reused)."""
-    path = args.runs / f"vgg19_bn-fashion-mnist-{args.vgg_epochs:g}ep"
+    path = args.runs / f"vgg19_bn-fashion-mnist-{args.vgg_epochs:g}ep-lr{args.vgg_lr:g}"
     if (path / "arch.json").exists():
         return load(path)
     torch.manual_seed(args.seed)
     model = autoprune.create_model("vgg19_bn")
-    finetune(model, train, args.vgg_epochs, lr=0.05, seed=args.seed, input_size=32)
+    finetune(model, train, args.vgg_epochs, lr=args.vgg_lr, seed=args.seed, input_size=32)
     save(model, path, input_size=(3, 32, 32))
     return model
 
