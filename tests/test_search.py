@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -252,6 +253,16 @@ def test_resume_with_other_settings_is_refused(smallcnn, finished):
     _, out = finished
     with pytest.raises(AutopruneError, match=r"other settings.*step"):
         small_prune(smallcnn, out_dir=out, resume=True, step=0.02)
+
+
+def test_resume_from_a_model_with_other_weights_is_refused(smallcnn, finished):
+    _, out = finished
+    retrained = copy.deepcopy(smallcnn)
+    with torch.no_grad():
+        next(retrained.parameters())[0].add_(1e-3)  # same architecture, one weight changed
+    with pytest.raises(AutopruneError, match="started from a model with other weights"):
+        small_prune(retrained, out_dir=out, resume=True)
+    assert small_prune(smallcnn, out_dir=out, resume=True).summary["iterations"] > 0
 
 
 def test_resume_after_a_scorer_default_changed_is_refused(smallcnn, finished, monkeypatch):

@@ -18,6 +18,7 @@ reads it to resume.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -155,6 +156,7 @@ class _Search:
         for net in (self.graph.model, self.teacher):  # all ranks start from rank 0's weights
             if net is not None:
                 distributed.broadcast_weights(net)
+        self.start_weights = weights_digest(self.graph.model)
         self.original_macs = self.graph.macs()
         self.original_channels = {g.name: g.channels for g in self.graph.groups()}
         self.widths = layer_widths(self.graph.model)
@@ -396,6 +398,7 @@ class _Search:
         state = {
             "format": STATE_FORMAT,
             "config": _comparable(self.config, self.scorer),
+            "start_weights": self.start_weights,
             **asdict(self.state),
             "model": self.graph.model.state_dict(),
         }
@@ -404,6 +407,11 @@ class _Search:
     def _restore(self, saved: dict[str, Any]) -> None:
         config, before = _comparable(self.config, self.scorer), saved.pop("config")
         changed = sorted(k for k in config.keys() | before.keys() if config.get(k) != before.get(k))
+        if saved.pop("start_weights", None) != self.start_weights:
+            raise AutopruneError(
+                f"cannot resume {self.run_dir.path if self.run_dir else ''}: it was started from "
+                "a model with other weights; pass the same model or use another output directory"
+            )
         if changed or saved.pop("format") != STATE_FORMAT:
             raise AutopruneError(
                 f"cannot resume {self.run_dir.path if self.run_dir else ''}: it was started with "
@@ -463,6 +471,16 @@ def _comparable(config: PruneConfig, scorer: Scorer) -> dict[str, Any]:
             f.name: getattr(scorer, f.name) for f in fields(scorer) if f.init
         }
     return json.loads(json.dumps(values))
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of the state dict (names, shapes, dtypes, bytes): a run resumes only from the
+    model it started from, not from a retrained one of the same architecture."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _json_safe(value: Any) -> Any:
