@@ -45,7 +45,7 @@ from .run import RunDir, layer_widths, summarize
 from .schedules import SCHEDULES, SearchContext, Step
 from .scorers import Scorer, create_scorer
 
-STATE_FORMAT = 2
+STATE_FORMAT = 3  # 3: the starting model's digest
 Removal = list[tuple[str, torch.Tensor]]
 
 
@@ -407,16 +407,16 @@ class _Search:
     def _restore(self, saved: dict[str, Any]) -> None:
         config, before = _comparable(self.config, self.scorer), saved.pop("config")
         changed = sorted(k for k in config.keys() | before.keys() if config.get(k) != before.get(k))
-        if saved.pop("start_weights", None) != self.start_weights:
-            raise AutopruneError(
-                f"cannot resume {self.run_dir.path if self.run_dir else ''}: it was started from "
-                "a model with other weights; pass the same model or use another output directory"
-            )
         if changed or saved.pop("format") != STATE_FORMAT:
             raise AutopruneError(
                 f"cannot resume {self.run_dir.path if self.run_dir else ''}: it was started with "
                 f"other settings ({', '.join(changed) or 'format'}); use the same ones or "
                 "another output directory"
+            )
+        if saved.pop("start_weights") != self.start_weights:
+            raise AutopruneError(
+                f"cannot resume {self.run_dir.path if self.run_dir else ''}: it was started from "
+                "a model with other weights; pass the same model or use another output directory"
             )
         weights = saved.pop("model")
         self.state = SearchState(**saved)
