@@ -54,6 +54,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--studies", default="resnet56,vgg19")
     p.add_argument("--target", type=float, default=0.5, help="ResNet-56: MACs reduction")
     p.add_argument("--weight-sparsity", type=float, default=0.5, help="ResNet-56")
+    p.add_argument("--resnet-runs", default="channel,multigrain", help="ResNet-56 rows to run")
+    p.add_argument(
+        "--macs-shares",
+        default="",
+        help="ResNet-56: also a multi-grain row with these block,layer,channel MACs shares",
+    )
     p.add_argument("--vgg-target", type=float, default=0.7, help="VGG-19: MACs reduction")
     p.add_argument("--vgg-sparsity", type=float, default=0.95, help="VGG-19: weight sparsity")
     p.add_argument("--vgg-epochs", type=float, default=1.5, help="training VGG-19 from scratch")
@@ -131,7 +137,7 @@ def prune_row(
         "train_images": len(train),
         "load_average": machine()["load_average"],
         # the iterations' own times: a run resumed across sessions counts only them
-        "search_s": round(sum(h["seconds"] for h in result.history), 1),
+        "search_s": round(sum(h["seconds"] + h["recovery_s"] for h in result.history), 1),
         "iterations": summary["iterations"],
         "recovery_steps": recoveries * args.recover_steps,
         "removed": summary["removed"],
@@ -153,18 +159,18 @@ def resnet56_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     model = "resnet20" if args.smoke else "resnet56"
     dense = autoprune.create_model(model, weights=adapted_weights(model))
     common = {"target_macs_reduction": args.target, "val_data": test, "step": args.step}
+    multigrain = {"granularity": MULTIGRAIN, "weight_sparsity": args.weight_sparsity}
+    runs = {"channel": {"granularity": "channel"}, "multigrain": multigrain}
+    selected = args.resnet_runs.split(",")
+    if args.macs_shares:  # a multi-grain row with the MACs target shared unequally
+        name = f"multigrain-shares-{args.macs_shares.replace(',', '-')}"
+        shares = tuple(float(s) for s in args.macs_shares.split(","))
+        runs[name] = {**multigrain, "macs_shares": shares}
+        selected.append(name)
     return [
-        prune_row(args, dense, train, test, f"{model}-channel", granularity="channel", **common),
-        prune_row(
-            args,
-            dense,
-            train,
-            test,
-            f"{model}-multigrain",
-            granularity=MULTIGRAIN,
-            weight_sparsity=args.weight_sparsity,
-            **common,
-        ),
+        prune_row(args, dense, train, test, f"{model}-{name}", **common, **runs[name])
+        for name in selected
+        if name
     ]
 
 
