@@ -291,6 +291,7 @@ def prune(
         first = given[0]
         info = dataset_info(first, root=data_root) if isinstance(first, str) else first.info
     classes = (info.num_classes or None) if info else None
+    torch.manual_seed(config.seed)  # a model built here starts from seeded weights
     net = _pretrained(model, weights, classes, config.transfer_head)
     if config.transfer or needs_transfer(net, classes, config.transfer_head):
         config = config.for_transfer(schedule_chosen=chosen)
