@@ -163,7 +163,7 @@ def resnet56_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     runs = {"channel": {"granularity": "channel"}, "multigrain": multigrain}
     selected = args.resnet_runs.split(",")
     if args.macs_shares:  # a multi-grain row with the MACs target shared unequally
-        name = f"multigrain-shares-{args.macs_shares.replace(',', '-')}"
+        name = f"multigrain-shares-{args.macs_shares.replace(',', '-')}-w{args.weight_sparsity:g}"
         shares = tuple(float(s) for s in args.macs_shares.split(","))
         runs[name] = {**multigrain, "macs_shares": shares}
         selected.append(name)
