@@ -235,8 +235,8 @@ def write(out: Path, results: dict[str, Any]) -> None:
         "",
         "| run | granularity | removed (blocks / layers / channels / weights) | MACs red. "
         "| sparse MACs red. | compression | dense acc. | acc. after fine-tune | lost "
-        "| search (s) | step / calib. / fine-tune |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| search + recovery (s) | recovery steps | step / calib. / fine-tune |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
         rm = r["removed"]
@@ -245,7 +245,7 @@ def write(out: Path, results: dict[str, Any]) -> None:
             f"{rm['channels']} / {rm['weights']} | {r['macs_reduction']:.1%} "
             f"| {r['sparse_macs_reduction']:.1%} | {r['compression_ratio']:.1f}x "
             f"| {r['accuracy_dense']:.2f} % | {r['accuracy_after_finetune']:.2f} % "
-            f"| {r['accuracy_lost']:+.2f} | {r['search_s']:.0f} "
+            f"| {r['accuracy_lost']:+.2f} | {r['search_s']:.0f} | {r['recovery_steps']} "
             f"| {r['step']:g} / {r['calib_images']} / {r['finetune_epochs']:g} ep. |"
         )
     lines += ["", machine_line(results["machine"])]
