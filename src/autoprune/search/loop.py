@@ -475,7 +475,8 @@ def _comparable(config: PruneConfig, scorer: Scorer) -> dict[str, Any]:
 
 def weights_digest(model: nn.Module) -> str:
     """SHA-256 of the state dict (names, shapes, dtypes, bytes): a run resumes only from the
-    model it started from, not from a retrained one of the same architecture."""
+    model it started from, not from a retrained one of the same architecture. Bytes, not
+    :func:`distributed.checksum`'s float sums, whose reduction order differs across devices."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
