@@ -15,7 +15,15 @@ import argparse
 from itertools import product
 from pathlib import Path
 
-from _common import DOCS, adapted_weights, cifar10_jpeg75, machine, machine_line, write_results
+from _common import (
+    DOCS,
+    SMOKE,
+    adapted_weights,
+    cifar10_jpeg75,
+    machine,
+    machine_line,
+    write_results,
+)
 
 import autoprune
 
@@ -34,7 +42,7 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     if args.smoke:
         args.target, args.recover_steps, args.calib, args.test_size = 0.04, 2, 32, 256
-        args.out = Path("/tmp/autoprune-bench-smoke/objective_distill")
+        args.out = SMOKE / "objective_distill"
     return args
 
 

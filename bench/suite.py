@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import resource
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import SMOKE
 
 BENCH = Path(__file__).resolve().parent
 SCRIPTS = (
@@ -37,6 +40,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="every script with --smoke")
     args = parser.parse_args()
     extra = ["--smoke"] if args.smoke else []
+    if args.smoke:
+        # A smoke run starts clean: a search state left by an older version would be refused.
+        shutil.rmtree(SMOKE, ignore_errors=True)
     total = time.perf_counter()
     for name in SCRIPTS:
         script = BENCH / name
