@@ -43,6 +43,7 @@ from autoprune.data import ImageData, load_dataset
 from autoprune.graph.sparsity import masks_held
 from autoprune.io import load, save
 from autoprune.measure import count_params
+from autoprune.train import TrainConfig
 
 RUNS = REPO / "runs" / "bench-multigrain"
 EXAMPLE = torch.zeros(1, 3, 32, 32)
@@ -95,18 +96,17 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def prune_row(
+def search(
     args: argparse.Namespace,
     dense: torch.nn.Module,
     train: ImageData,
-    test: ImageData,
     name: str,
     step: float,
     input_size: int | None = None,
     **settings: Any,
-) -> dict[str, Any]:
-    """Prune ``dense``, fine-tune, and the row: compression, MACs, accuracy lost."""
-    result = autoprune.prune(
+) -> autoprune.PruneResult:
+    """The loss-aware search with recovery, resumed when it ran before."""
+    return autoprune.prune(
         dense,
         example_inputs=EXAMPLE,
         train_data=train,
@@ -121,28 +121,52 @@ def prune_row(
         input_size=input_size,
         **settings,
     )
+
+
+def recovery_steps(result: autoprune.PruneResult) -> int:
+    return (
+        sum(h["loss_recovered"] is not None for h in result.history)
+        * result.summary["config"]["recover_steps"]
+    )
+
+
+def epoch_steps(epochs: float, train: ImageData) -> int:
+    return max(1, round(epochs * len(train) / TrainConfig().batch_size))
+
+
+def row(
+    args: argparse.Namespace,
+    dense: torch.nn.Module,
+    result: autoprune.PruneResult,
+    train: ImageData,
+    test: ImageData,
+    finetune_steps: int,
+    input_size: int | None = None,
+) -> dict[str, Any]:
+    """Fine-tune a searched model (masks held) and the row: compression, MACs, accuracy lost."""
     model, summary = result.model, result.summary
+    epochs = finetune_steps * TrainConfig().batch_size / len(train)
     with masks_held(model):  # masked weights stay zero while fine-tuning
-        finetune(model, train, args.finetune_epochs, lr=0.01, seed=args.seed, input_size=input_size)
+        finetune(model, train, epochs, lr=0.01, seed=args.seed, input_size=input_size)
     base = accuracy(dense, test, input_size)
     after = accuracy(model, test, input_size)
-    recoveries = sum(h["loss_recovered"] is not None for h in result.history)
     return {
-        "run": name,
         "granularity": summary["config"]["granularity"],
-        "step": step,
+        "step": summary["config"]["step"],
         "calib_images": args.calib,
         "steps_per_recovery": args.recover_steps,
-        "finetune_epochs": args.finetune_epochs,
+        "finetune_steps": finetune_steps,
         "train_images": len(train),
         "load_average": machine()["load_average"],
         # the iterations' own times: a run resumed across sessions counts only them
         "search_s": round(sum(h["seconds"] + h["recovery_s"] for h in result.history), 1),
         "iterations": summary["iterations"],
-        "recovery_steps": recoveries * args.recover_steps,
+        "recovery_steps": recovery_steps(result),
         "removed": summary["removed"],
+        "ended_early": summary["ended_early"],
         "macs_reduction": summary["macs_reduction"],
         "sparse_macs_reduction": 1 - summary["pruned"]["sparse_macs"] / summary["baseline"]["macs"],
+        "weight_sparsity": summary["weight_sparsity"],
         "params": count_params(model),
         "nonzero_params": count_params(model, nonzero=True),
         "compression_ratio": count_params(dense) / count_params(model, nonzero=True),
@@ -167,10 +191,17 @@ def resnet56_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         shares = tuple(float(s) for s in args.macs_shares.split(","))
         runs[name] = {**multigrain, "macs_shares": shares}
         selected.append(name)
-    return [
-        prune_row(args, dense, train, test, f"{model}-{name}", **common, **runs[name])
+    searched = {
+        name: search(args, dense, train, f"{model}-{name}", **common, **runs[name])
         for name in selected
         if name
+    }
+    # The same training budget for every row: recovery plus fine-tune steps, the fine-tune
+    # filling up to the most recovery any row had plus --finetune-epochs.
+    budget = max(map(recovery_steps, searched.values())) + epoch_steps(args.finetune_epochs, train)
+    return [
+        {**row(args, dense, r, train, test, budget - recovery_steps(r)), "run": f"{model}-{name}"}
+        for name, r in searched.items()
     ]
 
 
@@ -191,12 +222,12 @@ def vgg_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     train = train.subset(range(args.train_size)) if args.train_size else train
     test = load_dataset("fashion-mnist", "test").subset(range(args.test_size))
     dense = trained_vgg(args, train)
-    row = prune_row(
+    name = "vgg19_bn-multigrain"
+    result = search(
         args,
         dense,
         train,
-        test,
-        "vgg19_bn-multigrain",
+        name,
         step=args.vgg_step,
         input_size=32,
         granularity=MULTIGRAIN,
@@ -204,7 +235,9 @@ def vgg_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         weight_sparsity=args.vgg_sparsity,
         val_data=test,
     )
-    return [{**row, "dataset": "Fashion-MNIST (as RGB, 32 x 32)"}]
+    steps = epoch_steps(args.finetune_epochs, train)
+    vgg = row(args, dense, result, train, test, steps, input_size=32)
+    return [{**vgg, "run": name, "dataset": "Fashion-MNIST (as RGB, 32 x 32)"}]
 
 
 STUDIES = {"resnet56": resnet56_rows, "vgg19": vgg_rows}
@@ -228,15 +261,17 @@ def write(out: Path, results: dict[str, Any]) -> None:
         "Generated by `bench/multigrain.py`. Protocol: loss-aware search (fast scorer) with "
         "brief distilled recovery every 2 % of MACs; multi-grain runs share the MACs target "
         "between block, layer and channel (equally unless the run names its shares), then "
-        "mask weights step by step to the sparsity, recovering after each step; then the same "
-        "fine-tune (SGD lr 0.01, cosine) for every run, masks held. Compression: dense "
-        "parameters / non-zero parameters.",
+        "mask weights step by step to the sparsity, recovering after each step; then a "
+        "fine-tune (SGD lr 0.01, cosine, masks held). Every ResNet row trains the same number "
+        "of steps in all (recovery + fine-tune, batch 128): the fine-tune fills up to the most "
+        "recovery any row had plus one epoch. Compression: dense parameters / non-zero "
+        "parameters.",
         "ResNet runs: CIFAR-10-JPEG75 (adapted weights). VGG-19-BN: trained by the script on "
         "Fashion-MNIST (grey as RGB, 32 x 32).",
         "",
         "| run | granularity | removed (blocks / layers / channels / weights) | MACs red. "
         "| sparse MACs red. | compression | dense acc. | acc. after fine-tune | lost "
-        "| search + recovery (s) | recovery steps | step / calib. / fine-tune |",
+        "| search + recovery (s) | recovery + fine-tune steps | step / calib. |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
@@ -246,8 +281,9 @@ def write(out: Path, results: dict[str, Any]) -> None:
             f"{rm['channels']} / {rm['weights']} | {r['macs_reduction']:.1%} "
             f"| {r['sparse_macs_reduction']:.1%} | {r['compression_ratio']:.1f}x "
             f"| {r['accuracy_dense']:.2f} % | {r['accuracy_after_finetune']:.2f} % "
-            f"| {r['accuracy_lost']:+.2f} | {r['search_s']:.0f} | {r['recovery_steps']} "
-            f"| {r['step']:g} / {r['calib_images']} / {r['finetune_epochs']:g} ep. |"
+            f"| {r['accuracy_lost']:+.2f} | {r['search_s']:.0f} "
+            f"| {r['recovery_steps']} + {r['finetune_steps']} "
+            f"| {r['step']:g} / {r['calib_images']} |"
         )
     lines += ["", machine_line(results["machine"])]
     write_results(out, results, "\n".join(lines) + "\n")

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from _small import EXAMPLE as SMALL_EXAMPLE
 from _small import SMALL, synthetic_task
+from _small import TRAIN as SMALL_TRAIN
 from torch import nn
 
 import autoprune
 from autoprune.data import load_dataset
 from autoprune.errors import AutopruneError
 from autoprune.graph import build_graph
-from autoprune.graph.sparsity import MASK, mask_weights, masked_count, masks_held
+from autoprune.graph.sparsity import MASK, mask_weights, masked_count, masks_held, weight_layers
 from autoprune.graph.units import RemovedLayer, find_units
 from autoprune.io import load, save
 from autoprune.io.export import FORMATS, run_onnx
@@ -25,7 +27,14 @@ from autoprune.search import PruneConfig, create_scorer
 from autoprune.search import loop as search_loop
 from autoprune.search.calibration import CalibrationSet
 from autoprune.search.candidates import loss_objective
-from autoprune.search.granularity import EMPTY, UnitCandidate, WeightCandidate
+from autoprune.search.granularity import (
+    EMPTY,
+    SPREAD_SCORES,
+    UnitCandidate,
+    WeightCandidate,
+    _spread,
+    lamp_scores,
+)
 from autoprune.train import TrainConfig, fit
 
 X32 = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -148,6 +157,61 @@ def test_weight_masks_survive_training_and_save_load(tmp_path: Path):
         assert torch.equal(loaded(x), model.eval()(x))
 
 
+def test_lamp_scores_do_not_depend_on_a_layer_s_scale():
+    w = torch.tensor([3.0, -1.0, 2.0])  # squares 9, 1, 4: each over the sum of those >= it
+    expected = torch.tensor([1.0, 1 / 14, 4 / 13], dtype=torch.float64)
+    torch.testing.assert_close(lamp_scores(w), expected)
+    torch.testing.assert_close(lamp_scores(100 * w), expected)
+
+
+def test_a_spread_step_takes_from_every_layer_and_respects_the_layer_floor():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with torch.no_grad():
+        model[2].weight.mul_(0.01)  # a layer of small weights
+    layers = weight_layers(model)
+    (lamp,) = _spread(layers, lamp_scores, "lamp", 20)
+    (magnitude,) = _spread(layers, SPREAD_SCORES["global_magnitude"], "global_magnitude", 20)
+    counts = {name: int(idxs.numel()) for name, idxs in lamp.parts}
+    assert counts.keys() == {"0", "2"} and sum(counts.values()) == 20 == lamp.params_saved
+    # raw magnitude would empty the small layer, up to its floor of 1 % (31 of 32 weights)
+    assert {n: int(i.numel()) for n, i in magnitude.parts} == {"2": 20}
+    mask_weights(model[2], torch.arange(31))
+    (after,) = _spread(layers, SPREAD_SCORES["global_magnitude"], "global_magnitude", 20)
+    assert [n for n, _ in after.parts] == ["0"]  # the floor: layer 2 keeps its last weight
+    graph = build_graph(model, torch.zeros(1, 8))
+    after.prune(graph)
+    assert masked_count(model)[0] == 31 + 20
+
+
+def test_a_weight_step_over_the_loss_limit_is_undone_and_ends_the_phase():
+    torch.manual_seed(0)
+    model = create_model("smallcnn")
+    loader = autoprune.api.loader_for(model, SMALL_TRAIN, batch_size=32, train=True, seed=0)
+    fit(model, loader, TrainConfig(epochs=6, lr=0.01, channels_last=False, progress=False))
+    settings = {
+        **SMALL,
+        "example_inputs": SMALL_EXAMPLE,
+        "train_data": SMALL_TRAIN,
+        "granularity": "weight",
+        "weight_sparsity": 0.9,
+        "weight_step": 0.5,  # half the weights of a trained net at once: the loss must rise
+        "recover_steps": 0,
+        "weight_loss_limit": 1.0001,
+    }
+    with pytest.warns(UserWarning, match="'weight' ended before its goal"):
+        result = autoprune.prune(model, progress=False, **settings)
+    assert result.history == [] and "weight" in result.summary["ended_early"]
+    assert masked_count(result.model)[0] == 0 and not any(
+        hasattr(m, MASK) for m in result.model.modules()
+    )
+    after, before = result.model.state_dict(), model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+    unlimited = autoprune.prune(model, progress=False, **{**settings, "weight_loss_limit": None})
+    assert unlimited.summary["weight_sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert unlimited.summary["ended_early"] == {}
+
+
 def test_granularities_are_checked():
     assert PruneConfig().granularity == ("channel",)
     with pytest.raises(AutopruneError, match="coarse to fine"):
@@ -156,6 +220,8 @@ def test_granularities_are_checked():
         PruneConfig(granularity="block,channel", macs_shares=(0.5, 0.6))
     with pytest.raises(AutopruneError, match="unknown granularity"):
         PruneConfig(granularity="neuron")
+    with pytest.raises(AutopruneError, match="weight_loss_limit must be > 1"):
+        PruneConfig(weight_loss_limit=0.5)
 
 
 TRAIN, VAL = synthetic_task(channels=3)

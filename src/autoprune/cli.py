@@ -324,6 +324,14 @@ def prune_cmd(
     weight_sparsity: Annotated[
         float, typer.Option(help="With --granularity ...,weight: the share of weights zeroed.")
     ] = PRUNE.weight_sparsity,
+    weight_loss_limit: Annotated[
+        float,
+        typer.Option(
+            help="With ...,weight: undo the step and end the weight phase where recovery leaves "
+            "the calibration loss above this multiple of its value at the phase's start "
+            "(0: reach --weight-sparsity at any cost)."
+        ),
+    ] = PRUNE.weight_loss_limit or 0.0,
     scope: Annotated[
         str,
         typer.Option(
@@ -380,6 +388,7 @@ def prune_cmd(
         ignored_layers=ignored_layers,
         granularity=granularity,
         weight_sparsity=weight_sparsity,
+        weight_loss_limit=weight_loss_limit or None,
         scope=scope,
         transfer_order=transfer_order,
         transfer_head=transfer_head,

@@ -93,6 +93,15 @@ def masks_held(model: nn.Module) -> Iterator[None]:
         handle.remove()
 
 
+def restore_weights(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Load ``saved`` (a state dict taken before some masking) into ``model``: weights and
+    masks as they were, and the masks made since then gone."""
+    for name, module in masked_layers(model).items():
+        if f"{name}.{MASK}".lstrip(".") not in saved:
+            del module._buffers[MASK]
+    model.load_state_dict(saved)
+
+
 def masked_count(model: nn.Module) -> tuple[int, int]:
     """(masked weights, all weights) of the conv and linear layers."""
     masked = total = 0

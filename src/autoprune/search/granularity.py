@@ -9,8 +9,11 @@ coarse to fine instead. A run goes through ``config.granularity`` in the registe
   candidate, tried by letting its input pass through; goal: a share of the MACs target;
 - ``channel``: the schedule's (group, criterion) candidates, as in a channel-only run; goal:
   the MACs target (it is the last structured granularity, so it finishes the MACs);
-- ``weight`` (:mod:`autoprune.graph.sparsity`): per layer, the smallest-magnitude weights
-  making up ``weight_step`` of all conv and linear weights; goal: ``weight_sparsity``.
+- ``weight`` (:mod:`autoprune.graph.sparsity`): steps of ``weight_step`` of all conv and
+  linear weights, taken from one layer by magnitude or spread over every layer by a score
+  comparable across layers (LAMP, global magnitude); goal: ``weight_sparsity``, unless
+  recovery cannot hold the loss under ``weight_loss_limit`` times its value when the phase
+  began (:attr:`Granularity.loss_limit`): then the step is undone and the phase ends early.
 
 Candidates are scored by the same scorer on the same calibration loss; with the
 ``loss_per_mac`` objective weight candidates count parameters instead of MACs. Adding a
@@ -21,8 +24,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -63,6 +66,9 @@ class Granularity(ABC):
     structured: ClassVar[bool] = True
     counts: ClassVar[str]
     recover_every_step: ClassVar[bool] = False
+    # A step leaving the calibration loss (after recovery) above this multiple of the loss the
+    # phase began with is undone, and the phase ends; None: the goal is reached at any cost.
+    loss_limit: float | None = None
 
     def __init__(self, name: str, config: PruneConfig, goal: float, schedule: Schedule) -> None:
         self.name, self.config, self.goal, self.schedule = name, config, goal, schedule
@@ -227,14 +233,61 @@ class WeightCandidate(GrainCandidate):
         mask_weights(graph.model.get_submodule(self.group), self.idxs)
 
 
+@dataclass(frozen=True)
+class SpreadWeightCandidate(GrainCandidate):
+    """Masking weights in several layers at once: ``parts`` pairs a layer with its positions."""
+
+    parts: tuple[tuple[str, torch.Tensor], ...] = ()
+
+    def trial(self, graph: PruningGraph) -> AbstractContextManager[Any]:
+        stack = ExitStack()
+        for name, idxs in self.parts:
+            stack.enter_context(zeroed(graph.model.get_submodule(name), idxs))
+        return stack
+
+    def changed(self, graph: PruningGraph) -> list[nn.Module]:
+        return [graph.model.get_submodule(name) for name, _ in self.parts]
+
+    def prune(self, graph: PruningGraph) -> None:
+        for name, idxs in self.parts:
+            mask_weights(graph.model.get_submodule(name), idxs)
+
+    def removal(self) -> dict[str, torch.Tensor]:
+        return dict(self.parts)
+
+
+def lamp_scores(weight: torch.Tensor) -> torch.Tensor:
+    """LAMP (Lee et al., ICLR 2021): a weight's square over the sum of the squares of the
+    layer's weights at least as large. A layer's own scale cancels, so one global threshold
+    spreads a step over the layers without emptying those whose weights are small."""
+    squares = weight.detach().reshape(-1).double().pow(2)
+    ordered, order = squares.sort()
+    tails = ordered.flip(0).cumsum(0).flip(0)
+    scores = torch.empty_like(squares)
+    scores[order] = ordered / tails.clamp_min(torch.finfo(torch.float64).tiny)
+    return scores
+
+
+# How a step spread over every layer ranks the weights: lowest first, compared across layers.
+SPREAD_SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "lamp": lamp_scores,
+    "global_magnitude": lambda weight: weight.detach().reshape(-1).abs().double(),
+}
+
+
 @GRANULARITIES.register("weight", rank=3, description="unstructured magnitude masks")
 class Weight(Granularity):
-    """Steps of ``weight_step`` of all conv and linear weights, one layer at a time; every step
-    is followed by recovery (with the masks held)."""
+    """Steps of ``weight_step`` of all conv and linear weights, from one layer by magnitude or
+    spread over all by each of :data:`SPREAD_SCORES`; every step is followed by recovery (with
+    the masks held). A layer keeps at least ``1 - MAX_LAYER_SPARSITY`` of its weights."""
 
     structured = False
     counts = "weights"
     recover_every_step = True
+
+    def __init__(self, name: str, config: PruneConfig, goal: float, schedule: Schedule) -> None:
+        super().__init__(name, config, goal, schedule)
+        self.loss_limit = config.weight_loss_limit
 
     def _remaining(self, model: nn.Module) -> tuple[int, int]:
         masked, total = masked_count(model)
@@ -246,27 +299,67 @@ class Weight(Granularity):
     def propose(self, ctx: SearchContext) -> Step | None:
         remaining, total = self._remaining(ctx.graph.model)
         step = min(max(1, round(self.config.weight_step * total)), remaining)
-        offers = []
-        for name, module in weight_layers(ctx.graph.model).items():
-            if _ignored([name], self.config.ignored_layers):
-                continue
-            scores = module.weight.detach().abs().reshape(-1).clone()
-            mask = getattr(module, MASK, None)
-            if mask is not None:
-                scores[~mask.reshape(-1)] = math.inf
-            free = math.floor(MAX_LAYER_SPARSITY * scores.numel()) - int(scores.isinf().sum())
-            n = min(step, free)
+        layers = {
+            name: module
+            for name, module in weight_layers(ctx.graph.model).items()
+            if not _ignored([name], self.config.ignored_layers)
+        }
+        offers: list[GrainCandidate] = []
+        for name, module in layers.items():
+            free = _free(module, module.weight.detach().abs().reshape(-1))
+            n = min(step, int(free.isfinite().sum()))
             if n >= 1:
-                idxs = torch.topk(scores, n, largest=False).indices.sort().values.cpu()
+                idxs = torch.topk(free, n, largest=False).indices.sort().values.cpu()
                 offers.append(WeightCandidate(name, ("magnitude",), idxs, 0, n))
+        for criterion, score in SPREAD_SCORES.items():
+            offers += _spread(layers, score, criterion, step)
         # Candidates that remove the whole step compare by loss alone; smaller ones only if
-        # no layer can give the whole step.
+        # none can give the whole step.
         candidates = [c for c in offers if c.params_saved == step] or offers
         return choose(ctx, candidates, self.name) if candidates else None
 
     def apply(self, graph: PruningGraph, removal: Mapping[str, torch.Tensor]) -> None:
         for name, idxs in removal.items():
             mask_weights(graph.model.get_submodule(name), idxs)
+
+
+def _free(module: nn.Module, scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` (flat, of ``module``'s weights) with inf where a weight may not be masked:
+    masked already, or beyond the layer's ``MAX_LAYER_SPARSITY``."""
+    scores = scores.clone()
+    mask = getattr(module, MASK, None)
+    if mask is not None:
+        scores[~mask.reshape(-1)] = math.inf
+    allowed = math.floor(MAX_LAYER_SPARSITY * scores.numel()) - int(scores.isinf().sum())
+    if allowed < int(scores.isfinite().sum()):
+        scores[scores.argsort()[max(0, allowed) :]] = math.inf
+    return scores
+
+
+def _spread(
+    layers: Mapping[str, nn.Module],
+    score: Callable[[torch.Tensor], torch.Tensor],
+    criterion: str,
+    step: int,
+) -> list[GrainCandidate]:
+    """The ``step`` weights with the lowest ``score`` over all ``layers``, as one candidate
+    (none when fewer than two layers could give any: that is a single-layer candidate)."""
+    if len(layers) < 2:
+        return []
+    scores = [_free(m, score(m.weight)) for m in layers.values()]
+    flat = torch.cat(scores)
+    n = min(step, int(flat.isfinite().sum()))
+    if n < 1:
+        return []
+    picked = torch.topk(flat, n, largest=False).indices
+    parts, start = [], 0
+    for name, layer_scores in zip(layers, scores, strict=True):
+        end = start + layer_scores.numel()
+        idxs = picked[(picked >= start) & (picked < end)] - start
+        if idxs.numel():
+            parts.append((name, idxs.sort().values.cpu()))
+        start = end
+    return [SpreadWeightCandidate("all layers", (criterion,), EMPTY, 0, n, parts=tuple(parts))]
 
 
 def accounting(

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any
@@ -35,7 +36,7 @@ from .._progress import Bar, console, progress_bar
 from ..data import BatchLoader
 from ..errors import AutopruneError
 from ..graph import build_graph, scope_report
-from ..graph.sparsity import masks_held
+from ..graph.sparsity import masks_held, restore_weights
 from ..measure import count_macs, count_params, evaluate_batches
 from ..train import LossFn, TrainConfig, TrainResult, distillation, fit
 from .calibration import CalibrationSet
@@ -82,6 +83,9 @@ class SearchState:
     applied: list[tuple[str, Removal]] = field(default_factory=list)
     iteration: int = 0
     grain: int = 0  # index of the granularity being worked on (config.granularity)
+    grain_loss: float | None = None  # calibration loss when that granularity began
+    # granularity -> why it ended before its goal (Granularity.loss_limit)
+    ended_early: dict[str, str] = field(default_factory=dict)
     data_epochs: int = 0  # training epochs drawn so far: the next training starts after them
     next_recovery: float = 0.0  # MACs reduction at which the next recovery is due
     loss: float | None = None  # calibration loss of the model now
@@ -197,6 +201,7 @@ class _Search:
                 entry = self._iterate(self.grains[self.state.grain])
                 if entry is None:  # this granularity is done: on to the next
                     self.state.grain += 1
+                    self.state.grain_loss = None
                     self._checkpoint()
                     continue
                 reporter.log(entry, self._reduction())
@@ -216,14 +221,19 @@ class _Search:
 
     def _iterate(self, grain: Granularity) -> dict[str, Any] | None:
         """One iteration of ``grain``: propose, check, apply, recover when due, checkpoint.
-        None (and nothing done) when ``grain`` has reached its goal or has nothing to offer."""
+        None (and nothing done) when ``grain`` has reached its goal, has nothing to offer, or
+        its step cost more than its ``loss_limit`` allows (then the step is undone)."""
         state, config = self.state, self.config
         t0 = time.perf_counter()
+        if state.grain_loss is None:
+            state.grain_loss = state.loss
         ctx = self._context()
         step = None if grain.reached(ctx) else grain.propose(ctx)
         if step is None:
             return None
         self._check_finite(step.loss, "with the chosen removal")
+        limited = grain.loss_limit is not None and state.grain_loss is not None
+        before = (state.loss, copy.deepcopy(self.graph.model.state_dict())) if limited else None
         self._apply(grain, step.removal)
         reduction = self._reduction()
         entry = self._record(grain, step, reduction, time.perf_counter() - t0)
@@ -240,12 +250,32 @@ class _Search:
             entry["loss_recovered"] = state.loss
             entry["recovery_s"] = round(time.perf_counter() - t1, 3)
             state.timings["recovery_s"] += entry["recovery_s"]
+        if before is not None and self._over_limit(grain):
+            self._undo(grain, *before)
+            return None
         state.applied.append((grain.name, list(step.removal.items())))
         state.iteration += 1
         state.history.append(entry)
         distributed.check_in_sync(self.graph.model, f"at iteration {state.iteration}")
         self._checkpoint()
         return entry
+
+    def _over_limit(self, grain: Granularity) -> bool:
+        state = self.state
+        assert grain.loss_limit is not None and state.grain_loss is not None
+        return state.loss is not None and state.loss > grain.loss_limit * state.grain_loss
+
+    def _undo(self, grain: Granularity, loss: float | None, weights: dict[str, Any]) -> None:
+        """Take back the step just applied (weights and masks as before) and end ``grain``."""
+        why = (
+            f"calibration loss {self.state.loss:.4g} after its step {self.state.iteration + 1} "
+            f"is over {grain.loss_limit:g}x the {self.state.grain_loss:.4g} it began with; the "
+            "step was undone"
+        )
+        restore_weights(self.graph.model, weights)
+        self.state.loss = loss
+        self.state.ended_early[grain.name] = why
+        warnings.warn(f"granularity {grain.name!r} ended before its goal: {why}", stacklevel=1)
 
     def _apply(self, grain: Granularity, removal: dict[str, torch.Tensor]) -> None:
         """Apply a removal; groups a block or layer removal renamed start at their width now."""
@@ -258,10 +288,11 @@ class _Search:
     ) -> dict[str, Any]:
         removed = {name: int(idxs.numel()) for name, idxs in step.removal.items()}
         channels = grain.name == "channel"
+        unit = grain.structured and not channels  # a block or layer: its first module names it
         return {
             "iteration": self.state.iteration + 1,
             "granularity": grain.name,
-            "group": next(iter(removed)) if len(removed) == 1 or not channels else None,
+            "group": next(iter(removed)) if len(removed) == 1 or unit else None,
             "criteria": list(step.criteria),
             "channels": sum(removed.values()) if channels else 0,
             "count": grain.count(step.removal),
@@ -442,6 +473,7 @@ class _Search:
             timings={**self.state.timings, "total_s": self.state.total_s},
             config=asdict(self.config),
         )
+        summary["ended_early"] = self.state.ended_early
         summary["scopes"] = scope_report(self.scope_macs, self.graph.macs_by_scope())
         extra = accounting(
             model,
@@ -516,7 +548,8 @@ class _Reporter:
         if not self.enabled:
             return
         done = min(1000, round(1000 * reduction / self.target))
-        what = entry["group"] or f"{len(entry['removed'])} groups"
+        where = "groups" if entry["granularity"] == "channel" else "layers"
+        what = entry["group"] or f"{len(entry['removed'])} {where}"
         unit = (
             entry["granularity"]
             if entry["count"] == 1
