@@ -4,6 +4,7 @@ block,layer,channel,weight run accounts for what it removed, saves, loads and ex
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from autoprune.io import load, save
 from autoprune.io.export import FORMATS, run_onnx
 from autoprune.measure import count_macs, count_params
 from autoprune.models import create_model
+from autoprune.report import write_report
 from autoprune.search import PruneConfig, create_scorer
 from autoprune.search import loop as search_loop
 from autoprune.search.calibration import CalibrationSet
@@ -301,3 +303,30 @@ def test_interrupted_multigrain_run_resumes_to_the_same_model(resnet20, multigra
     resumed = autoprune.prune(resnet20, out_dir=tmp_path, resume=True, progress=False, **MULTIGRAIN)
     a, b = resumed.model.state_dict(), result.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_multigrain_run_reports_its_compression(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOPRUNE_DATA_ROOT", str(tmp_path))
+    argv = ["prune", "-m", "resnet20", "-d", "synthetic", "--target-flops", "0.05"]
+    argv += ["--step", "0.05", "--criteria", "l1", "--calib-size", "16", "--no-progress"]
+    argv += ["--recover-steps", "1", "--batch-size", "16", "--granularity", "channel,weight"]
+    argv += ["--weight-sparsity", "0.1", "--weight-loss-limit", "0"]
+    code, stdout, err = cli(*argv)
+    assert code == 0, err
+    assert "compression, 10.0 % of weights zero" in stdout
+    code, stdout, err = cli(*argv, "--json")
+    summary = json.loads(stdout)
+    assert summary["config"]["weight_loss_limit"] is None
+    assert summary["weight_sparsity"] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_report_of_a_multigrain_run_counts_what_each_granularity_removed(multigrain):
+    result, out = multigrain
+    markdown, _ = write_report(out)
+    text = markdown.read_text()
+    summary = result.summary
+    assert f"{summary['compression_ratio']:.1f}x compression" in text
+    assert f"{summary['nonzero_params']:,}" in text and "sparse MACs (estimate)" in text
+    removed = summary["removed"]
+    assert removed["blocks"] == 1 and removed["layers"] > 1 and removed["weights"] > 0
+    assert f"Removed: 1 block, {removed['layers']} layers, {removed['channels']} channels, " in text

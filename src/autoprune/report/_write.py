@@ -13,6 +13,7 @@ from ._run import Run, read_run
 
 DPI = 100
 NA = "–"  # a value the run did not measure
+GRAINS = ("blocks", "layers", "channels", "weights")  # summary["removed"], coarse to fine
 
 
 def write_report(run_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
@@ -98,7 +99,30 @@ def _before_after(run: Run) -> list[Block]:
             _reduction(s["params_reduction"]),
         ),
     ]
+    removed = s.get("removed", {})
+    if removed.get("weights"):  # zeros save no dense MACs or parameters: count them apart
+        sparse = pruned["sparse_macs"]
+        rows += [
+            (
+                "non-zero parameters",
+                f"{base['params']:,}",
+                f"{s['nonzero_params']:,}",
+                f"{s['compression_ratio']:.1f}x compression",
+            ),
+            (
+                "sparse MACs (estimate)",
+                f"{base['macs']:,}",
+                f"{sparse:,}",
+                _reduction(1 - sparse / base["macs"]),
+            ),
+        ]
     blocks: list[Block] = [Table(("", "baseline", "pruned", "change"), rows)]
+    if set(s["config"].get("granularity", ["channel"])) != {"channel"}:
+        counts = [(n, what) for what in GRAINS if (n := removed.get(what))]
+        text = ", ".join(f"{n:,} {what if n > 1 else what[:-1]}" for n, what in counts)
+        blocks.append(f"Removed: {text or 'nothing'}.")
+    for grain, why in s.get("ended_early", {}).items():
+        blocks.append(f"The {grain} phase ended before its goal: {why}.")
     if base["accuracy"] is None:
         blocks.append("No validation data was given, so no accuracy was measured.")
     return blocks
