@@ -11,6 +11,7 @@ Two studies, written after each run so an interrupted benchmark keeps what it fi
 
     python bench/multigrain.py                 # both studies (many hours on 2 cores)
     python bench/multigrain.py --studies resnet56
+    python bench/multigrain.py --studies vgg19,vgg19_control   # the control trains dense VGG
     python bench/multigrain.py --smoke         # tiny sizes, for CI (< 40 s)
 
 Writes docs/benchmarks/multigrain.json and .md (the table is generated from the JSON).
@@ -19,6 +20,7 @@ Writes docs/benchmarks/multigrain.json and .md (the table is generated from the 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -52,7 +54,7 @@ MULTIGRAIN = "block,layer,channel,weight"
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--studies", default="resnet56,vgg19")
+    p.add_argument("--studies", default="resnet56,vgg19,vgg19_control")
     p.add_argument("--target", type=float, default=0.5, help="ResNet-56: MACs reduction")
     p.add_argument("--weight-sparsity", type=float, default=0.5, help="ResNet-56")
     p.add_argument("--resnet-runs", default="channel,multigrain", help="ResNet-56 rows to run")
@@ -240,7 +242,47 @@ def vgg_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     return [{**vgg, "run": name, "dataset": "Fashion-MNIST (as RGB, 32 x 32)"}]
 
 
-STUDIES = {"resnet56": resnet56_rows, "vgg19": vgg_rows}
+def vgg_control_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The dense VGG-19 trained as many more steps as the pruned one had (recovery plus
+    fine-tune, same recipe): how much of the pruned model's accuracy the extra training gives.
+    Run after ``vgg19``, whose row it reads."""
+    train = load_dataset("fashion-mnist", "train")
+    train = train.subset(range(args.train_size)) if args.train_size else train
+    test = load_dataset("fashion-mnist", "test").subset(range(args.test_size))
+    pruned = next(r for r in previous_rows(args.out) if r["run"] == "vgg19_bn-multigrain")
+    steps = pruned["recovery_steps"] + pruned["finetune_steps"]
+    dense = trained_vgg(args, train)
+    model = copy.deepcopy(dense)
+    epochs = steps * TrainConfig().batch_size / len(train)
+    finetune(model, train, epochs, lr=0.01, seed=args.seed, input_size=32)
+    base, after = accuracy(dense, test, 32), accuracy(model, test, 32)
+    params = count_params(dense)
+    return [
+        {
+            "run": "vgg19_bn-dense-same-steps",
+            "dataset": pruned["dataset"],
+            "granularity": [],
+            "step": 0,
+            "calib_images": 0,
+            "finetune_steps": steps,
+            "train_images": len(train),
+            "load_average": machine()["load_average"],
+            "search_s": 0,
+            "recovery_steps": 0,
+            "removed": dict.fromkeys(("blocks", "layers", "channels", "weights"), 0),
+            "macs_reduction": 0.0,
+            "sparse_macs_reduction": 0.0,
+            "params": params,
+            "nonzero_params": count_params(model, nonzero=True),
+            "compression_ratio": params / count_params(model, nonzero=True),
+            "accuracy_dense": base,
+            "accuracy_after_finetune": after,
+            "accuracy_lost": base - after,
+        }
+    ]
+
+
+STUDIES = {"resnet56": resnet56_rows, "vgg19": vgg_rows, "vgg19_control": vgg_control_rows}
 
 
 def main() -> None:
@@ -275,9 +317,9 @@ def write(out: Path, results: dict[str, Any]) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
-        rm = r["removed"]
+        rm, grains = r["removed"], ",".join(r["granularity"]) or "none (dense)"
         lines.append(
-            f"| {r['run']} | {','.join(r['granularity'])} | {rm['blocks']} / {rm['layers']} / "
+            f"| {r['run']} | {grains} | {rm['blocks']} / {rm['layers']} / "
             f"{rm['channels']} / {rm['weights']} | {r['macs_reduction']:.1%} "
             f"| {r['sparse_macs_reduction']:.1%} | {r['compression_ratio']:.1f}x "
             f"| {r['accuracy_dense']:.2f} % | {r['accuracy_after_finetune']:.2f} % "
