@@ -76,6 +76,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--calib", type=int, default=512)
     p.add_argument("--recover-steps", type=int, default=50)
     p.add_argument("--finetune-epochs", type=float, default=1.0)
+    p.add_argument(
+        "--train-steps",
+        type=int,
+        default=0,
+        help="ResNet-56: recovery + fine-tune steps of every row (rows added to earlier ones "
+        "keep their budget) [default: the most recovery of the rows run, plus an epoch]",
+    )
     p.add_argument("--test-size", type=int, default=10_000)
     p.add_argument("--train-size", type=int, default=0, help="0: the whole training split")
     p.add_argument("--seed", type=int, default=0)
@@ -200,7 +207,9 @@ def resnet56_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     }
     # The same training budget for every row: recovery plus fine-tune steps, the fine-tune
     # filling up to the most recovery any row had plus --finetune-epochs.
-    budget = max(map(recovery_steps, searched.values())) + epoch_steps(args.finetune_epochs, train)
+    budget = args.train_steps or (
+        max(map(recovery_steps, searched.values())) + epoch_steps(args.finetune_epochs, train)
+    )
     return [
         {**row(args, dense, r, train, test, budget - recovery_steps(r)), "run": f"{model}-{name}"}
         for name, r in searched.items()
