@@ -444,13 +444,14 @@ def _before_after(summary: dict[str, Any], out_dir: Path | None) -> str:
             f"  accuracy {base['accuracy']:9.2f} % -> {pruned['accuracy']:9.2f} % "
             f"({pruned['accuracy'] - base['accuracy']:+.2f})"
         )
-    if summary["removed"]["weights"] or summary["ended_early"]:
+    ended_early = summary.get("ended_early", {})  # absent from runs of older versions
+    if summary["removed"]["weights"] or ended_early:
         lines.append(
             f"  non-zero {summary['nonzero_params'] / 1e3:9.1f} k parameters: "
             f"{summary['compression_ratio']:.1f}x compression, "
             f"{100 * summary['weight_sparsity']:.1f} % of weights zero"
         )
-    for grain, why in summary["ended_early"].items():
+    for grain, why in ended_early.items():
         lines.append(f"  {grain} ended before its goal: {why}")
     transfer = summary.get("transfer")
     if transfer is not None:

@@ -343,7 +343,7 @@ def _spread(
     step: int,
 ) -> list[GrainCandidate]:
     """The ``step`` weights with the lowest ``score`` over all ``layers``, as one candidate
-    (none when fewer than two layers could give any: that is a single-layer candidate)."""
+    (none for a single layer: its own candidate is the same step)."""
     if len(layers) < 2:
         return []
     scores = [_free(m, score(m.weight)) for m in layers.values()]
