@@ -1,15 +1,16 @@
 """Multi-grain pruning (block, layer, channel, weight; coarse to fine) against channels only.
 
-Two studies, written after each run so an interrupted benchmark keeps what it finished:
+Studies, written after each so an interrupted benchmark keeps what it finished:
 
 1. ResNet-56 (adapted weights, CIFAR-10-JPEG75), -50 % MACs: ``block,layer,channel,weight``
-   vs ``channel`` with the same search settings, recovery and final fine-tune; compression
-   ratio (dense parameters / non-zero parameters) and accuracy lost.
+   vs ``channel`` with the same search settings and the same training steps in all (recovery
+   plus fine-tune); compression ratio (dense parameters / non-zero parameters), accuracy lost.
 2. VGG-19-BN trained here on Fashion-MNIST (grey images as RGB at 32 x 32: on this 2-core CPU
    one epoch takes ~50 min, CIFAR-10 would need ~15 epochs), pruned multi-grain to at least
    32x parameter compression; accuracy lost.
+3. The control for 2: the dense VGG-19 trained as many more steps as the pruned one had.
 
-    python bench/multigrain.py                 # both studies (many hours on 2 cores)
+    python bench/multigrain.py                 # every study (many hours on 2 cores)
     python bench/multigrain.py --studies resnet56
     python bench/multigrain.py --studies vgg19,vgg19_control   # the control trains dense VGG
     python bench/multigrain.py --smoke         # tiny sizes, for CI (< 40 s)
