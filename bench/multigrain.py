@@ -144,6 +144,11 @@ def epoch_steps(epochs: float, train: ImageData) -> int:
     return max(1, round(epochs * len(train) / TrainConfig().batch_size))
 
 
+def steps_as_epochs(steps: int, train: ImageData) -> float:
+    """What ``finetune`` takes for ``steps`` optimizer steps (it trains by epochs)."""
+    return steps * TrainConfig().batch_size / len(train)
+
+
 def row(
     args: argparse.Namespace,
     dense: torch.nn.Module,
@@ -155,7 +160,7 @@ def row(
 ) -> dict[str, Any]:
     """Fine-tune a searched model (masks held) and the row: compression, MACs, accuracy lost."""
     model, summary = result.model, result.summary
-    epochs = finetune_steps * TrainConfig().batch_size / len(train)
+    epochs = steps_as_epochs(finetune_steps, train)
     with masks_held(model):  # masked weights stay zero while fine-tuning
         finetune(model, train, epochs, lr=0.01, seed=args.seed, input_size=input_size)
     base = accuracy(dense, test, input_size)
@@ -229,10 +234,15 @@ def trained_vgg(args: argparse.Namespace, train: ImageData) -> torch.nn.Module:
     return model
 
 
-def vgg_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+def fashion_mnist(args: argparse.Namespace) -> tuple[ImageData, ImageData]:
+    """The VGG studies' training split (--train-size) and test images (--test-size)."""
     train = load_dataset("fashion-mnist", "train")
     train = train.subset(range(args.train_size)) if args.train_size else train
-    test = load_dataset("fashion-mnist", "test").subset(range(args.test_size))
+    return train, load_dataset("fashion-mnist", "test").subset(range(args.test_size))
+
+
+def vgg_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    train, test = fashion_mnist(args)
     dense = trained_vgg(args, train)
     name = "vgg19_bn-multigrain"
     result = search(
@@ -256,15 +266,12 @@ def vgg_control_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The dense VGG-19 trained as many more steps as the pruned one had (recovery plus
     fine-tune, same recipe): how much of the pruned model's accuracy the extra training gives.
     Run after ``vgg19``, whose row it reads."""
-    train = load_dataset("fashion-mnist", "train")
-    train = train.subset(range(args.train_size)) if args.train_size else train
-    test = load_dataset("fashion-mnist", "test").subset(range(args.test_size))
+    train, test = fashion_mnist(args)
     pruned = next(r for r in previous_rows(args.out) if r["run"] == "vgg19_bn-multigrain")
     steps = pruned["recovery_steps"] + pruned["finetune_steps"]
     dense = trained_vgg(args, train)
     model = copy.deepcopy(dense)
-    epochs = steps * TrainConfig().batch_size / len(train)
-    finetune(model, train, epochs, lr=0.01, seed=args.seed, input_size=32)
+    finetune(model, train, steps_as_epochs(steps, train), lr=0.01, seed=args.seed, input_size=32)
     base, after = accuracy(dense, test, 32), accuracy(model, test, 32)
     params = count_params(dense)
     return [
