@@ -14,6 +14,24 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 CIFAR_JPEG75 = Path("~/.cache/autoprune-data/cifar-10-jpeg75").expanduser()
 
+
+def _import_torchvision_here() -> None:
+    """torchvision's wheel for this torch is a CUDA build; the shared shim makes its (and timm's)
+    model code import on a CPU-only torch. Tests that need either skip when it is absent."""
+    shim_dir = SHARED / "tools"
+    if not (shim_dir / "torchvision_cpu_shim.py").exists():
+        return
+    sys.path.insert(0, str(shim_dir))
+    import torchvision_cpu_shim
+
+    try:
+        torchvision_cpu_shim.install()
+    except ImportError:
+        pass
+
+
+_import_torchvision_here()
+
 # The test models are tiny: a second thread only adds synchronisation, and on a busy machine
 # OpenMP's spinning threads slow them down tenfold.
 torch.set_num_threads(1)
