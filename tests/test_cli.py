@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,3 +123,19 @@ def test_train_writes_a_run_and_resumes_without_redoing(cli, tmp_path):
     code, out, _ = cli(*argv, "--resume")
     assert code == 0 and json.loads(out)["steps"] == 2 * 4  # 256 images / 64, nothing redone
     assert (tmp_path / "run" / "train_state.safetensors").read_bytes() == state
+
+
+def test_demo_prints_the_report_and_the_exported_model(cli, tmp_path: Path) -> None:
+    """The README's main job ends with the paths a user opens next, and those files exist."""
+    if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    weights = tmp_path / "smallcnn.pt"
+    torch.save(create_model("smallcnn").state_dict(), weights)
+    code, out, err = cli(
+        "demo", "--weights", str(weights), "--target-flops", "0.05", "--out", str(tmp_path / "d")
+    )
+    assert code == 0, err
+    report = next(line for line in out.splitlines() if line.strip().startswith("report"))
+    exported = next(line for line in out.splitlines() if line.strip().startswith("exported"))
+    assert Path(report.split()[1]).is_file() and report.split()[1].endswith("report.html")
+    assert Path(exported.split()[1]).is_file() and "checked against torch" in exported

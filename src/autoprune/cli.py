@@ -566,7 +566,37 @@ def demo_cmd(
         out_dir=out_dir / "prune",
         resume=True,
     )
-    out.print(_before_after(result.summary, out_dir / "prune"), markup=False, highlight=False)
+    run = out_dir / "prune"
+    out.print(_before_after(result.summary, run), markup=False, highlight=False)
+    report_md, report_html = write_report(run)
+    format, exported = _export_demo_model(result.model, run)
+    out.print(
+        f"  report      {report_html} (open in a browser; {report_md.name} beside it)\n"
+        f"  exported    {exported} ({format}, checked against torch)\n"
+        f"  next        autoprune export {run} --format {format}   # also times it",
+        markup=False,
+        highlight=False,
+    )
+
+
+def _export_demo_model(model: Any, run: Path) -> tuple[str, Path]:
+    """Export in the first format that is installed and can express the model (ONNX has no
+    adaptive pooling to sizes that do not divide the input; TorchScript always can)."""
+    example = api.example_input(model, "fashion-mnist")
+    errors = []
+    for format in ("onnx", "torchscript"):
+        spec = FORMATS.get(format)
+        if not spec.available():
+            continue
+        try:
+            path = export_checked(
+                model, run / f"model{spec.suffix}", example, format=format, batch_sizes=()
+            )
+        except AutopruneError as error:
+            errors.append(str(error))
+            continue
+        return format, path.path
+    raise AutopruneError("the demo could not export its model: " + "; ".join(errors))
 
 
 @app.command("report")
