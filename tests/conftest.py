@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from collections.abc import Callable
@@ -24,10 +25,8 @@ def _import_torchvision_here() -> None:
     sys.path.insert(0, str(shim_dir))
     import torchvision_cpu_shim
 
-    try:
+    with contextlib.suppress(ImportError):
         torchvision_cpu_shim.install()
-    except ImportError:
-        pass
 
 
 _import_torchvision_here()

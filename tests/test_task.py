@@ -143,7 +143,7 @@ def test_fixed_schedule_takes_its_example_input_from_the_data(net):
 
 
 def test_train_takes_a_dataset(net):
-    model, result = autoprune.train(
+    _, result = autoprune.train(
         copy_as(net, "dict"),
         USER_TRAIN,
         val_data=USER_VAL,

@@ -55,10 +55,10 @@ def _arch_of(model: nn.Module, factory: str | None, kwargs: dict[str, Any] | Non
 
 
 def _input_size(arch: dict, given: Sequence[int] | None, needed: bool) -> list[int] | None:
-    """The (C, H, W) to record: given, carried over from the model's record (pruning and
-    timm models set it), or the zoo's; required when loading must trace the model again."""
+    """The (C, H, W) to record: given, or carried over from the model's record (pruning and
+    timm models set it); when loading must trace the model again, else the zoo's."""
     size = given if given is not None else arch.get("input_size")
-    if size is None and arch.get("name") in MODELS:
+    if size is None and needed and arch.get("name") in MODELS:
         size = model_info(arch["name"]).input_size
     if size is None and needed:
         raise AutopruneError(
