@@ -84,12 +84,18 @@ def test_default_adapter_reads_tensors_tuples_and_dicts():
 
 def test_per_sample_and_mean_losses_agree():
     pred, target = torch.randn(6, 2), torch.randn(6, 2)
-    per_sample = Task(lambda p, t: ((p - t) ** 2).mean(1))
-    mean = Task(F.mse_loss)
     expected = ((pred - target) ** 2).mean(1)
-    torch.testing.assert_close(per_sample.losses(pred, target), expected)
-    torch.testing.assert_close(mean.losses(pred, target), expected)
-    torch.testing.assert_close(mean.loss_sum(pred, target), expected.sum())
+    for task in (
+        Task(F.mse_loss),
+        Task(lambda p, t: ((p - t) ** 2).mean(1)),
+        Task(lambda p, t: F.mse_loss(p, t, reduction="none")),
+    ):
+        torch.testing.assert_close(task.losses(pred, target), expected)
+        torch.testing.assert_close(task.loss_sum(pred, target), expected.sum())
+        torch.testing.assert_close(task.mean_loss(pred, target), expected.mean())
+    with pytest.raises(AutopruneError, match="one loss per sample"):
+        Task(lambda p, t: p.sum(0)).losses(pred[:3], target[:3])
+    mean = Task(F.mse_loss)
     assert mean.correct(pred, target) is None  # a custom loss has no accuracy unless given
     assert Task().correct(torch.eye(3), torch.tensor([0, 1, 0])) == 2
 
@@ -172,6 +178,7 @@ def test_tuple_and_dict_outputs_prune_like_a_tensor_output(net):
         for output in ("tensor", "tuple", "dict")
     }
     assert runs["tensor"].summary["config"]["distill"]  # recovery distils from the unpruned
+    assert any(h["loss_recovered"] is not None for h in runs["dict"].history)
     assert trace(runs["tuple"]) == trace(runs["tensor"])
     assert trace(runs["dict"]) == trace(runs["tensor"])
 

@@ -105,23 +105,19 @@ class Task:
         pred = self.prediction(outputs)
         if self.loss_fn is None:
             return F.cross_entropy(pred.float(), targets, reduction="none")
-        loss = self.loss_fn(pred, targets).float()
-        if loss.dim() == 1 and len(loss) == len(targets):
+        loss = _per_sample(self.loss_fn(pred, targets), len(targets))
+        if loss is not None:
             return loss
-        if loss.dim() != 0:
-            raise AutopruneError(
-                f"loss_fn returned shape {tuple(loss.shape)}: return a scalar (the batch mean) "
-                f"or one loss per sample ({len(targets)})"
-            )
         parts = zip(pred.split(1), targets.split(1), strict=True)
-        return torch.stack([self.loss_fn(p, t).float().reshape(()) for p, t in parts])
+        return torch.stack([self.loss_fn(p, t).float().mean() for p, t in parts])
 
     def loss_sum(self, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
         """Summed loss over the batch (float32 scalar): what scorers add up per image."""
         if self.loss_fn is None:
             return self.losses(outputs, targets).sum()
-        loss = self.loss_fn(self.prediction(outputs), targets).float()
-        return loss.sum() if loss.dim() else loss * len(targets)
+        loss = self.loss_fn(self.prediction(outputs), targets)
+        per_sample = _per_sample(loss, len(targets))
+        return per_sample.sum() if per_sample is not None else loss.float() * len(targets)
 
     def mean_loss(
         self, outputs: Any, targets: torch.Tensor, label_smoothing: float = 0.0
@@ -130,7 +126,9 @@ class Task:
         pred = self.prediction(outputs)
         if self.loss_fn is None:
             return F.cross_entropy(pred, targets, label_smoothing=label_smoothing)
-        return self.loss_fn(pred, targets).mean()
+        loss = self.loss_fn(pred, targets)
+        per_sample = _per_sample(loss, len(targets))
+        return loss if per_sample is None else per_sample.mean()
 
     def correct(self, outputs: Any, targets: torch.Tensor) -> torch.Tensor | None:
         """Summed metric over the batch; None where the task has no metric for these targets."""
@@ -138,6 +136,19 @@ class Task:
             return None
         scores = self.metric(self.prediction(outputs), targets)
         return None if scores is None else scores.sum()
+
+
+def _per_sample(loss: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """A loss per sample (``[B]``; the mean over any further dimensions, as an unreduced
+    ``F.mse_loss`` gives them), or None for a scalar, the batch mean."""
+    if loss.dim() == 0:
+        return None
+    if loss.shape[0] != batch:
+        raise AutopruneError(
+            f"loss_fn returned shape {tuple(loss.shape)}: return a scalar (the batch mean) or "
+            f"one loss per sample ({batch})"
+        )
+    return loss.float().reshape(batch, -1).mean(1)
 
 
 CLASSIFICATION = Task()
