@@ -4,7 +4,9 @@ Registered datasets come with their preprocessing; a user's data is taken as the
 expects it already: no resizing, no normalising, no augmentation beyond what it does itself.
 Batches are moved to the model's device here, so data can live anywhere. A ``Dataset`` is
 batched and shuffled by us, reproducibly from (seed, epoch); a ``DataLoader`` is iterated as
-the user built it (its sampler's ``set_epoch`` is called, if it has one).
+the user built it (its sampler's ``set_epoch`` is called, if it has one): a shuffling
+``DataLoader`` without a seeded generator gives other batches, and another calibration set,
+every run, so a run resumes bit for bit only from a ``Dataset`` or an unshuffled loader.
 """
 
 from __future__ import annotations

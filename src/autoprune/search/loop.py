@@ -38,6 +38,7 @@ from ..data import BatchLoader, UserBatches
 from ..errors import AutopruneError
 from ..graph import build_graph, scope_report
 from ..graph.sparsity import masks_held, restore_weights
+from ..io.model_io import check_savable
 from ..measure import count_macs, count_params, evaluate_batches
 from ..task import CLASSIFICATION, Task
 from ..train import LossFn, TrainConfig, TrainResult, distillation, fit
@@ -144,6 +145,8 @@ class _Search:
         self.config = config
         self.data = data
         self.run_dir = RunDir(out_dir) if out_dir is not None else None
+        if self.run_dir is not None:  # a model that cannot be written fails now, not at the end
+            check_savable(model, _input_size(example_inputs))
         self.progress = progress and distributed.is_main()
         self.schedule = SCHEDULES.get(config.schedule)(config)
         self.grains = plan(config, self.schedule)
