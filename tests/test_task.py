@@ -183,31 +183,51 @@ def test_tuple_and_dict_outputs_prune_like_a_tensor_output(net):
     assert trace(runs["dict"]) == trace(runs["tensor"])
 
 
-def test_custom_loss_drives_the_search():
-    """A regression head with MSE: the chosen candidate's loss is the MSE of the model it
-    leaves, computed by hand; the summary reports the loss and no accuracy."""
+@pytest.fixture(scope="module")
+def regression(tmp_path_factory) -> dict:
+    """A regression head pruned with MSE, one search step, its run directory written."""
     torch.manual_seed(0)
     model = Net(out_features=2)
     x = USER_TRAIN.tensors[0][:64]
     targets = torch.randn(64, 2)
     data = TensorDataset(x, targets)
+    out = tmp_path_factory.mktemp("regression")
     result = autoprune.prune(
         model,
         train_data=data,
         val_data=data,
         loss_fn=F.mse_loss,
+        out_dir=out,
         progress=False,
         **{**SMALL, "target_macs_reduction": 0.05, "recover_steps": 0, "calib_size": 64},
     )
+    return {"model": model, "x": x, "targets": targets, "result": result, "out": out}
+
+
+def test_custom_loss_drives_the_search(regression):
+    """The chosen candidate's loss is the MSE of the model it leaves, computed by hand; the
+    summary reports the loss and no accuracy."""
+    result, x, targets = regression["result"], regression["x"], regression["targets"]
     assert len(result.history) == 1
     with torch.no_grad():
         manual = F.mse_loss(result.model.eval()(x), targets).item()
-        before = F.mse_loss(model.eval()(x), targets).item()
+        before = F.mse_loss(regression["model"].eval()(x), targets).item()
     assert result.history[0]["loss"] == pytest.approx(manual, rel=1e-5)
     assert result.summary["pruned"]["calib_loss"] == pytest.approx(manual, rel=1e-5)
     assert result.summary["baseline"]["loss"] == pytest.approx(before, rel=1e-5)
     assert result.summary["baseline"]["accuracy"] is None
     assert result.summary["pruned"]["accuracy"] is None
+
+
+def test_custom_loss_run_reports_the_loss_and_saves_the_plain_model(regression):
+    result, out = regression["result"], regression["out"]
+    markdown, _ = autoprune.write_report(out)
+    text = markdown.read_text()
+    assert "validation loss" in text and "top-1 accuracy" not in text
+    loaded = autoprune.load(out / "model", model=Net(out_features=2)).eval()
+    x = regression["x"][:4]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), result.model.eval()(x))
 
 
 def test_task_and_its_shortcuts_are_exclusive(net):

@@ -89,8 +89,9 @@ def _before_after(run: Run) -> list[Block]:
         change = NA if before is None or after is None else f"{after - before:+.{digits}f}{unit}"
         return (label, _fixed(before, digits), _fixed(after, digits), change)
 
+    no_metric = base["accuracy"] is None and base.get("loss") is not None  # a custom loss
     rows = [
-        measured("accuracy", "top-1 accuracy (%)", 2, " points"),
+        *([] if no_metric else [measured("accuracy", "top-1 accuracy (%)", 2, " points")]),
         measured("loss", "validation loss", 4),
         measured("calib_loss", "calibration loss", 4),
         ("MACs", f"{base['macs']:,}", f"{pruned['macs']:,}", _reduction(s["macs_reduction"])),
