@@ -95,6 +95,11 @@ def test_per_sample_and_mean_losses_agree():
         torch.testing.assert_close(task.mean_loss(pred, target), expected.mean())
     with pytest.raises(AutopruneError, match="one loss per sample"):
         Task(lambda p, t: p.sum(0)).losses(pred[:3], target[:3])
+    dense, labels = torch.randn(2, 3, 4, 4), torch.randint(3, (2, 4, 4))  # segmentation
+    per_pixel = F.cross_entropy(dense, labels, reduction="none")
+    torch.testing.assert_close(Task().losses(dense, labels), per_pixel.mean((1, 2)))
+    torch.testing.assert_close(Task().mean_loss(dense, labels), per_pixel.mean())
+    assert Task().correct(dense, labels) is None  # top-1 is for one label per sample
     mean = Task(F.mse_loss)
     assert mean.correct(pred, target) is None  # a custom loss has no accuracy unless given
     assert Task().correct(torch.eye(3), torch.tensor([0, 1, 0])) == 2

@@ -103,8 +103,9 @@ class Task:
         A ``loss_fn`` that returns only the batch mean is called once per sample here.
         """
         pred = self.prediction(outputs)
-        if self.loss_fn is None:
-            return F.cross_entropy(pred.float(), targets, reduction="none")
+        if self.loss_fn is None:  # per pixel for dense targets: their mean per sample
+            loss = F.cross_entropy(pred.float(), targets, reduction="none")
+            return loss.reshape(len(targets), -1).mean(1)
         loss = _per_sample(self.loss_fn(pred, targets), len(targets))
         if loss is not None:
             return loss
