@@ -19,7 +19,7 @@ a segmentation loss), prunes like a classifier does:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -69,7 +69,7 @@ class Task:
 
     loss_fn: TaskLoss | None = None  # None: cross-entropy
     output_adapter: OutputAdapter = default_adapter
-    metric: Metric | None = field(default=None)
+    metric: Metric | None = None
 
     def __post_init__(self) -> None:
         if self.metric is None and self.loss_fn is None:
