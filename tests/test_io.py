@@ -291,9 +291,10 @@ class Plain(nn.Module):
 PLAIN = f"{Path(__file__).resolve()}:Plain"
 
 
-def test_plain_module_needs_a_factory(tmp_path: Path) -> None:
-    with pytest.raises(AutopruneError, match=r"create_model.*factory="):
-        aio.save(Plain(), tmp_path / "m")
+def test_plain_module_needs_a_factory_or_a_fresh_instance(tmp_path: Path) -> None:
+    aio.save(Plain(), tmp_path / "plain")
+    with pytest.raises(CheckpointError, match=r"cannot rebuild .* model=YourNet"):
+        aio.load(tmp_path / "plain")
     model = Plain()
     aio.save(model, tmp_path / "m", factory=PLAIN)
     record = json.loads((tmp_path / "m" / "arch.json").read_text())

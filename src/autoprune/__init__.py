@@ -3,10 +3,12 @@
 from .api import build_model, complexity, evaluate, prune, train
 from .data import list_datasets, load_dataset, make_loader
 from .errors import AutopruneError, CheckpointError, DataNotFoundError, UnknownNameError
+from .io import load, save
 from .measure import count_macs, count_params, profile_model
 from .models import create_model, list_models, load_weights
 from .report import write_report
 from .search import PruneConfig, PruneResult
+from .task import Task, default_adapter
 from .train import TrainConfig
 
 __version__ = "0.1.0"
@@ -17,6 +19,7 @@ __all__ = [
     "DataNotFoundError",
     "PruneConfig",
     "PruneResult",
+    "Task",
     "TrainConfig",
     "UnknownNameError",
     "__version__",
@@ -25,14 +28,17 @@ __all__ = [
     "count_macs",
     "count_params",
     "create_model",
+    "default_adapter",
     "evaluate",
     "list_datasets",
     "list_models",
+    "load",
     "load_dataset",
     "load_weights",
     "make_loader",
     "profile_model",
     "prune",
+    "save",
     "train",
     "write_report",
 ]

@@ -13,18 +13,24 @@ import torch
 from torch import nn
 
 from ._device import resolve_device
-from .data import BatchLoader, ImageData, dataset_info, load_dataset, make_loader
+from .data import ImageData, UserData
 from .errors import AutopruneError
+from .feed import DataLike, Inputs, dataset_name, follow, get_data, num_classes, search_data
+from .feed import example_input as example_input
+from .feed import input_channels as input_channels
+from .feed import loader_for as loader_for
+from .feed import preprocessing as preprocessing
+from .io.model_io import check_savable, describe
 from .measure import EvalResult, count_macs, count_params, evaluate_batches
-from .models import MODELS, Preprocessing, create_model, model_info
-from .search import CalibrationSet, PruneConfig, PruneResult, SearchData, run_search
+from .models import create_model
+from .search import PruneConfig, PruneResult, run_search
 from .search.config import default_schedule
 from .search.run import RunDir
+from .task import OutputAdapter, Task, TaskLoss
 from .train import TrainConfig, TrainResult, fit
 from .transfer import load_pretrained, needs_transfer, transfer_for_pruning
 
 ModelLike = nn.Module | str
-DataLike = ImageData | str
 
 
 def build_model(
@@ -40,12 +46,6 @@ def build_model(
     return create_model(model, num_classes=num_classes, weights=weights)
 
 
-def get_data(
-    data: DataLike, split: str = "train", *, root: str | Path | None = None, download: bool = True
-) -> ImageData:
-    return data if not isinstance(data, str) else load_dataset(data, split, root, download)
-
-
 def model_and_data(
     model: ModelLike,
     data: DataLike,
@@ -53,81 +53,11 @@ def model_and_data(
     *,
     weights: str | Path | None = None,
     data_root: str | Path | None = None,
-) -> tuple[nn.Module, ImageData]:
+) -> tuple[nn.Module, ImageData | UserData]:
     """Build the model (classes from the dataset) before loading the data, so a bad model name
     or checkpoint fails in a second, not after the data has loaded."""
-    info = dataset_info(data, root=data_root) if isinstance(data, str) else data.info
-    net = build_model(model, weights=weights, num_classes=info.num_classes or None)
+    net = build_model(model, weights=weights, num_classes=num_classes(data, data_root))
     return net, get_data(data, split, root=data_root)
-
-
-def input_channels(model: nn.Module) -> int | None:
-    """Input channels the model expects: those of its first convolution."""
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return conv.in_channels if conv is not None else None
-
-
-def preprocessing(model: nn.Module, input_size: int | None = None) -> Preprocessing:
-    """How images are prepared for ``model``: its zoo entry's preprocessing (what its published
-    weights were trained with: size, mean, std), an explicit ``input_size`` taking precedence.
-    Models outside the zoo keep the dataset's size and statistics."""
-    name = getattr(model, "autoprune_arch", {}).get("name")
-    pre = model_info(name).preprocessing if name in MODELS else Preprocessing()
-    return pre if input_size is None else replace(pre, input_size=input_size)
-
-
-def loader_for(
-    model: nn.Module,
-    data: ImageData,
-    *,
-    batch_size: int,
-    train: bool,
-    seed: int = 0,
-    input_size: int | None = None,
-    channels_last: bool = False,
-) -> BatchLoader:
-    """A loader feeding ``data`` the way ``model`` expects: on its device, grey -> RGB if needed,
-    resized and normalised as its :func:`preprocessing` says."""
-    channels = input_channels(model)
-    pre = preprocessing(model, input_size)
-    return make_loader(
-        data,
-        batch_size,
-        train=train,
-        seed=seed,
-        device=next(model.parameters()).device,
-        input_size=pre.input_size,
-        channels=channels if channels != data.info.channels else None,
-        mean=pre.mean,
-        std=pre.std,
-        channels_last=channels_last,
-    )
-
-
-def example_input(
-    model: nn.Module, data_or_name: DataLike | None = None, input_size: int | None = None
-) -> torch.Tensor:
-    """A zero batch of one image at the size the model sees (the dataset's, or ``input_size``;
-    without either, the size saved with the model, else its zoo entry's); a model whose
-    :func:`preprocessing` resizes sees that size."""
-    input_size = preprocessing(model, input_size).input_size
-    if isinstance(data_or_name, str):
-        info = dataset_info(data_or_name)
-        h, w = info.image_size
-    elif data_or_name is not None:
-        h, w = data_or_name.info.image_size
-    else:
-        arch = getattr(model, "autoprune_arch", {})
-        if "input_size" in arch:
-            _, h, w = arch["input_size"]
-        elif "name" in arch:
-            _, h, w = model_info(arch["name"]).input_size
-        else:
-            raise AutopruneError("cannot tell the model's input size: pass input_size or data")
-    if input_size is not None:
-        h = w = input_size
-    device = next(model.parameters()).device
-    return torch.zeros(1, input_channels(model) or 3, h, w, device=device)
 
 
 def evaluate(
@@ -140,18 +70,27 @@ def evaluate(
     batch_size: int = 256,
     device: str = "auto",
     input_size: int | None = None,
+    task: Task | None = None,
+    loss_fn: TaskLoss | None = None,
+    output_adapter: OutputAdapter | None = None,
 ) -> EvalResult:
-    """Top-1 accuracy and loss of ``model`` on one split of ``data``."""
+    """Metric (top-1 accuracy by default) and mean loss of ``model`` on one split of ``data``
+    (a registered dataset), or on a ``Dataset``/``DataLoader`` of ``(inputs, targets)``.
+
+    ``loss_fn`` and ``output_adapter`` (or a whole ``task``) say how the loss is computed on
+    the model's outputs; see :mod:`autoprune.task`. With a custom loss, accuracy is None.
+    """
+    task = Task.of(task, loss_fn, output_adapter)
     net, dataset = model_and_data(model, data, split, weights=weights, data_root=data_root)
     net.to(resolve_device(device))
     batches = loader_for(net, dataset, batch_size=batch_size, train=False, input_size=input_size)
-    return evaluate_batches(net, batches)
+    return evaluate_batches(net, batches, task)
 
 
 def complexity(
     model: nn.Module, data: DataLike | None = None, input_size: int | None = None
 ) -> dict[str, int]:
-    """MACs per image (at the data's input size) and parameter count."""
+    """MACs per input (at the data's input size) and parameter count."""
     return {
         "macs": count_macs(model, example_input(model, data, input_size)),
         "params": count_params(model),
@@ -170,13 +109,20 @@ def train(
     resume: bool = False,
     input_size: int | None = None,
     validate: bool = True,
+    val_data: DataLike | None = None,
+    task: Task | None = None,
+    loss_fn: TaskLoss | None = None,
+    output_adapter: OutputAdapter | None = None,
 ) -> tuple[nn.Module, TrainResult]:
-    """Train a model on a dataset's train split, validating on its test split each epoch.
+    """Train a model on a dataset's train split (or a ``Dataset``/``DataLoader``), validating
+    each epoch on ``val_data`` or, for a registered dataset, its test split.
 
     With ``out_dir`` the full state is checkpointed there every epoch (``resume=True``
     continues from it), and the trained model and a ``summary.json`` are written at the end.
+    ``loss_fn``/``output_adapter``/``task`` as in :func:`evaluate`.
     """
     config = config or TrainConfig()
+    task = Task.of(task, loss_fn, output_adapter)
     torch.manual_seed(config.seed)  # a model built here starts from seeded weights
     net, train_set = model_and_data(model, data, "train", weights=weights, data_root=data_root)
     net.to(resolve_device(device))
@@ -185,13 +131,23 @@ def train(
         net, train_set, batch_size=config.batch_size, train=True, seed=config.seed, **common
     )
     val_loader = None
-    if validate:
-        test_set = get_data(data, "test", root=data_root)
+    if val_data is None and validate and isinstance(data, str):
+        val_data = data
+    if val_data is not None and validate:
+        test_set = get_data(val_data, "test", root=data_root)
         val_loader = loader_for(net, test_set, batch_size=256, train=False, **common)
     out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        check_savable(net)  # before training, not after it
     checkpoint = out / "train_state.safetensors" if out is not None else None
     result = fit(
-        net, train_loader, config, val_loader=val_loader, checkpoint=checkpoint, resume=resume
+        net,
+        train_loader,
+        config,
+        val_loader=val_loader,
+        checkpoint=checkpoint,
+        resume=resume,
+        task=task,
     )
     if out is not None:
         _write_train_outputs(out, net, train_set, config, result, input_size)
@@ -201,7 +157,7 @@ def train(
 def _write_train_outputs(
     out: Path,
     model: nn.Module,
-    data: ImageData,
+    data: ImageData | UserData,
     config: TrainConfig,
     result: TrainResult,
     input_size: int | None,
@@ -210,7 +166,7 @@ def _write_train_outputs(
 
     save(model, out / "model")
     summary = {
-        "dataset": data.info.name,
+        "dataset": dataset_name(data),
         "model": getattr(model, "autoprune_arch", {}),
         **complexity(model, data, input_size),
         "config": asdict(config),
@@ -222,7 +178,7 @@ def _write_train_outputs(
 def prune(
     model: ModelLike,
     *,
-    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    example_inputs: Inputs | None = None,
     train_data: DataLike | None = None,
     calib_data: DataLike | None = None,
     val_data: DataLike | None = None,
@@ -242,6 +198,9 @@ def prune(
     device: str = "auto",
     input_size: int | None = None,
     transfer: bool | None = None,
+    task: Task | None = None,
+    loss_fn: TaskLoss | None = None,
+    output_adapter: OutputAdapter | None = None,
     **overrides: Any,
 ) -> PruneResult:
     """Prune ``model`` to ``target_macs_reduction`` of its MACs; returns the smaller model.
@@ -250,11 +209,17 @@ def prune(
     that are not None, then ``overrides`` (any other PruneConfig field, e.g. ``step=0.02``).
     ``train_data`` (its train split) feeds calibration (unless ``calib_data`` is given),
     recovery and fine-tuning; ``val_data`` (its test split) the accuracies in the summary.
-    Datasets are names or :class:`~autoprune.data.ImageData`. With ``schedule="fixed"`` and a
-    data-free criterion no data is needed, only ``example_inputs`` (or a zoo model, whose input
-    size is known). ``model`` itself is left unchanged. With ``out_dir`` the run is
-    checkpointed after every iteration and ``resume=True`` continues it; see
-    :func:`autoprune.search.run_search`.
+    Data are registered names, :class:`~autoprune.data.ImageData`, or any ``Dataset`` or
+    ``DataLoader`` of ``(inputs, targets)``, taken as the model expects them. Every loss (the
+    candidates' scores, Taylor saliency, recovery, fine-tuning, validation) is computed with
+    ``task``, or one made of ``loss_fn(prediction, targets)`` and ``output_adapter(outputs)``
+    (see :mod:`autoprune.task`: tuple and dict outputs work as they are; with a custom loss the
+    summary reports the loss, not an accuracy). With ``schedule="fixed"`` and a data-free
+    criterion no data is needed, only ``example_inputs`` (or a model whose input size is known).
+    Example inputs and data may be on any device: they follow the model to its own.
+    ``model`` itself is left unchanged. With ``out_dir`` the run is checkpointed after every
+    iteration and ``resume=True`` continues it (see :func:`autoprune.search.run_search`), and
+    whether the pruned model can be saved is checked before the search starts.
 
     ``transfer=True``, or data whose class count differs from the model's head (or the
     checkpoint's), makes it a transfer run: the head is replaced for the data's classes and the
@@ -285,12 +250,9 @@ def prune(
     config = replace(config or PruneConfig(), **settings)
     if out_dir is not None and not resume:
         RunDir(out_dir).load(resume=False)  # refuses a directory holding a run before any work
+    task = Task.of(task, loss_fn, output_adapter)
     given = [d for d in (train_data, val_data, calib_data) if d is not None]
-    info = None
-    if given:
-        first = given[0]
-        info = dataset_info(first, root=data_root) if isinstance(first, str) else first.info
-    classes = (info.num_classes or None) if info else None
+    classes = num_classes(given[0], data_root) if given else None
     torch.manual_seed(config.seed)  # a model built here starts from seeded weights
     net = _pretrained(model, weights, classes, config.transfer_head)
     if config.transfer or needs_transfer(net, classes, config.transfer_head):
@@ -302,7 +264,20 @@ def prune(
     if example_inputs is None:
         shape_source = next((d for d in (train, val, calib) if d is not None), None)
         example_inputs = example_input(net, shape_source, input_size)
-    data = _search_data(net, config, train, calib, val, input_size)
+    example_inputs = follow(example_inputs, net)
+    _record_input_size(net, example_inputs)
+    if out_dir is not None:
+        check_savable(net)  # a model that cannot be written fails now, not after the search
+    data = search_data(
+        net,
+        seed=config.seed,
+        calib_size=config.calib_size,
+        task=task,
+        train=train,
+        calib=calib,
+        val=val,
+        input_size=input_size,
+    )
     record = None
     if config.transfer:
         if classes is None:
@@ -344,53 +319,13 @@ def _pretrained(
     return net
 
 
-def _shape(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> list[int] | None:
+def _shape(example_inputs: Inputs) -> list[int] | None:
     return list(example_inputs.shape[1:]) if isinstance(example_inputs, torch.Tensor) else None
 
 
-def _search_data(
-    net: nn.Module,
-    config: PruneConfig,
-    train: ImageData | None,
-    calib: ImageData | None,
-    val: ImageData | None,
-    input_size: int | None,
-) -> SearchData:
-    """Loaders and the calibration set, feeding the data the way ``net`` expects it."""
-
-    def train_loader(train_config: TrainConfig) -> BatchLoader:
-        assert train is not None
-        return loader_for(
-            net,
-            train,
-            batch_size=train_config.batch_size,
-            train=True,
-            seed=config.seed,
-            input_size=input_size,
-            channels_last=train_config.channels_last,
-        )
-
-    calib_set = None
-    if calib is not None:
-        channels = input_channels(net)
-        pre = preprocessing(net, input_size)
-        calib_set = CalibrationSet.from_data(
-            calib,
-            min(config.calib_size, len(calib)),
-            seed=config.seed,
-            device=next(net.parameters()).device,
-            input_size=pre.input_size,
-            channels=channels if channels != calib.info.channels else None,
-            mean=pre.mean,
-            std=pre.std,
-        )
-    val_loader = None
-    if val is not None:
-        val_loader = loader_for(net, val, batch_size=256, train=False, input_size=input_size)
-    source = train or val or calib
-    return SearchData(
-        train=train_loader if train is not None else None,
-        calib=calib_set,
-        val=val_loader,
-        dataset=source.info.name if source is not None else None,
-    )
+def _record_input_size(net: nn.Module, example_inputs: Inputs) -> None:
+    """Note the input size on the model to prune (our copy), so that saving it, by the run or
+    by ``autoprune.save(result.model, path)``, records it without being told."""
+    shape = _shape(example_inputs)
+    if shape is not None:
+        net.autoprune_arch = {**describe(net), "input_size": shape}

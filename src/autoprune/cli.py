@@ -175,7 +175,7 @@ def eval_cmd(
     )
     result = api.evaluate(net, dataset, batch_size=batch_size, device=device, input_size=input_size)
     report = {
-        "accuracy": round(result.accuracy, 4),
+        "accuracy": None if result.accuracy is None else round(result.accuracy, 4),
         "loss": round(result.loss, 6),
         **api.complexity(net, dataset, input_size),
         "samples": result.samples,
@@ -444,6 +444,8 @@ def _before_after(summary: dict[str, Any], out_dir: Path | None) -> str:
             f"  accuracy {base['accuracy']:9.2f} % -> {pruned['accuracy']:9.2f} % "
             f"({pruned['accuracy'] - base['accuracy']:+.2f})"
         )
+    elif base["loss"] is not None:  # a task without a metric (a custom loss): its loss
+        lines.append(f"  val loss {base['loss']:9.4f}   -> {pruned['loss']:9.4f}")
     ended_early = summary.get("ended_early", {})  # absent from runs of older versions
     if summary["removed"]["weights"] or ended_early:
         lines.append(

@@ -9,6 +9,7 @@ loss-aware search: all of it, or only the head, recovery during the search doing
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -29,6 +30,7 @@ from .io.model_io import ARCH_FILE
 from .measure import evaluate_batches
 from .models import MODELS, load_weights, model_info
 from .models._weights import read_state_dict
+from .task import CLASSIFICATION, Task
 from .train import TrainConfig, fit
 
 if TYPE_CHECKING:
@@ -234,14 +236,20 @@ def _only_trainable(model: nn.Module, layer: str) -> Iterator[None]:
 
 
 def _train(
-    model: nn.Module, train: LoaderFactory, config: TrainConfig, steps: int, offset: int
+    model: nn.Module,
+    train: LoaderFactory,
+    config: TrainConfig,
+    steps: int,
+    offset: int,
+    task: Task,
 ) -> int:
     """``steps`` optimizer steps from the loader's epoch ``offset``; returns the epochs drawn."""
     if steps == 0:
         return 0
     loader = train(config)
     epochs = math.ceil(steps / len(loader))
-    fit(model, loader, replace(config, epochs=epochs, max_steps=steps), epoch_offset=offset)
+    config = replace(config, epochs=epochs, max_steps=steps)
+    fit(model, loader, config, epoch_offset=offset, task=task)
     return epochs
 
 
@@ -255,21 +263,23 @@ def adapt(
     head_training: TrainConfig | None = None,
     full_training: TrainConfig | None = None,
     val: BatchLoader | None = None,
+    task: Task = CLASSIFICATION,
 ) -> Adaptation:
     """Train the head alone for ``head_steps``, then the whole network for ``full_steps``.
 
     ``train(config)`` gives training batches at that config's batch size (as
     :class:`~autoprune.search.SearchData` does); each phase takes a fresh optimizer and its own
-    epochs of the data. With ``val`` the adapted model's accuracy is measured.
+    epochs of the data. With ``val`` the adapted model's accuracy is measured. ``task`` reads
+    the model's outputs (:mod:`autoprune.task`).
     """
     start = time.perf_counter()
     head_training = head_training or TrainConfig(lr=0.05, channels_last=False, progress=False)
     full_training = full_training or TrainConfig(lr=0.01, channels_last=False, progress=False)
     with _only_trainable(model, head):
-        drawn = _train(model, train, head_training, head_steps, 0)
-    _train(model, train, full_training, full_steps, drawn)
+        drawn = _train(model, train, head_training, head_steps, 0, task)
+    _train(model, train, full_training, full_steps, drawn, task)
     model.to(memory_format=torch.contiguous_format)  # one layout outside training (resume)
-    ev = evaluate_batches(model, val) if val is not None else None
+    ev = evaluate_batches(model, val, task) if val is not None else None
     return Adaptation(
         head_steps,
         full_steps,
@@ -315,7 +325,7 @@ def transfer_for_pruning(
     saved = Path(out_dir) / ADAPTED_DIR if out_dir is not None else None
     settings = _settings(config)
     if resume and saved is not None and (saved / ARCH_FILE).exists():
-        adapted = load(saved)
+        adapted = load(saved, model=copy.deepcopy(model))  # any model: its dense twin
         metadata: Mapping[str, Any] = adapted.autoprune_metadata
         if metadata.get("transfer_settings") != settings:
             raise AutopruneError(
@@ -335,6 +345,7 @@ def transfer_for_pruning(
         head_training=replace(config.head_training, seed=config.seed, progress=progress),
         full_training=replace(config.adaptation, seed=config.seed, progress=progress),
         val=data.val,
+        task=data.task,
     )
     record = {
         "source": source,

@@ -17,14 +17,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AutopruneError
 from ..graph import ChannelGroup, PruningGraph
+from ..task import CLASSIFICATION
 from ._base import register_criterion
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 
 
 class TaylorAccumulator:
@@ -72,9 +72,12 @@ class TaylorAccumulator:
     def collect(
         self,
         batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-        loss_fn: LossFn = F.cross_entropy,
+        loss_fn: LossFn = CLASSIFICATION.mean_loss,
     ) -> TaylorAccumulator:
         """Run forward and backward on ``(inputs, targets)`` batches; parameter grads untouched.
+
+        ``loss_fn(outputs, targets)`` gets the model's raw outputs: a task's ``mean_loss``
+        (the default: cross-entropy on a tensor, a tuple's first, a dict's ``logits``).
 
         The model's mode is kept: call ``model.eval()`` first for frozen BatchNorm statistics.
         """

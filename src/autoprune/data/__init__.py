@@ -16,6 +16,7 @@ from ._base import (
 )
 from .imagefolder import LazyImageFolder
 from .loader import BatchLoader, make_loader
+from .user import UserBatches, UserData, first_batches, is_user_data
 
 __all__ = [
     "DATASETS",
@@ -23,8 +24,12 @@ __all__ = [
     "DatasetInfo",
     "ImageData",
     "LazyImageFolder",
+    "UserBatches",
+    "UserData",
     "dataset_info",
     "default_data_root",
+    "first_batches",
+    "is_user_data",
     "list_datasets",
     "load_dataset",
     "make_loader",

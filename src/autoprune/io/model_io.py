@@ -1,7 +1,8 @@
 """Saving and loading a (pruned) model as a directory, without pickle.
 
 ``arch.json`` holds how to build the dense model (the ``autoprune_arch`` that
-:func:`~autoprune.models.create_model` attaches: a registry name or a factory, with kwargs),
+:func:`~autoprune.models.create_model` attaches: a registry name or a factory, with kwargs;
+for a user's own module, only its class, and loading is then given a fresh instance),
 the blocks and layers multi-grain pruning removed (``removed``), the layers holding weight
 masks (``masked``) and each layer's current shape; ``model.safetensors`` holds the state_dict,
 masks included. Loading builds the dense model, puts the identity in place of the removed
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,11 +25,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import AutopruneError, CheckpointError, UnknownNameError
+from ..errors import AutopruneError, CheckpointError
 from ..graph import NORMALIZED_ATTR, normalize_model
 from ..graph.sparsity import attach_mask, masked_layers
 from ..graph.units import remove_modules, removed_paths
-from ..models import check_state_dict, create_model, model_info
+from ..models import MODELS, check_state_dict, create_model, model_info
 from .shapes import apply_layers, record_layers
 
 ARCH_FILE, WEIGHTS_FILE = "arch.json", "model.safetensors"
@@ -35,31 +37,34 @@ FORMAT_VERSION = 2  # 2: removed blocks and layers, weight masks
 METADATA_ATTR = "autoprune_metadata"
 
 
+def describe(model: nn.Module) -> dict[str, Any]:
+    """How to rebuild ``model`` dense: its ``autoprune_arch`` (a name or a factory, with kwargs,
+    maybe its input size), or for a module built otherwise its class (``{"module": ...}``):
+    loading that needs a fresh instance, ``load(path, model=MyNet())``."""
+    arch = getattr(model, "autoprune_arch", None)
+    if isinstance(arch, dict):
+        return arch
+    cls = type(model)
+    return {"module": f"{cls.__module__}.{cls.__qualname__}"}
+
+
 def _arch_of(model: nn.Module, factory: str | None, kwargs: dict[str, Any] | None) -> dict:
     if factory is not None:
         return {"factory": factory, "kwargs": dict(kwargs or {})}
-    arch = getattr(model, "autoprune_arch", None)
-    if not isinstance(arch, dict):
-        raise AutopruneError(
-            f"cannot save a {type(model).__name__}: autoprune does not know how to rebuild it. "
-            "Build it with autoprune.models.create_model, or pass "
-            "factory='module:fn' (or 'path/to/file.py:fn') and its kwargs to save"
-        )
-    return arch
+    return describe(model)
 
 
 def _input_size(arch: dict, given: Sequence[int] | None, needed: bool) -> list[int] | None:
-    """The (C, H, W) to record: given, carried over from a loaded model, or (only when loading
-    must trace the model) the registered one."""
+    """The (C, H, W) to record: given, or carried over from the model's record (pruning and
+    timm models set it); when loading must trace the model again, else the zoo's."""
     size = given if given is not None else arch.get("input_size")
+    if size is None and needed and arch.get("name") in MODELS:
+        size = model_info(arch["name"]).input_size
     if size is None and needed:
-        try:
-            size = model_info(arch["name"]).input_size
-        except (KeyError, UnknownNameError):  # a factory or an external model
-            raise AutopruneError(
-                "this model's F.pad shortcuts were rewritten for pruning and loading must trace "
-                "it again: pass input_size=(C, H, W) to save"
-            ) from None
+        raise AutopruneError(
+            "this model's layers were rewritten for pruning and loading must trace it again: "
+            "pass input_size=(C, H, W) to save"
+        )
     return None if size is None else [int(v) for v in size]
 
 
@@ -117,6 +122,23 @@ def save(
     ``autoprune_metadata`` and restored by :func:`load`.
     """
     path = Path(path)
+    tensors, tied = _split_tied(model.state_dict())
+    text = _arch_text(model, factory, factory_kwargs, input_size, metadata, tied)
+    path.mkdir(parents=True, exist_ok=True)
+    _write(path / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _write(path / ARCH_FILE, lambda p: p.write_text(text))
+    return path
+
+
+def _arch_text(
+    model: nn.Module,
+    factory: str | None,
+    factory_kwargs: dict[str, Any] | None,
+    input_size: Sequence[int] | None,
+    metadata: dict[str, Any] | None,
+    tied: dict[str, str],
+) -> str:
+    """``arch.json``'s text; raises what would keep the model from being saved."""
     arch = _arch_of(model, factory, factory_kwargs)
     record: dict[str, Any] = {"format_version": FORMAT_VERSION, **arch}
     rewritten = getattr(model, NORMALIZED_ATTR, None)
@@ -128,18 +150,22 @@ def save(
     record["metadata"] = {**getattr(model, METADATA_ATTR, {}), **(metadata or {})}
     record["removed"] = removed_paths(model)
     record["masked"] = list(masked_layers(model))
-    tensors, tied = _split_tied(model.state_dict())
     record["tied"] = tied
     try:
-        text = _dumps(record, record_layers(model))
+        return _dumps(record, record_layers(model))
     except TypeError as e:
+        what = arch.get("name") or arch.get("factory") or type(model).__name__
         raise AutopruneError(
-            f"cannot save: the model's kwargs or metadata are not JSON ({e})"
+            f"cannot save {what}: its kwargs or metadata are not JSON ({e}); build it with "
+            "JSON-valued arguments (e.g. an activation's name, not its class), or pass "
+            "factory='file.py:fn' and JSON factory_kwargs"
         ) from e
-    path.mkdir(parents=True, exist_ok=True)
-    _write(path / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _write(path / ARCH_FILE, lambda p: p.write_text(text))
-    return path
+
+
+def check_savable(model: nn.Module, input_size: Sequence[int] | None = None) -> None:
+    """Raise now what :func:`save` would raise for ``model``: a run that writes its model
+    checks this before its search, not after it."""
+    _arch_text(model, None, None, input_size, None, {})
 
 
 def _read_record(path: Path) -> dict[str, Any]:
@@ -160,40 +186,55 @@ def _read_record(path: Path) -> dict[str, Any]:
     return record
 
 
-def _build(record: dict[str, Any], path: Path, trust_factory: bool) -> nn.Module:
-    """The dense model the record names, rewritten as it was before pruning."""
+def _build(
+    record: dict[str, Any], path: Path, trust_factory: bool, fresh: nn.Module | None
+) -> nn.Module:
+    """The dense model the record names (or ``fresh``), rewritten as it was before pruning."""
     name = record.get("name") or record.get("factory")
     kwargs, size = record.get("kwargs", {}), record.get("input_size")
-    if not isinstance(name, str) or not isinstance(kwargs, dict):
+    if fresh is not None:
+        model = fresh
+        arch = {k: record[k] for k in ("name", "factory", "module", "kwargs") if k in record}
+    elif "module" in record:
+        raise CheckpointError(
+            f"{path} holds a {record['module']} that autoprune cannot rebuild by itself: pass a "
+            "fresh, unpruned instance, autoprune.load(path, model=YourNet(...))"
+        )
+    elif not isinstance(name, str) or not isinstance(kwargs, dict):
         raise CheckpointError(f"cannot read {path / ARCH_FILE}: no model 'name' or 'factory'")
-    if "factory" in record and not trust_factory:
+    elif "factory" in record and not trust_factory:
         raise CheckpointError(
             f"refused: {path} is built by the code {name!r}; loading it would import and run "
-            "that code. If you trust it, load with trust_factory=True"
+            "that code. If you trust it, load with trust_factory=True (or pass a fresh instance "
+            "as model=)"
         )
-    model = create_model(name, **kwargs)
-    arch = model.autoprune_arch
+    else:
+        model = create_model(name, **kwargs)
+        arch = model.autoprune_arch
     if size is not None:
         arch["input_size"] = size
     if "normalized" in record:
-        if not isinstance(size, list):
-            raise CheckpointError(f"cannot read {path / ARCH_FILE}: no input_size to trace with")
-        model = normalize_model(model, torch.zeros(1, *size))
-        model.autoprune_arch = arch  # a rewritten top-level model is a new GraphModule
+        example = torch.zeros(1, *size) if isinstance(size, list) else None
+        model = normalize_model(model, example)
+    model.autoprune_arch = arch  # a rewritten top-level model is a new GraphModule
     return model
 
 
-def load(path: str | os.PathLike[str], *, trust_factory: bool = False) -> nn.Module:
+def load(
+    path: str | os.PathLike[str], *, trust_factory: bool = False, model: nn.Module | None = None
+) -> nn.Module:
     """The model saved by :func:`save` in directory ``path``, with its pruned shapes and weights.
 
     Zoo (and ``tv:``/``timm:``) models load without running any code from the files. A model
     saved with a ``factory`` is built by calling that Python code, which the directory names
-    and so could be anything: it loads only with ``trust_factory=True``. Returned in training
-    mode like any fresh module, with ``autoprune_arch`` and ``autoprune_metadata`` restored.
+    and so could be anything: it loads only with ``trust_factory=True``. A user's own module
+    (saved by its class) is rebuilt from ``model``, a fresh unpruned instance of it, which is
+    shrunk in place; any saved model can be loaded that way. Returned in training mode like any
+    fresh module, with ``autoprune_arch`` and ``autoprune_metadata`` restored.
     """
     path = Path(path)
     record = _read_record(path)
-    model = _build(record, path, trust_factory)
+    model = _build(record, path, trust_factory, model)
     try:
         remove_modules(model, record.get("removed", []))
         for name in record.get("masked", []):
@@ -211,6 +252,10 @@ def load(path: str | os.PathLike[str], *, trust_factory: bool = False) -> nn.Mod
         if name in state:
             state[alias] = state[name]
     check_state_dict(model, state, source=str(path))
+    # Layers that version their state_dict (torchvision's MNASNet) read it from the metadata
+    # a state_dict carries; a fresh model of this code has the versions its tensors match.
+    state = OrderedDict(state)
+    state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
     model.load_state_dict(state)
     setattr(model, METADATA_ATTR, record.get("metadata", {}))
     return model

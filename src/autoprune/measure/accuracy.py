@@ -6,35 +6,40 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..task import CLASSIFICATION, Task
 
 
 @dataclass(frozen=True)
 class EvalResult:
-    accuracy: float  # percent
-    loss: float  # mean cross-entropy
+    accuracy: float | None  # percent; None where the task has no metric (a custom loss)
+    loss: float  # mean of the task's loss (cross-entropy by default)
     samples: int
 
 
 @torch.no_grad()
 def evaluate_batches(
-    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    task: Task = CLASSIFICATION,
 ) -> EvalResult:
-    """Top-1 accuracy (%) and mean cross-entropy over all batches, in eval mode."""
+    """Metric (%, top-1 accuracy by default) and mean loss over all batches, in eval mode."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64)
-    correct = 0
+    correct: float | None = 0.0
     samples = 0
     try:
         for x, y in batches:
-            logits = model(x).float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").double().cpu()
-            correct += int((logits.argmax(1) == y).sum())
-            samples += y.numel()
+            outputs = model(x)
+            loss_sum += task.loss_sum(outputs, y).double().cpu()
+            hits = task.correct(outputs, y)
+            correct = None if hits is None or correct is None else correct + float(hits)
+            samples += len(y)
     finally:
         model.train(was_training)
     if samples == 0:
         raise ValueError("evaluate() got no batches")
-    return EvalResult(100.0 * correct / samples, float(loss_sum) / samples, samples)
+    accuracy = None if correct is None else 100.0 * correct / samples
+    return EvalResult(accuracy, float(loss_sum) / samples, samples)

@@ -148,6 +148,9 @@ def create_model(
     if colon and source in SOURCES:
         model = SOURCES.get(source)(rest, kwargs)
         arch: dict[str, Any] = {"name": name, "kwargs": kwargs}
+        declared = getattr(model, "pretrained_cfg", None) or {}  # timm's record of the model
+        if isinstance(declared, dict) and len(declared.get("input_size") or ()) == 3:
+            arch["input_size"] = [int(v) for v in declared["input_size"]]
     elif colon:
         model = _call(_resolve_factory(name), f"model factory {name}", kwargs)
         arch = {"factory": name, "kwargs": kwargs}

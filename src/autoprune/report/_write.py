@@ -73,6 +73,8 @@ def _intro(run: Run) -> str:
     )
     if base["accuracy"] is not None and pruned["accuracy"] is not None:
         text += f", top-1 accuracy {base['accuracy']:.2f} % -> {pruned['accuracy']:.2f} %"
+    elif base.get("loss") is not None and pruned.get("loss") is not None:
+        text += f", validation loss {base['loss']:.4g} -> {pruned['loss']:.4g}"
     total = s["timings"].get("total_s")
     took = f" in {total:.1f} s" if total is not None else ""
     return f"{text}; {s['iterations']} iterations{took}. Run directory: {run.path}."
@@ -87,8 +89,9 @@ def _before_after(run: Run) -> list[Block]:
         change = NA if before is None or after is None else f"{after - before:+.{digits}f}{unit}"
         return (label, _fixed(before, digits), _fixed(after, digits), change)
 
+    no_metric = base["accuracy"] is None and base.get("loss") is not None  # a custom loss
     rows = [
-        measured("accuracy", "top-1 accuracy (%)", 2, " points"),
+        *([] if no_metric else [measured("accuracy", "top-1 accuracy (%)", 2, " points")]),
         measured("loss", "validation loss", 4),
         measured("calib_loss", "calibration loss", 4),
         ("MACs", f"{base['macs']:,}", f"{pruned['macs']:,}", _reduction(s["macs_reduction"])),
@@ -123,8 +126,10 @@ def _before_after(run: Run) -> list[Block]:
         blocks.append(f"Removed: {text or 'nothing'}.")
     for grain, why in s.get("ended_early", {}).items():
         blocks.append(f"The {grain} phase ended before its goal: {why}.")
-    if base["accuracy"] is None:
+    if base["accuracy"] is None and base.get("loss") is None:
         blocks.append("No validation data was given, so no accuracy was measured.")
+    elif base["accuracy"] is None:
+        blocks.append("The task has a custom loss and no metric: the validation loss is shown.")
     return blocks
 
 

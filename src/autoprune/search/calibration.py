@@ -9,7 +9,7 @@ dozen images before it spends the rest on the survivors sees every class early.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -17,15 +17,18 @@ from torch import nn
 from ..data import ImageData, LazyImageFolder, make_loader
 from ..errors import AutopruneError
 from ..measure import evaluate_batches
+from ..task import CLASSIFICATION, Task
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
 class CalibrationSet:
-    """Fixed, un-augmented, normalised ``(images, labels)`` batches on the model's device."""
+    """Fixed, un-augmented ``(inputs, targets)`` batches on the model's device, and the
+    :class:`~autoprune.task.Task` their loss is computed with."""
 
     batches: list[Batch]
+    task: Task = field(default=CLASSIFICATION)
 
     @property
     def size(self) -> int:
@@ -44,6 +47,7 @@ class CalibrationSet:
         channels: int | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        task: Task = CLASSIFICATION,
     ) -> CalibrationSet:
         """``size`` training images, the same number per class where the classes allow it.
 
@@ -68,11 +72,11 @@ class CalibrationSet:
             mean=mean,
             std=std,
         )
-        return cls(list(loader))
+        return cls(list(loader), task)
 
     def loss(self, model: nn.Module) -> float:
-        """Mean cross-entropy of ``model`` over the whole set (eval mode, no grad)."""
-        return evaluate_batches(model, self.batches).loss
+        """Mean loss of ``model`` over the whole set (eval mode, no grad)."""
+        return evaluate_batches(model, self.batches, self.task).loss
 
     def reordered(self, order: torch.Tensor) -> CalibrationSet:
         """The images at positions ``order``, in that order, batched like this set (a copy)."""
@@ -80,7 +84,8 @@ class CalibrationSet:
         y = torch.cat([y for _, y in self.batches])
         index = order.to(x.device)
         size = len(self.batches[0][1])
-        return CalibrationSet(list(zip(x[index].split(size), y[index].split(size), strict=True)))
+        batches = list(zip(x[index].split(size), y[index].split(size), strict=True))
+        return CalibrationSet(batches, self.task)
 
     def slices(self, start: int, stop: int, max_batch: int | None = None) -> Iterator[Batch]:
         """Images ``start:stop`` of the set, in pieces of at most ``max_batch`` (views, no copies).

@@ -137,7 +137,7 @@ def criteria_state(
             raise AutopruneError("criterion 'taylor' needs calibration data: pass train_data")
         graph.model.eval()
         batches = calib.slices(0, min(taylor_size, calib.size))
-        state["taylor"] = TaylorAccumulator(graph).collect(batches)
+        state["taylor"] = TaylorAccumulator(graph).collect(batches, calib.task.mean_loss)
     return state
 
 

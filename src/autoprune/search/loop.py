@@ -32,12 +32,15 @@ import torch
 from torch import nn
 
 from .. import distributed
+from .._device import follow
 from .._progress import Bar, console, progress_bar
-from ..data import BatchLoader
+from ..data import BatchLoader, UserBatches
 from ..errors import AutopruneError
 from ..graph import build_graph, scope_report
 from ..graph.sparsity import masks_held, restore_weights
+from ..io.model_io import check_savable
 from ..measure import count_macs, count_params, evaluate_batches
+from ..task import CLASSIFICATION, Task
 from ..train import LossFn, TrainConfig, TrainResult, distillation, fit
 from .calibration import CalibrationSet
 from .config import PruneConfig
@@ -47,6 +50,7 @@ from .schedules import SCHEDULES, SearchContext, Step
 from .scorers import Scorer, create_scorer
 
 STATE_FORMAT = 3  # 3: the starting model's digest
+Loader = BatchLoader | UserBatches
 Removal = list[tuple[str, torch.Tensor]]
 
 
@@ -57,12 +61,15 @@ class SearchData:
     ``train(train_config)`` gives shuffled, augmented training batches at that config's batch
     size and memory layout (for recovery and fine-tuning); ``calib`` is the calibration set
     candidates are scored on; ``val`` the held-out batches accuracies are measured on.
+    ``task`` is the loss, output adapter and metric of all of them (the calibration set
+    carries the same one).
     """
 
-    train: Callable[[TrainConfig], BatchLoader] | None = None
+    train: Callable[[TrainConfig], Loader] | None = None
     calib: CalibrationSet | None = None
-    val: BatchLoader | None = None
+    val: Loader | None = None
     dataset: str | None = None
+    task: Task = field(default=CLASSIFICATION)
 
 
 @dataclass
@@ -133,10 +140,13 @@ class _Search:
         self.start = time.perf_counter()
         self.transfer = transfer
         self.original = model
+        example_inputs = follow(example_inputs, model)  # the user's may be on another device
         self.example_inputs = example_inputs
         self.config = config
         self.data = data
         self.run_dir = RunDir(out_dir) if out_dir is not None else None
+        if self.run_dir is not None:  # a model that cannot be written fails now, not at the end
+            check_savable(model, _input_size(example_inputs))
         self.progress = progress and distributed.is_main()
         self.schedule = SCHEDULES.get(config.schedule)(config)
         self.grains = plan(config, self.schedule)
@@ -350,16 +360,17 @@ class _Search:
             self.state.loss = self._calib_loss("after fine-tuning")
         self.state.phase = "done"
 
-    def _fit(self, loader: BatchLoader, train_config: TrainConfig, **kwargs: Any) -> TrainResult:
+    def _fit(self, loader: Loader, train_config: TrainConfig, **kwargs: Any) -> TrainResult:
         model = self.graph.model
+        loss_fn, task = self._loss_fn(train_config), self.data.task
         with masks_held(model):
-            result = fit(model, loader, train_config, loss_fn=self._loss_fn(train_config), **kwargs)
+            result = fit(model, loader, train_config, loss_fn=loss_fn, task=task, **kwargs)
         # One memory layout outside training, so a resumed run computes bit for bit the same.
         model.to(memory_format=torch.contiguous_format)
         return result
 
     def _loss_fn(self, train_config: TrainConfig) -> LossFn | None:
-        """Cross-entropy, or mixed with distillation from the unpruned model."""
+        """The task's loss, or mixed with distillation from the unpruned model."""
         if self.teacher is None:
             return None
         config = self.config
@@ -368,6 +379,7 @@ class _Search:
             config.distill_temperature,
             config.distill_weight,
             train_config.label_smoothing,
+            self.data.task,
         )
 
     # ---------------------------------------------------------------------- measurements
@@ -396,7 +408,8 @@ class _Search:
         )
 
     def _measure(self, model: nn.Module) -> dict[str, Any]:
-        ev = evaluate_batches(model, self.data.val) if self.data.val is not None else None
+        val, task = self.data.val, self.data.task
+        ev = evaluate_batches(model, val, task) if val is not None else None
         return {
             "macs": count_macs(model, self.example_inputs),
             "params": count_params(model),

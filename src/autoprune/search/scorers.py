@@ -37,13 +37,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed
 from .._registry import Registry
 from ..errors import AutopruneError
 from ..graph import PruningGraph, mask_channels
+from ..task import Task
 from ._prefix import CallProfile, CutPoint, PrefixCache, plan_cuts
 from .calibration import CalibrationSet
 from .candidates import Candidate, GrainCandidate, Objective  # Objective: lower is better
@@ -180,7 +180,7 @@ class FastScorer:
         _check_scorable(graph, calib)
         start = time.perf_counter()
         total = calib.size
-        sums = [0.0] * len(candidates)  # summed cross-entropy over the images seen so far
+        sums = [0.0] * len(candidates)  # summed loss (calib.task's) over the images seen so far
         seen = [0] * len(candidates)
         alive = list(range(len(candidates)))
         done = rounds = 0
@@ -196,7 +196,8 @@ class FastScorer:
                 stop = self._next_stop(done, total, len(alive))
                 mine = [alive[i] for i in distributed.my_share(alive)]
                 for x, y in calib.slices(done, stop, self.max_batch):
-                    _score_batch(graph, candidates, cuts, set(mine), self._layout(x), y, sums)
+                    batch = (self._layout(x), y)
+                    _score_batch(graph, candidates, cuts, set(mine), batch, calib.task, sums)
                 for i, value in distributed.merge_shares({i: sums[i] for i in mine}).items():
                     sums[i] = value
                 for i in alive:
@@ -228,7 +229,7 @@ class FastScorer:
 
         def losses(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             x, y = batch
-            return F.cross_entropy(model(self._layout(x)).float(), y, reduction="none").cpu()
+            return calib.task.losses(model(self._layout(x)), y).cpu()
 
         per_image = torch.cat(distributed.share_map(losses, calib.batches))
         return calib.reordered(torch.argsort(per_image, descending=True, stable=True))
@@ -253,11 +254,12 @@ def _score_batch(
     candidates: Sequence[Candidate],
     cuts: list[CutPoint],
     alive: set[int],
-    x: torch.Tensor,
-    y: torch.Tensor,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    task: Task,
     sums: list[float],
 ) -> None:
-    """Add each live candidate's summed loss on ``(x, y)``, cut point by cut point."""
+    """Add each live candidate's summed loss on ``batch``, cut point by cut point."""
+    x, y = batch
     cache = PrefixCache(graph.model, x)
     for cut in cuts:
         members = [i for i in cut.candidates if i in alive]
@@ -266,8 +268,8 @@ def _score_batch(
         cache.advance(cut)
         for i in members:
             with _trial(graph, candidates[i]):
-                logits = cache.run()
-            sums[i] += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+                outputs = cache.run()
+            sums[i] += float(task.loss_sum(outputs, y))
 
 
 def _trial(graph: PruningGraph, candidate: Candidate) -> AbstractContextManager[Any]:

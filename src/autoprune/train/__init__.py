@@ -3,7 +3,15 @@
 from .config import TrainConfig
 from .optim import build_optimizer
 from .schedules import SCHEDULES
-from .trainer import EpochRecord, LossFn, TrainResult, cross_entropy, distillation, fit
+from .trainer import (
+    EpochRecord,
+    LossFn,
+    TrainResult,
+    cross_entropy,
+    distillation,
+    fit,
+    task_loss,
+)
 
 __all__ = [
     "SCHEDULES",
@@ -15,4 +23,5 @@ __all__ = [
     "cross_entropy",
     "distillation",
     "fit",
+    "task_loss",
 ]

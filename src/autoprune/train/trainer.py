@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,13 +18,15 @@ from ..data import BatchLoader
 from ..errors import AutopruneError
 from ..io.state import load_state, save_state
 from ..measure import evaluate_batches
+from ..task import CLASSIFICATION, Task
 from ._ddp import data_parallel
 from .config import TrainConfig
 from .optim import build_optimizer
 from .schedules import SCHEDULES
 
-# loss(logits, targets, inputs): the inputs let a distillation loss query its teacher.
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# loss(outputs, targets, inputs): the model's raw outputs (a task's adapter reads them); the
+# inputs let a distillation loss query its teacher.
+LossFn = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]
 
 # Settings that must match for a checkpoint to be resumed (the rest may change, e.g. progress).
 _RESUME_KEYS = ("epochs", "max_steps", "batch_size", "lr", "schedule", "seed", "weight_decay")
@@ -34,7 +37,7 @@ class EpochRecord:
     epoch: int
     steps: int
     train_loss: float
-    train_accuracy: float
+    train_accuracy: float | None  # None: the task has no metric
     lr: float
     images_per_s: float
     seconds: float
@@ -49,30 +52,49 @@ class TrainResult:
     resumed_from_epoch: int | None = None
 
 
+def task_loss(task: Task = CLASSIFICATION, label_smoothing: float = 0.0) -> LossFn:
+    """The task's batch-mean loss (cross-entropy by default)."""
+    return lambda outputs, y, x: task.mean_loss(outputs, y, label_smoothing)
+
+
 def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
-    return lambda logits, y, x: F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    return task_loss(CLASSIFICATION, label_smoothing)
 
 
 def distillation(
-    teacher: nn.Module, temperature: float, weight: float, label_smoothing: float = 0.0
+    teacher: nn.Module,
+    temperature: float,
+    weight: float,
+    label_smoothing: float = 0.0,
+    task: Task = CLASSIFICATION,
 ) -> LossFn:
-    """``(1 - weight) * CE + weight * T^2 * KL(teacher || student)`` at temperature ``T``.
+    """``(1 - weight) * task loss + weight * soft term``, the soft term matching the teacher.
 
-    ``teacher`` (the unpruned model, in eval mode) sees the same inputs as the student; the
-    ``T^2`` keeps the soft term's gradients on the scale of the hard one's.
+    ``teacher`` (the unpruned model, in eval mode) sees the same inputs as the student; both
+    outputs are read by the task's adapter. For classification the soft term is
+    ``T^2 * KL(teacher || student)`` at temperature ``T`` (the ``T^2`` keeps its gradients on
+    the scale of the hard term's); for any other loss, the mean squared difference of the two
+    predictions, since softened class probabilities mean nothing for a regression.
     """
 
-    def loss(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def loss(outputs: Any, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        student = task.prediction(outputs).float()
         with torch.no_grad():
-            target = F.log_softmax(teacher(x).float() / temperature, dim=1)
-        kd = F.kl_div(
-            F.log_softmax(logits.float() / temperature, dim=1),
-            target,
-            reduction="batchmean",
-            log_target=True,
-        )
-        ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-        return (1.0 - weight) * ce + weight * temperature * temperature * kd
+            target = task.prediction(teacher(x)).float()
+        if task.classification:
+            soft = (
+                temperature
+                * temperature
+                * F.kl_div(
+                    F.log_softmax(student / temperature, dim=1),
+                    F.log_softmax(target / temperature, dim=1),
+                    reduction="batchmean",
+                    log_target=True,
+                )
+            )
+        else:
+            soft = F.mse_loss(student, target)
+        return (1.0 - weight) * task.mean_loss(outputs, y, label_smoothing) + weight * soft
 
     return loss
 
@@ -87,6 +109,7 @@ def fit(
     resume: bool = False,
     loss_fn: LossFn | None = None,
     epoch_offset: int = 0,
+    task: Task = CLASSIFICATION,
 ) -> TrainResult:
     """Train ``model`` in place on the loader's device.
 
@@ -100,11 +123,14 @@ def fit(
     DistributedDataParallel, built for this call and dropped at its end (the caller may change
     the parameters between calls), and each process reads its part of every batch: the batch
     size is the total over the processes. Rank 0 alone writes the checkpoint and shows progress.
+
+    ``task`` reads the model's outputs, gives the default loss (``loss_fn`` replaces it) and
+    the accuracy shown (none for a task without a metric).
     """
     device = next(model.parameters()).device
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
-    loss_fn = loss_fn or cross_entropy(config.label_smoothing)
+    loss_fn = loss_fn or task_loss(task, config.label_smoothing)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise AutopruneError("the training set is smaller than one batch: lower --batch-size")
@@ -138,6 +164,7 @@ def fit(
                 net,
                 train_loader,
                 loss_fn,
+                task,
                 optimizer,
                 scheduler,
                 scaler,
@@ -151,7 +178,7 @@ def fit(
             )
             result.steps += record.steps
             if val_loader is not None:
-                ev = evaluate_batches(model, val_loader)
+                ev = evaluate_batches(model, val_loader, task)
                 record.val_accuracy, record.val_loss = ev.accuracy, ev.loss
             result.history.append(record)
             if show:
@@ -177,6 +204,7 @@ def _train_epoch(
     model: nn.Module,
     loader: BatchLoader,
     loss_fn: LossFn,
+    task: Task,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
@@ -198,7 +226,8 @@ def _train_epoch(
     use_amp, amp_dtype = amp
     device_type = next(model.parameters()).device.type
     loss_sum = torch.zeros((), device=next(model.parameters()).device)
-    correct = torch.zeros((), dtype=torch.long, device=loss_sum.device)
+    correct = torch.zeros((), dtype=torch.float64, device=loss_sum.device)
+    scored = True  # False once a batch had no metric: no accuracy for the epoch
     samples = steps = shown = 0
     budget = min(len(loader), total_steps - step)
     start = time.perf_counter()
@@ -207,8 +236,8 @@ def _train_epoch(
             if steps >= budget:
                 break
             with torch.autocast(device_type, dtype=amp_dtype, enabled=use_amp):
-                logits = model(x)
-                loss = loss_fn(logits, y, x)
+                outputs = model(x)
+                loss = loss_fn(outputs, y, x)
             if not torch.isfinite(loss):
                 raise AutopruneError(
                     f"training loss became {loss.item()} at epoch {epoch + 1}, step {steps + 1}: "
@@ -219,16 +248,20 @@ def _train_epoch(
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            loss_sum += loss.detach() * y.numel()
-            correct += (logits.detach().argmax(1) == y).sum()
-            samples += y.numel()
+            loss_sum += loss.detach() * len(y)
+            with torch.no_grad():
+                hits = task.correct(outputs, y) if scored else None
+            scored = hits is not None
+            if scored:
+                correct += hits
+            samples += len(y)
             steps += 1
             if steps % 10 == 0 or steps == budget:  # reading the sums syncs a GPU: not every step
                 elapsed = time.perf_counter() - start
                 bar.update(
                     steps - shown,
                     loss=float(loss_sum) / samples,
-                    acc=100.0 * float(correct) / samples,
+                    acc=100.0 * float(correct) / samples if scored else "-",
                     img_s=samples / elapsed,
                 )
                 shown = steps
@@ -240,7 +273,7 @@ def _train_epoch(
         epoch=epoch + 1,
         steps=steps,
         train_loss=total_loss / max(1, samples),
-        train_accuracy=100.0 * total_correct / max(1, samples),
+        train_accuracy=100.0 * total_correct / max(1, samples) if scored else None,
         lr=scheduler.get_last_lr()[0],
         images_per_s=samples / seconds,
         seconds=seconds,
@@ -282,9 +315,12 @@ def _restore(
 def _summary_line(record: EpochRecord, epochs: int) -> str:
     line = (
         f"epoch {record.epoch}/{epochs}  loss {record.train_loss:.4f}  "
-        f"acc {record.train_accuracy:.2f}%  lr {record.lr:.3g}  "
+        + (f"acc {record.train_accuracy:.2f}%  " if record.train_accuracy is not None else "")
+        + f"lr {record.lr:.3g}  "
         f"{record.images_per_s:.0f} img/s  {record.seconds:.0f}s"
     )
     if record.val_accuracy is not None:
-        line += f"  val acc {record.val_accuracy:.2f}%  val loss {record.val_loss:.4f}"
+        line += f"  val acc {record.val_accuracy:.2f}%"
+    if record.val_loss is not None:
+        line += f"  val loss {record.val_loss:.4f}"
     return line
