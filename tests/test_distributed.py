@@ -30,8 +30,8 @@ from autoprune.graph import build_graph
 from autoprune.io import load
 from autoprune.models import create_model
 from autoprune.search import OBJECTIVES, SCORERS, CalibrationSet, RunDir, create_scorer
-from autoprune.search import loop as search_loop
 from autoprune.search import scorers as search_scorers
+from autoprune.search import training as search_training
 from autoprune.search.candidates import criteria_state, make_candidates, removable
 
 WORLD = 2
@@ -88,7 +88,7 @@ def count_masks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 def interrupted_then_resumed(out: Path) -> autoprune.PruneResult:
     """A run killed inside its second recovery, then resumed."""
-    real, calls = search_loop.fit, []
+    real, calls = search_training.fit, []
 
     def killed(*args, **kwargs):
         calls.append(1)
@@ -97,7 +97,7 @@ def interrupted_then_resumed(out: Path) -> autoprune.PruneResult:
         return real(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setattr(search_loop, "fit", killed)
+        monkeypatch.setattr(search_training, "fit", killed)
         with pytest.raises(KeyboardInterrupt):
             prune(out)
     return prune(out, resume=True)

@@ -26,7 +26,7 @@ from autoprune.measure import count_macs, count_params
 from autoprune.models import create_model
 from autoprune.report import write_report
 from autoprune.search import PruneConfig, create_scorer
-from autoprune.search import loop as search_loop
+from autoprune.search import training as search_training
 from autoprune.search.calibration import CalibrationSet
 from autoprune.search.candidates import loss_objective
 from autoprune.search.granularity import (
@@ -288,7 +288,7 @@ def test_multigrain_result_loads_back_and_exports(multigrain, tmp_path):
 
 def test_interrupted_multigrain_run_resumes_to_the_same_model(resnet20, multigrain, tmp_path):
     result, _ = multigrain
-    real, calls = search_loop.fit, []
+    real, calls = search_training.fit, []
 
     def killed(*args, **kwargs):
         calls.append(1)
@@ -297,7 +297,7 @@ def test_interrupted_multigrain_run_resumes_to_the_same_model(resnet20, multigra
         return real(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(search_loop, "fit", killed)
+        patch.setattr(search_training, "fit", killed)
         with pytest.raises(KeyboardInterrupt):
             autoprune.prune(resnet20, out_dir=tmp_path, progress=False, **MULTIGRAIN)
     resumed = autoprune.prune(resnet20, out_dir=tmp_path, resume=True, progress=False, **MULTIGRAIN)

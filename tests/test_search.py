@@ -19,8 +19,9 @@ from autoprune.io.state import load_state
 from autoprune.measure import count_macs
 from autoprune.models import create_model
 from autoprune.search import OBJECTIVES, SCHEDULES, PruneConfig, make_candidates
-from autoprune.search import loop as search_loop
+from autoprune.search import pruner as search_pruner
 from autoprune.search import scorers as search_scorers
+from autoprune.search import training as search_training
 from autoprune.search.candidates import criteria_state, removable
 
 TOLERANCE = 0.005
@@ -221,7 +222,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(
     smallcnn, finished, tmp_path, monkeypatch, where, k
 ):
     result, _ = finished
-    target = {"fit": search_loop, "mask_channels": search_scorers}[where]
+    target = {"fit": search_training, "mask_channels": search_scorers}[where]
     kill_at_call(target, where, k, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         small_prune(smallcnn, out_dir=tmp_path)
@@ -242,8 +243,8 @@ def test_finished_run_is_not_redone(smallcnn, finished, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a finished run was redone")
 
-    monkeypatch.setattr(search_loop, "fit", fail)
-    monkeypatch.setattr(search_loop._Search, "_iterate", fail)
+    monkeypatch.setattr(search_training, "fit", fail)
+    monkeypatch.setattr(search_pruner.Pruner, "step", fail)
     again = small_prune(smallcnn, out_dir=out, resume=True)
     assert_same_weights(again.model, result.model)
     assert again.summary == json.loads((out / "summary.json").read_text())
@@ -268,7 +269,7 @@ def test_resume_from_a_model_with_other_weights_is_refused(smallcnn, finished):
 def test_resume_after_a_scorer_default_changed_is_refused(smallcnn, finished, monkeypatch):
     _, out = finished
     newer = search_scorers.FastScorer(min_images=16)  # as if a new release changed a default
-    monkeypatch.setattr(search_loop, "create_scorer", lambda name, **options: newer)
+    monkeypatch.setattr(search_pruner, "create_scorer", lambda name, **options: newer)
     with pytest.raises(AutopruneError, match=r"other settings.*scorer_settings"):
         small_prune(smallcnn, out_dir=out, resume=True)
 
@@ -308,14 +309,14 @@ def test_unreachable_target_is_refused_before_the_search(smallcnn, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the search started")
 
-    monkeypatch.setattr(search_loop._Search, "_search", fail)
+    monkeypatch.setattr(search_pruner.Pruner, "step", fail)
     with pytest.raises(AutopruneError, match="out of reach") as error:
         small_prune(smallcnn, target_macs_reduction=0.9, cap=0.5)
     assert f"the most is {100 * best:.2f} %" in str(error.value)
 
 
 def test_nan_loss_stops_the_run_with_the_last_good_state_saved(smallcnn, tmp_path, monkeypatch):
-    real_fit, calls = search_loop.fit, []
+    real_fit, calls = search_training.fit, []
 
     def diverging(model, *args, **kwargs):
         calls.append(1)
@@ -326,7 +327,7 @@ def test_nan_loss_stops_the_run_with_the_last_good_state_saved(smallcnn, tmp_pat
                     p.fill_(float("nan"))
         return result
 
-    monkeypatch.setattr(search_loop, "fit", diverging)
+    monkeypatch.setattr(search_training, "fit", diverging)
     with pytest.raises(AutopruneError, match="calibration loss is nan after recovery") as error:
         small_prune(smallcnn, out_dir=tmp_path)
     assert str(tmp_path / "state.safetensors") in str(error.value)

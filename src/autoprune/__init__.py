@@ -7,7 +7,7 @@ from .io import load, save
 from .measure import count_macs, count_params, profile_model
 from .models import create_model, list_models, load_weights
 from .report import write_report
-from .search import PruneConfig, PruneResult
+from .search import PruneConfig, Pruner, PruneResult
 from .task import Task, default_adapter
 from .train import TrainConfig
 
@@ -19,6 +19,7 @@ __all__ = [
     "DataNotFoundError",
     "PruneConfig",
     "PruneResult",
+    "Pruner",
     "Task",
     "TrainConfig",
     "UnknownNameError",

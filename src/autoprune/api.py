@@ -23,7 +23,7 @@ from .feed import preprocessing as preprocessing
 from .io.model_io import check_savable, describe
 from .measure import EvalResult, count_macs, count_params, evaluate_batches
 from .models import create_model
-from .search import PruneConfig, PruneResult, run_search
+from .search import PruneConfig, PruneResult, Recover, run_search
 from .search.config import default_schedule
 from .search.run import RunDir
 from .task import OutputAdapter, Task, TaskLoss
@@ -201,6 +201,7 @@ def prune(
     task: Task | None = None,
     loss_fn: TaskLoss | None = None,
     output_adapter: OutputAdapter | None = None,
+    recover: Recover | None = None,
     **overrides: Any,
 ) -> PruneResult:
     """Prune ``model`` to ``target_macs_reduction`` of its MACs; returns the smaller model.
@@ -226,6 +227,10 @@ def prune(
     model adapted before the search (:mod:`autoprune.transfer`); unless a schedule is chosen
     (a config's schedule equal to its default counts as not chosen) it is
     saliency-then-similarity. ``summary["transfer"]`` says what was transferred from where.
+
+    ``recover(model)``, when given, is the recovery (e.g. your own training steps), called
+    whenever recovery is due instead of ``recover_steps`` of training on ``train_data``. To
+    drive the steps yourself, use :class:`autoprune.Pruner`, the engine this loops over.
     """
     named = {
         "target_macs_reduction": target_macs_reduction,
@@ -302,6 +307,7 @@ def prune(
         resume=resume,
         progress=progress,
         transfer=record,
+        recover=recover,
     )
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from ..errors import AutopruneError
 from ..search import RunDir
 
-# What a report reads from summary.json (written by autoprune.search.run.summarize).
+# What a report reads from summary.json (written by autoprune.search.summary.summarize).
 SUMMARY_KEYS = (
     "model",
     "baseline",

@@ -11,10 +11,12 @@ from .calibration import CalibrationSet
 from .candidates import OBJECTIVES, Candidate, Objective, make_candidates
 from .config import PruneConfig, default_criteria
 from .granularity import GRANULARITIES, Granularity
-from .loop import PruneResult, SearchData, run_search
+from .loop import PruneResult, run_search
+from .pruner import Pruner
 from .run import RunDir
 from .schedules import ALLOCATIONS, SCHEDULES, Schedule, SearchContext, Step
 from .scorers import SCORERS, create_scorer
+from .training import Recover, SearchData
 
 __all__ = [
     "ALLOCATIONS",
@@ -28,6 +30,8 @@ __all__ = [
     "Objective",
     "PruneConfig",
     "PruneResult",
+    "Pruner",
+    "Recover",
     "RunDir",
     "Schedule",
     "SearchContext",

@@ -46,7 +46,7 @@ from ..graph.sparsity import (
 )
 from ..graph.units import find_units, substitute_identity
 from ..measure import count_params
-from .candidates import GrainCandidate
+from .candidates import Candidate, GrainCandidate
 from .schedules import TOLERANCE, Schedule, SearchContext, Step, choose
 
 if TYPE_CHECKING:
@@ -81,8 +81,13 @@ class Granularity(ABC):
         return ctx.reduction >= self.goal - TOLERANCE
 
     @abstractmethod
+    def candidates(self, ctx: SearchContext) -> Sequence[Candidate]:
+        """What the next step chooses from (empty: nothing left to offer)."""
+
     def propose(self, ctx: SearchContext) -> Step | None:
         """The next step, or None when this granularity has nothing left to offer."""
+        candidates = self.candidates(ctx)
+        return choose(ctx, candidates, self.name) if candidates else None
 
     @abstractmethod
     def apply(self, graph: PruningGraph, removal: Mapping[str, torch.Tensor]) -> None:
@@ -169,7 +174,7 @@ class _Units(Granularity):
 
     kind: ClassVar[str]
 
-    def propose(self, ctx: SearchContext) -> Step | None:
+    def candidates(self, ctx: SearchContext) -> list[GrainCandidate]:
         graph = ctx.graph
         room = ctx.remaining_macs + TOLERANCE * ctx.original_macs
         candidates = []
@@ -179,7 +184,7 @@ class _Units(Granularity):
             saved = graph.module_macs(graph.model.get_submodule(p) for p in unit.paths)
             if 0 < saved <= room:
                 candidates.append(UnitCandidate(unit.name, (), EMPTY, saved, paths=unit.paths))
-        return choose(ctx, candidates, self.name) if candidates else None
+        return candidates
 
     def apply(self, graph: PruningGraph, removal: Mapping[str, torch.Tensor]) -> None:
         graph.remove_modules(list(removal))
@@ -210,6 +215,9 @@ class Channel(Granularity):
     @property
     def needs_calibration(self) -> bool:
         return self.schedule.needs_calibration
+
+    def candidates(self, ctx: SearchContext) -> list[Candidate]:
+        return self.schedule.candidates(ctx)
 
     def propose(self, ctx: SearchContext) -> Step | None:
         return self.schedule.propose(ctx)
@@ -296,7 +304,7 @@ class Weight(Granularity):
     def reached(self, ctx: SearchContext) -> bool:
         return self._remaining(ctx.graph.model)[0] <= 0
 
-    def propose(self, ctx: SearchContext) -> Step | None:
+    def candidates(self, ctx: SearchContext) -> list[GrainCandidate]:
         remaining, total = self._remaining(ctx.graph.model)
         step = min(max(1, round(self.config.weight_step * total)), remaining)
         layers = {
@@ -315,8 +323,7 @@ class Weight(Granularity):
             offers += _spread(layers, score, criterion, step)
         # Candidates that remove the whole step compare by loss alone; smaller ones only if
         # none can give the whole step.
-        candidates = [c for c in offers if c.params_saved == step] or offers
-        return choose(ctx, candidates, self.name) if candidates else None
+        return [c for c in offers if c.params_saved == step] or offers
 
     def apply(self, graph: PruningGraph, removal: Mapping[str, torch.Tensor]) -> None:
         for name, idxs in removal.items():

@@ -100,6 +100,13 @@ class Schedule(ABC):
     @abstractmethod
     def propose(self, ctx: SearchContext) -> Step: ...
 
+    def candidates(self, ctx: SearchContext) -> list[Candidate]:
+        """What a loss-aware schedule scores to choose its step; others score none."""
+        raise AutopruneError(
+            f"schedule {self.config.schedule!r} scores no candidates: it proposes its step "
+            "directly (use a loss-aware schedule, e.g. 'auto', to see candidates)"
+        )
+
 
 SCHEDULES: Registry[type[Schedule]] = Registry("prune schedule")
 
@@ -114,6 +121,10 @@ class LossAware(Schedule):
         """The criteria allowed at ``progress`` (the part of the target reached so far)."""
 
     def propose(self, ctx: SearchContext) -> Step:
+        return choose(ctx, self.candidates(ctx))
+
+    def candidates(self, ctx: SearchContext) -> list[Candidate]:
+        """Every (group, criterion) removal of about one step allowed at this point."""
         cfg = self.config
         if ctx.calib is None or ctx.scorer is None or ctx.loss is None:
             raise AutopruneError(f"schedule {cfg.schedule!r} needs calibration data")
@@ -129,7 +140,7 @@ class LossAware(Schedule):
             candidates = landing or candidates
         if not candidates:
             raise AutopruneError("every group is at its cap: nothing is left to prune")
-        return choose(ctx, candidates)
+        return candidates
 
 
 def choose(
