@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import typer
 
+from autoprune.cli import app
+from autoprune.cli import prune as cli_prune
+from autoprune.cli._config_options import config_parameters, config_values
+from autoprune.errors import AutopruneError
 from autoprune.models import create_model
+from autoprune.search import PruneConfig
 
 
 def test_listings_show_the_registries(cli):
@@ -139,3 +147,64 @@ def test_demo_prints_the_report_and_the_exported_model(cli, tmp_path: Path) -> N
     exported = next(line for line in out.splitlines() if line.strip().startswith("exported"))
     assert Path(report.split()[1]).is_file() and report.split()[1].endswith("report.html")
     assert Path(exported.split()[1]).is_file() and "checked against torch" in exported
+
+
+# ------------------------------------------------------- prune options, generated from PruneConfig
+
+
+def prune_options() -> dict[str, list[str]]:
+    """Option names of ``autoprune prune`` by parameter name, as click sees them."""
+    command = typer.main.get_command(app).commands["prune"]  # type: ignore[attr-defined]
+    return {p.name: [*p.opts, *p.secondary_opts] for p in command.params}
+
+
+def test_prune_help_lists_every_config_field(cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # no option name cut short
+    code, help_text, _ = cli("prune", "--help")
+    assert code == 0
+    options = prune_options()
+    for f in dataclasses.fields(PruneConfig):
+        assert f.name in options, f"PruneConfig.{f.name} has no `autoprune prune` option"
+        assert all(name in help_text for name in options[f.name]), f.name
+    assert "--target-macs" in options["target_macs_reduction"]
+    assert "--target-flops" in options["target_macs_reduction"]  # the old name still works
+
+
+def test_prune_option_defaults_are_the_config_defaults():
+    shown = {p.name: p.default for p in config_parameters(PruneConfig)}
+    assert PruneConfig(**config_values(PruneConfig, shown)) == PruneConfig()
+
+
+def test_a_config_field_without_an_option_is_refused():
+    @dataclasses.dataclass
+    class Settings:
+        documented: int = dataclasses.field(
+            default=1, metadata={"help": "x", "choices": None, "option": None, "aliases": ()}
+        )
+        forgotten: int = 2
+
+    with pytest.raises(AutopruneError, match="'forgotten' has no command-line option"):
+        config_parameters(Settings)
+
+
+@pytest.mark.parametrize("flag", ["--target-macs", "--target-flops"])
+def test_prune_options_reach_the_config(cli, monkeypatch, flag):
+    seen = {}
+
+    def fake_prune(model, **kwargs):
+        seen.update(kwargs)
+        return SimpleNamespace(summary={})
+
+    monkeypatch.setattr(cli_prune.api, "prune", fake_prune)
+    argv = ["prune", "-m", "resnet20", flag, "0.3", "--macs-shares", "0.4,0.6", "--json"]
+    argv += ["--granularity", "block,channel", "--scorer-options", '{"keep": 0.5}', "--lr", "0.2"]
+    argv += ["--weight-loss-limit", "0", "--distill-weight", "0.25", "--batch-size", "8"]
+    code, _, err = cli(*argv)
+    assert code == 0, err
+    config = seen["config"]
+    assert config.target_macs_reduction == 0.3 and config.macs_shares == (0.4, 0.6)
+    assert config.scorer_options == {"keep": 0.5} and config.weight_loss_limit is None
+    assert config.recovery.lr == 0.2 and config.finetune.lr == PruneConfig().finetune.lr
+    assert config.distill_weight == 0.25 and config.granularity == ("block", "channel")
+    assert {t.batch_size for t in (config.recovery, config.finetune, config.adaptation)} == {8}
+    assert seen["schedule"] is None  # not chosen: a transfer run picks its own

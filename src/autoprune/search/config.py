@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..criteria import list_criteria
+from .._registry import Registry
+from ..criteria import CRITERIA, list_criteria
 from ..errors import AutopruneError
 from ..graph import SCOPES
 from ..train import TrainConfig
 from ..transfer import TRANSFER_ORDERS
 from .candidates import OBJECTIVES
-from .granularity import check_granularity
+from .granularity import GRANULARITIES, check_granularity
 from .schedules import ALLOCATIONS, SCHEDULES
 from .scorers import SCORERS
 
@@ -21,8 +22,7 @@ def default_criteria() -> tuple[str, ...]:
     return tuple(n for kind in ("magnitude", "similarity", "saliency") for n in list_criteria(kind))
 
 
-# channels_last off: on the CPU it halves the training speed of the small CIFAR / MNIST nets;
-# turn it on for GPU runs.
+# channels_last off: slower on the CPU for the small CIFAR / MNIST nets; turn it on for GPU runs.
 def _recovery() -> TrainConfig:
     return TrainConfig(lr=0.01, channels_last=False, progress=False)
 
@@ -38,6 +38,25 @@ def _head_training() -> TrainConfig:
 
 def _adaptation() -> TrainConfig:
     return TrainConfig(lr=0.01, channels_last=False, progress=False)
+
+
+def _cli(
+    help: str,
+    *,
+    choices: Registry[Any] | None = None,
+    option: str | None = None,
+    aliases: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """A field's command-line option (``autoprune prune``): help text, the registry its names
+    come from, the option's name when not ``--field-name``, and other names it answers to
+    (:mod:`autoprune.cli._config_options` reads them). A ``TrainConfig`` field's option sets
+    its learning rate."""
+    return {
+        "help": help,
+        "choices": choices,
+        "option": option,
+        "aliases": aliases,
+    }
 
 
 def default_schedule(transfer: bool) -> str:
@@ -76,48 +95,147 @@ class PruneConfig:
     :func:`default_schedule` for this ``transfer`` setting.
     """
 
-    target_macs_reduction: float = 0.5
-    criteria: tuple[str, ...] = field(default_factory=default_criteria)
-    schedule: str | None = None  # None: default_schedule(transfer)
-    saliency_fraction: float = 0.5  # saliency-then-similarity: switch at this part of the target
-    allocation: str = "uniform"  # fixed: "uniform" or "global"
-    step: float = 0.01
-    cap: float = 0.75
-    # Every group keeps a multiple of this many channels: ONNX Runtime's and oneDNN's fast CPU
-    # convolutions work on blocks of 8 or 16 channels (docs/benchmarks/speed.md measures it).
-    channel_multiple: int = 1
-    # Defaults measured by bench/objective_distill.py (ResNet-20, -50 % MACs, same budget):
-    # distillation +5.2 points with "loss", +2.4 with "loss_per_mac"; "loss" best with it.
-    objective: str = "loss"
-    scorer: str = "fast"
-    scorer_options: dict[str, Any] = field(default_factory=dict)
-    calib_size: int = 512  # matched the exhaustive choice in 23/23 ResNet-56 decisions (bench)
-    taylor_size: int = 256  # calibration images the taylor gradients are taken on
-    recover_every: float = 0.02
-    recover_steps: int = 50
-    recovery: TrainConfig = field(default_factory=_recovery)
-    finetune_epochs: int = 0
-    finetune: TrainConfig = field(default_factory=_finetune)
-    distill: bool = True
-    distill_temperature: float = 4.0
-    distill_weight: float = 0.5
-    ignored_layers: tuple[str, ...] = ()
-    granularity: tuple[str, ...] = ("channel",)
-    macs_shares: tuple[float, ...] = ()
-    weight_sparsity: float = 0.5
-    weight_step: float = 0.05
-    # Lenient: a safety net for collapse (VGG-19 went from 0.39 to 2,159 once small early
-    # layers were forced), not a brake on healthy runs (ResNet-56 at 50 %: 0.06 -> 0.16).
-    weight_loss_limit: float | None = 4.0
-    scope: str = "all"
-    transfer: bool = False  # the API also turns it on when the data's classes are not the head's
-    transfer_order: str = "adapt-then-prune"
-    transfer_head: str | None = None
-    head_steps: int = 100
-    head_training: TrainConfig = field(default_factory=_head_training)
-    adapt_steps: int = 300
-    adaptation: TrainConfig = field(default_factory=_adaptation)
-    seed: int = 0
+    target_macs_reduction: float = field(
+        default=0.5,
+        metadata=_cli(
+            "Fraction of the MACs to remove (0.5 = half).",
+            option="--target-macs",
+            aliases=("--target-flops",),
+        ),
+    )
+    criteria: tuple[str, ...] = field(
+        default_factory=default_criteria,
+        metadata=_cli("Comma-separated criteria pool.", choices=CRITERIA),
+    )
+    schedule: str | None = field(
+        default=None,
+        metadata=_cli(
+            "Default: auto; saliency-then-similarity when transferring.", choices=SCHEDULES
+        ),
+    )
+    saliency_fraction: float = field(
+        default=0.5, metadata=_cli("saliency-then-similarity: switch at this part of the target.")
+    )
+    allocation: str = field(
+        default="uniform", metadata=_cli("With --schedule fixed.", choices=ALLOCATIONS)
+    )
+    step: float = field(
+        default=0.01, metadata=_cli("MACs one iteration removes, as a fraction of the original.")
+    )
+    cap: float = field(
+        default=0.75, metadata=_cli("Most of a group's original channels that may go.")
+    )
+    # ONNX Runtime's and oneDNN's fast CPU convolutions work on blocks of 8 or 16 channels.
+    channel_multiple: int = field(
+        default=1,
+        metadata=_cli(
+            "Keep a multiple of this many channels per group (8 or 16: faster CPU inference, "
+            "see docs/benchmarks/speed.md)."
+        ),
+    )
+    # The default objective with distillation: docs/benchmarks/objective_distill.md.
+    objective: str = field(default="loss", metadata=_cli("", choices=OBJECTIVES))
+    scorer: str = field(default="fast", metadata=_cli("", choices=SCORERS))
+    scorer_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=_cli("The scorer's settings as JSON, e.g. '{\"keep\": 0.75}'."),
+    )
+    # How often the fast scorer agrees with the exhaustive one: docs/benchmarks/search_quality.md.
+    calib_size: int = field(
+        default=512, metadata=_cli("Calibration images candidates are scored on.")
+    )
+    taylor_size: int = field(
+        default=256, metadata=_cli("Calibration images taylor's gradients are taken on.")
+    )
+    recover_every: float = field(
+        default=0.02, metadata=_cli("Recover each time this fraction of the MACs is gone.")
+    )
+    recover_steps: int = field(default=50, metadata=_cli("Optimizer steps per recovery (0: none)."))
+    recovery: TrainConfig = field(
+        default_factory=_recovery, metadata=_cli("Recovery learning rate.", option="--lr")
+    )
+    finetune_epochs: int = field(
+        default=0, metadata=_cli("Epochs of fine-tuning after the search.")
+    )
+    finetune: TrainConfig = field(
+        default_factory=_finetune,
+        metadata=_cli("Fine-tuning learning rate.", option="--finetune-lr"),
+    )
+    distill: bool = field(
+        default=True, metadata=_cli("Distil from the unpruned model while training.")
+    )
+    distill_temperature: float = field(default=4.0, metadata=_cli("Distillation temperature."))
+    distill_weight: float = field(
+        default=0.5, metadata=_cli("Weight of the distillation term (the task loss has the rest).")
+    )
+    ignored_layers: tuple[str, ...] = field(
+        default=(), metadata=_cli("Comma-separated layers to keep unpruned.")
+    )
+    granularity: tuple[str, ...] = field(
+        default=("channel",),
+        metadata=_cli(
+            "What to remove, coarse to fine, comma-separated (e.g. block,layer,channel,weight).",
+            choices=GRANULARITIES,
+        ),
+    )
+    macs_shares: tuple[float, ...] = field(
+        default=(),
+        metadata=_cli(
+            "Comma-separated shares of the MACs target per structured granularity (default: equal)."
+        ),
+    )
+    weight_sparsity: float = field(
+        default=0.5, metadata=_cli("With --granularity ...,weight: the share of weights zeroed.")
+    )
+    weight_step: float = field(
+        default=0.05, metadata=_cli("With ...,weight: the share of all weights one step zeroes.")
+    )
+    # A safety net for collapse, not a brake on healthy runs: docs/benchmarks/multigrain.md.
+    weight_loss_limit: float | None = field(
+        default=4.0,
+        metadata=_cli(
+            "With ...,weight: undo the step and end the weight phase where recovery leaves the "
+            "calibration loss above this multiple of its value at the phase's start (0: reach "
+            "--weight-sparsity at any cost)."
+        ),
+    )
+    scope: str = field(
+        default="all",
+        metadata=_cli(
+            "Layers pruned and MACs counted (stem: a hybrid's stem conv and MobileNetV2 blocks).",
+            choices=SCOPES,
+        ),
+    )
+    # the API also turns it on when the data's classes are not the head's
+    transfer: bool = field(
+        default=False,
+        metadata=_cli(
+            "Replace the classifier for --data's classes and adapt before pruning (also "
+            "automatic when the checkpoint's classes differ)."
+        ),
+    )
+    transfer_order: str = field(
+        default="adapt-then-prune", metadata=_cli("", choices=TRANSFER_ORDERS)
+    )
+    transfer_head: str | None = field(
+        default=None, metadata=_cli("The classifier layer to replace (default: found).")
+    )
+    head_steps: int = field(
+        default=100, metadata=_cli("Transfer: steps training the new head alone.")
+    )
+    head_training: TrainConfig = field(
+        default_factory=_head_training,
+        metadata=_cli("Transfer: learning rate of the new head.", option="--head-lr"),
+    )
+    adapt_steps: int = field(
+        default=300,
+        metadata=_cli("Transfer (adapt-then-prune): steps training the whole network."),
+    )
+    adaptation: TrainConfig = field(
+        default_factory=_adaptation,
+        metadata=_cli("Transfer: learning rate adapting the whole network.", option="--adapt-lr"),
+    )
+    seed: int = field(default=0, metadata=_cli("Seed of every random choice of the run."))
 
     def __post_init__(self) -> None:
         if self.schedule is None:
