@@ -12,18 +12,8 @@ import typer
 from .. import api
 from ..search import PruneConfig
 from ..train import TrainConfig
-from ._common import (
-    DataRootOpt,
-    DeviceOpt,
-    InputSizeOpt,
-    JsonOpt,
-    ModelFileOpt,
-    ModelOpt,
-    WeightsOpt,
-    app,
-    model_name,
-    out,
-)
+from . import _common as common
+from ._common import app, model_name, out
 from ._config_options import with_config_options
 
 PRUNE = PruneConfig()  # the defaults the prune options show
@@ -32,9 +22,9 @@ PRUNE = PruneConfig()  # the defaults the prune options show
 @app.command("prune")
 @with_config_options(PruneConfig)
 def prune_cmd(
-    model: ModelOpt = "",
-    model_file: ModelFileOpt = None,
-    weights: WeightsOpt = None,
+    model: common.ModelOpt = "",
+    model_file: common.ModelFileOpt = None,
+    weights: common.WeightsOpt = None,
     data: Annotated[
         str | None,
         typer.Option(
@@ -44,18 +34,18 @@ def prune_cmd(
             "accuracy. Not needed for --schedule fixed with a data-free criterion.",
         ),
     ] = None,
-    data_root: DataRootOpt = None,
+    data_root: common.DataRootOpt = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Run directory (checkpoints, summary, model).")
     ] = None,
     batch_size: Annotated[
         int, typer.Option(help="Batch size of every training (recovery, fine-tune, transfer).")
     ] = PRUNE.recovery.batch_size,
-    device: DeviceOpt = "auto",
-    input_size: InputSizeOpt = None,
+    device: common.DeviceOpt = "auto",
+    input_size: common.InputSizeOpt = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
-    as_json: JsonOpt = False,
+    as_json: common.JsonOpt = False,
     *,
     config: dict[str, Any],
 ) -> None:

@@ -161,14 +161,14 @@ class Pruner:
     def context(self) -> SearchContext:
         state = self.state
         return SearchContext(
-            self.graph,
-            self.config,
-            self.calib,
-            self.scorer,
-            self.original_macs,
-            self.original_channels,
-            state.loss,
-            state.next_recovery if self.recover is not None else None,
+            graph=self.graph,
+            config=self.config,
+            calib=self.calib,
+            scorer=self.scorer,
+            original_macs=self.original_macs,
+            original_channels=self.original_channels,
+            loss=state.loss,
+            next_recovery=state.next_recovery if self.recover is not None else None,
         )
 
     def _iterate(self, grain: Granularity) -> dict[str, Any] | None:
