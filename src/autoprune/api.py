@@ -20,9 +20,10 @@ from .feed import example_input as example_input
 from .feed import input_channels as input_channels
 from .feed import loader_for as loader_for
 from .feed import preprocessing as preprocessing
-from .io.model_io import check_savable, describe
+from .io.model_io import check_savable
 from .measure import EvalResult, count_macs, count_params, evaluate_batches
 from .models import create_model
+from .models.spec import describe, set_spec
 from .search import PruneConfig, PruneResult, Recover, run_search
 from .search.config import default_schedule
 from .search.run import RunDir
@@ -167,7 +168,7 @@ def _write_train_outputs(
     save(model, out / "model")
     summary = {
         "dataset": dataset_name(data),
-        "model": getattr(model, "autoprune_arch", {}),
+        "model": describe(model).to_json(),
         **complexity(model, data, input_size),
         "config": asdict(config),
         "history": [asdict(r) for r in result.history],
@@ -334,4 +335,4 @@ def _record_input_size(net: nn.Module, example_inputs: Inputs) -> None:
     by ``autoprune.save(result.model, path)``, records it without being told."""
     shape = _shape(example_inputs)
     if shape is not None:
-        net.autoprune_arch = {**describe(net), "input_size": shape}
+        set_spec(net, describe(net).with_input_size(shape))

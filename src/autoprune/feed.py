@@ -30,6 +30,7 @@ from .data import (
 )
 from .errors import AutopruneError
 from .models import MODELS, Preprocessing, model_info
+from .models.spec import spec_of
 from .search import CalibrationSet, SearchData
 from .task import CLASSIFICATION, Task
 from .train import TrainConfig
@@ -56,7 +57,8 @@ def preprocessing(model: nn.Module, input_size: int | None = None) -> Preprocess
     """How images are prepared for ``model``: its zoo entry's preprocessing (what its published
     weights were trained with: size, mean, std), an explicit ``input_size`` taking precedence.
     Models outside the zoo keep the dataset's size and statistics."""
-    name = getattr(model, "autoprune_arch", {}).get("name")
+    spec = spec_of(model)
+    name = spec.name if spec is not None else None
     pre = model_info(name).preprocessing if name in MODELS else Preprocessing()
     return pre if input_size is None else replace(pre, input_size=input_size)
 
@@ -143,11 +145,11 @@ def example_input(
     elif data_or_name is not None:
         h, w = data_or_name.info.image_size
     else:
-        arch = getattr(model, "autoprune_arch", {})
-        if "input_size" in arch:
-            _, h, w = arch["input_size"]
-        elif "name" in arch and arch["name"] in MODELS:
-            _, h, w = model_info(arch["name"]).input_size
+        spec = spec_of(model)
+        if spec is not None and spec.input_size is not None:
+            _, h, w = spec.input_size
+        elif spec is not None and spec.name in MODELS:
+            _, h, w = model_info(spec.name).input_size
         elif input_size is None:
             raise AutopruneError("cannot tell the model's input size: pass input_size or data")
         else:

@@ -30,6 +30,7 @@ from .io.model_io import ARCH_FILE
 from .measure import evaluate_batches
 from .models import MODELS, load_weights, model_info
 from .models._weights import read_state_dict
+from .models.spec import set_spec, spec_of
 from .task import CLASSIFICATION, Task
 from .train import TrainConfig, fit
 
@@ -152,9 +153,9 @@ def replace_head(
         torch.manual_seed(seed)
         new = _kind_of(model, name).rebuild(old, num_classes)
     model.set_submodule(name, new.to(next(old.parameters()).device))
-    arch = getattr(model, "autoprune_arch", None)
-    if isinstance(arch, dict) and "num_classes" in arch.get("kwargs", {}):
-        model.autoprune_arch = {**arch, "kwargs": {**arch["kwargs"], "num_classes": num_classes}}
+    spec = spec_of(model)
+    if spec is not None and "num_classes" in spec.kwargs:
+        set_spec(model, spec.with_kwargs(num_classes=num_classes))
     return name
 
 
@@ -167,8 +168,8 @@ def load_pretrained(
     so every tensor loads strictly; :func:`replace_head` then gives it the task's classes. Any
     other mismatch raises the usual :class:`~autoprune.errors.CheckpointError`.
     """
-    arch = getattr(model, "autoprune_arch", None) or {}
-    name = arch.get("name")
+    spec = spec_of(model)
+    name = spec.name if spec is not None else None
     remap = model_info(name).remap_keys if name in MODELS else None
     state = read_state_dict(weights)
     if remap is not None:

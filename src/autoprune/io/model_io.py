@@ -1,7 +1,8 @@
 """Saving and loading a (pruned) model as a directory, without pickle.
 
-``arch.json`` holds how to build the dense model (the ``autoprune_arch`` that
-:func:`~autoprune.models.create_model` attaches: a registry name or a factory, with kwargs;
+``arch.json`` holds how to build the dense model (the
+:class:`~autoprune.models.spec.ModelSpec` that :func:`~autoprune.models.create_model`
+attaches: a registry name or a factory, with kwargs;
 for a user's own module, only its class, and loading is then given a fresh instance),
 the blocks and layers multi-grain pruning removed (``removed``), the layers holding weight
 masks (``masked``) and each layer's current shape; ``model.safetensors`` holds the state_dict,
@@ -30,6 +31,7 @@ from ..graph import NORMALIZED_ATTR, normalize_model
 from ..graph.sparsity import attach_mask, masked_layers
 from ..graph.units import remove_modules, removed_paths
 from ..models import MODELS, check_state_dict, create_model, model_info
+from ..models.spec import ModelSpec, describe, set_spec
 from .shapes import apply_layers, record_layers
 
 ARCH_FILE, WEIGHTS_FILE = "arch.json", "model.safetensors"
@@ -37,29 +39,18 @@ FORMAT_VERSION = 2  # 2: removed blocks and layers, weight masks
 METADATA_ATTR = "autoprune_metadata"
 
 
-def describe(model: nn.Module) -> dict[str, Any]:
-    """How to rebuild ``model`` dense: its ``autoprune_arch`` (a name or a factory, with kwargs,
-    maybe its input size), or for a module built otherwise its class (``{"module": ...}``):
-    loading that needs a fresh instance, ``load(path, model=MyNet())``."""
-    arch = getattr(model, "autoprune_arch", None)
-    if isinstance(arch, dict):
-        return arch
-    cls = type(model)
-    return {"module": f"{cls.__module__}.{cls.__qualname__}"}
-
-
-def _arch_of(model: nn.Module, factory: str | None, kwargs: dict[str, Any] | None) -> dict:
+def _spec_of(model: nn.Module, factory: str | None, kwargs: dict[str, Any] | None) -> ModelSpec:
     if factory is not None:
-        return {"factory": factory, "kwargs": dict(kwargs or {})}
+        return ModelSpec(factory=factory, kwargs=dict(kwargs or {}))
     return describe(model)
 
 
-def _input_size(arch: dict, given: Sequence[int] | None, needed: bool) -> list[int] | None:
+def _input_size(spec: ModelSpec, given: Sequence[int] | None, needed: bool) -> list[int] | None:
     """The (C, H, W) to record: given, or carried over from the model's record (pruning and
     timm models set it); when loading must trace the model again, else the zoo's."""
-    size = given if given is not None else arch.get("input_size")
-    if size is None and needed and arch.get("name") in MODELS:
-        size = model_info(arch["name"]).input_size
+    size = given if given is not None else spec.input_size
+    if size is None and needed and spec.name in MODELS:
+        size = model_info(spec.name).input_size
     if size is None and needed:
         raise AutopruneError(
             "this model's layers were rewritten for pruning and loading must trace it again: "
@@ -115,10 +106,10 @@ def save(
 
     Models from ``create_model`` know how they were built; others need ``factory`` (a
     ``create_model`` name such as ``"pkg.mod:fn"``) and its ``factory_kwargs``. ``input_size``
-    (C, H, W) is recorded in ``autoprune_arch`` of the loaded model; it is required for a
-    non-zoo model whose ``F.pad`` shortcuts the pruning graph rewrote, since loading re-traces
-    it. ``metadata`` (JSON
-    values: accuracy, MACs, how it was pruned) is merged into the model's
+    (C, H, W) is recorded in the loaded model's :class:`~autoprune.models.spec.ModelSpec`; it
+    is required for a non-zoo model whose ``F.pad`` shortcuts the pruning graph rewrote, since
+    loading re-traces it. ``metadata`` (JSON values: accuracy, MACs, how it was pruned) is
+    merged into the model's
     ``autoprune_metadata`` and restored by :func:`load`.
     """
     path = Path(path)
@@ -139,10 +130,12 @@ def _arch_text(
     tied: dict[str, str],
 ) -> str:
     """``arch.json``'s text; raises what would keep the model from being saved."""
-    arch = _arch_of(model, factory, factory_kwargs)
+    spec = _spec_of(model, factory, factory_kwargs)
+    arch = spec.to_json()
+    arch.pop("input_size", None)
     record: dict[str, Any] = {"format_version": FORMAT_VERSION, **arch}
     rewritten = getattr(model, NORMALIZED_ATTR, None)
-    size = _input_size(arch, input_size, needed=rewritten is not None)
+    size = _input_size(spec, input_size, needed=rewritten is not None)
     if size is not None:
         record["input_size"] = size
     if rewritten is not None:
@@ -154,9 +147,8 @@ def _arch_text(
     try:
         return _dumps(record, record_layers(model))
     except TypeError as e:
-        what = arch.get("name") or arch.get("factory") or type(model).__name__
         raise AutopruneError(
-            f"cannot save {what}: its kwargs or metadata are not JSON ({e}); build it with "
+            f"cannot save {spec.label}: its kwargs or metadata are not JSON ({e}); build it with "
             "JSON-valued arguments (e.g. an activation's name, not its class), or pass "
             "factory='file.py:fn' and JSON factory_kwargs"
         ) from e
@@ -194,7 +186,7 @@ def _build(
     kwargs, size = record.get("kwargs", {}), record.get("input_size")
     if fresh is not None:
         model = fresh
-        arch = {k: record[k] for k in ("name", "factory", "module", "kwargs") if k in record}
+        spec = ModelSpec.from_json(record).with_input_size(None)
     elif "module" in record:
         raise CheckpointError(
             f"{path} holds a {record['module']} that autoprune cannot rebuild by itself: pass a "
@@ -210,13 +202,13 @@ def _build(
         )
     else:
         model = create_model(name, **kwargs)
-        arch = model.autoprune_arch
+        spec = describe(model)
     if size is not None:
-        arch["input_size"] = size
+        spec = spec.with_input_size(size)
     if "normalized" in record:
         example = torch.zeros(1, *size) if isinstance(size, list) else None
         model = normalize_model(model, example)
-    model.autoprune_arch = arch  # a rewritten top-level model is a new GraphModule
+    set_spec(model, spec)  # a rewritten top-level model is a new GraphModule
     return model
 
 
@@ -230,7 +222,8 @@ def load(
     and so could be anything: it loads only with ``trust_factory=True``. A user's own module
     (saved by its class) is rebuilt from ``model``, a fresh unpruned instance of it, which is
     shrunk in place; any saved model can be loaded that way. Returned in training mode like any
-    fresh module, with ``autoprune_arch`` and ``autoprune_metadata`` restored.
+    fresh module, with its :class:`~autoprune.models.spec.ModelSpec` and ``autoprune_metadata``
+    restored.
     """
     path = Path(path)
     record = _read_record(path)

@@ -1,8 +1,8 @@
 """Building a model from a name: the zoo, torchvision / timm, or a user's model file.
 
-Every model built here carries ``autoprune_arch``, a plain dict (``{"name": ..., "kwargs": ...}``
-or ``{"factory": ..., "kwargs": ...}``) from which :mod:`autoprune.io` rebuilds the dense
-architecture before applying a pruned model's shapes.
+Every model built here carries its :class:`~autoprune.models.spec.ModelSpec` (the name or the
+factory, with the kwargs), from which :mod:`autoprune.io` rebuilds the dense architecture
+before applying a pruned model's shapes.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from .._registry import Registry
 from ..errors import AutopruneError, UnknownNameError
 from ._registry import MODELS, list_models, model_info
 from ._weights import load_weights
+from .spec import ModelSpec, set_spec
 
 ExternalBuilder = Callable[[str, dict[str, Any]], nn.Module]
 # "prefix:NAME" -> a builder from another library, imported only when asked for.
@@ -147,13 +148,13 @@ def create_model(
     source, colon, rest = name.partition(":")
     if colon and source in SOURCES:
         model = SOURCES.get(source)(rest, kwargs)
-        arch: dict[str, Any] = {"name": name, "kwargs": kwargs}
+        spec = ModelSpec(name=name, kwargs=kwargs)
         declared = getattr(model, "pretrained_cfg", None) or {}  # timm's record of the model
         if isinstance(declared, dict) and len(declared.get("input_size") or ()) == 3:
-            arch["input_size"] = [int(v) for v in declared["input_size"]]
+            spec = spec.with_input_size(declared["input_size"])
     elif colon:
         model = _call(_resolve_factory(name), f"model factory {name}", kwargs)
-        arch = {"factory": name, "kwargs": kwargs}
+        spec = ModelSpec(factory=name, kwargs=kwargs)
     else:
         try:
             info = model_info(name)
@@ -162,8 +163,8 @@ def create_model(
         kwargs.setdefault("num_classes", info.num_classes)
         remap_keys = info.remap_keys
         model = _call(MODELS.get(name), f"model {name!r}", kwargs)
-        arch = {"name": name, "kwargs": kwargs}
-    model.autoprune_arch = arch
+        spec = ModelSpec(name=name, kwargs=kwargs)
+    set_spec(model, spec)
     if weights is not None:
         load_weights(model, weights, remap_keys=remap_keys)
     return model

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import CheckpointError
+from .spec import model_label
 
 # Keys under which training scripts commonly nest the state_dict, in order of preference.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
@@ -123,10 +124,9 @@ def check_state_dict(
     if strict and unexpected:
         problems.append(f"unexpected keys: {_listing(unexpected)}")
     if problems:
-        arch = getattr(model, "autoprune_arch", {})
-        arch = arch.get("name") or arch.get("factory") or type(model).__name__
         raise CheckpointError(
-            f"{source} does not match the architecture {arch}: {'; '.join(problems)}. "
+            f"{source} does not match the architecture {model_label(model)}: "
+            f"{'; '.join(problems)}. "
             "Pick the model the checkpoint was trained with (and its kwargs, e.g. num_classes)"
         )
 

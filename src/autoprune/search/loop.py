@@ -21,11 +21,12 @@ from .. import distributed
 from .._device import follow
 from .._progress import progress_bar
 from ..io.model_io import check_savable
+from ..models.spec import model_label
 from ._display import Reporter
 from .config import PruneConfig
 from .pruner import Inputs, Pruner
 from .run import RunDir
-from .summary import layer_widths, measure, model_name, run_summary
+from .summary import layer_widths, measure, run_summary
 from .training import Recover, SearchData, Trainer
 
 
@@ -79,7 +80,7 @@ class _Run:
     ) -> None:
         self.start = time.perf_counter()
         self.transfer, self.config, self.data = transfer, config, data
-        self.model_name = model_name(model)
+        self.model_name = model_label(model)
         self.example_inputs = follow(example_inputs, model)
         self.run_dir = RunDir(out_dir) if out_dir is not None else None
         if self.run_dir is not None:  # a model that cannot be written fails now, not at the end

@@ -59,11 +59,6 @@ def run_summary(
     return summary
 
 
-def model_name(model: nn.Module) -> str:
-    arch = getattr(model, "autoprune_arch", None) or {}
-    return str(arch.get("name") or arch.get("factory") or type(model).__name__)
-
-
 def layer_widths(model: nn.Module) -> dict[str, int]:
     """Output channels (features) of every conv and linear layer, by name."""
     widths = {}
