@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from ..graph.sparsity import attach_mask, masked_layers
 from ..graph.units import remove_modules, removed_paths
 from ..models import MODELS, check_state_dict, create_model, model_info
 from ..models.spec import ModelSpec, describe, set_spec
+from ._atomic import write_atomic, write_text_atomic
 from .shapes import apply_layers, record_layers
 
 ARCH_FILE, WEIGHTS_FILE = "arch.json", "model.safetensors"
@@ -86,13 +87,6 @@ def _dumps(record: dict[str, Any], layers: dict[str, Any]) -> str:
     return "{\n " + ",\n ".join(lines) + "\n}\n"
 
 
-def _write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temporary file so an interrupted save never leaves a half file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -116,8 +110,10 @@ def save(
     tensors, tied = _split_tied(model.state_dict())
     text = _arch_text(model, factory, factory_kwargs, input_size, metadata, tied)
     path.mkdir(parents=True, exist_ok=True)
-    _write(path / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _write(path / ARCH_FILE, lambda p: p.write_text(text))
+    write_atomic(
+        path / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"})
+    )
+    write_text_atomic(path / ARCH_FILE, text)
     return path
 
 

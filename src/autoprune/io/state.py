@@ -8,7 +8,6 @@ with int keys, as optimizers use) goes as JSON into its metadata. One file means
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
+from ._atomic import write_atomic
 
 _TENSOR = "__tensor__"
 _ITEMS = "__items__"  # a dict whose keys are not all strings
@@ -63,9 +63,8 @@ def save_state(path: str | Path, state: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     skeleton, tensors = pack(state)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"state": json.dumps(skeleton)})
-    os.replace(tmp, path)
+    metadata = {"state": json.dumps(skeleton)}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return path
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._forward import eval_mode
 from ..task import CLASSIFICATION, Task
 
 
@@ -25,20 +26,16 @@ def evaluate_batches(
     task: Task = CLASSIFICATION,
 ) -> EvalResult:
     """Metric (%, top-1 accuracy by default) and mean loss over all batches, in eval mode."""
-    was_training = model.training
-    model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64)
     correct: float | None = 0.0
     samples = 0
-    try:
+    with eval_mode(model):
         for x, y in batches:
             outputs = model(x)
             loss_sum += task.loss_sum(outputs, y).double().cpu()
             hits = task.correct(outputs, y)
             correct = None if hits is None or correct is None else correct + float(hits)
             samples += len(y)
-    finally:
-        model.train(was_training)
     if samples == 0:
         raise ValueError("evaluate() got no batches")
     accuracy = None if correct is None else 100.0 * correct / samples

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from .._forward import eval_mode
+
 Inputs = torch.Tensor | Sequence[torch.Tensor]
 
 
@@ -35,14 +37,9 @@ def count_macs(model: nn.Module, example_inputs: Inputs) -> int:
 
     Runs in eval mode so BatchNorm statistics are not touched; the model's mode is restored.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
-        with counter:
-            model(*as_inputs(example_inputs))
-    finally:
-        model.train(was_training)
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
+    with eval_mode(model), counter:
+        model(*as_inputs(example_inputs))
     return counter.get_total_flops() // 2
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from .. import distributed
 from ..errors import AutopruneError
 from ..io import load, save
+from ..io._atomic import write_text_atomic
 from ..io.model_io import ARCH_FILE
 from ..io.state import load_state, save_state
 
@@ -56,7 +57,7 @@ class RunDir:
         if not distributed.is_main():
             return
         save_state(self.state, dict(state))
-        _write_text(self.history, "".join(json.dumps(h) + "\n" for h in history))
+        write_text_atomic(self.history, "".join(json.dumps(h) + "\n" for h in history))
 
     def write_outputs(
         self, model: nn.Module, summary: Mapping[str, Any], input_size: Sequence[int] | None
@@ -69,7 +70,7 @@ class RunDir:
             "accuracy": summary["pruned"]["accuracy"],
         }
         save(model, self.model, input_size=input_size, metadata=metadata)
-        _write_text(self.summary, json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(self.summary, json.dumps(summary, indent=2) + "\n")
 
     def read_summary(self) -> dict[str, Any]:
         return json.loads(self.summary.read_text())
@@ -91,9 +92,3 @@ def load_run_model(path: str | os.PathLike[str]) -> nn.Module:
         f"{run.path} holds no model: give a finished pruning run (with a model/ directory) or "
         "a directory written by autoprune.io.save"
     )
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
