@@ -5,6 +5,11 @@ Every iteration a schedule proposes a removal (for the loss-aware ones: the best
 model recovers briefly every ``recover_every`` of the original MACs, and the run is
 checkpointed so it can resume. Schedules, allocations, objectives, scorers and granularities
 (blocks, layers, channels, weights: multi-grain pruning, coarse to fine) are registries.
+
+The modules, one concept each: :mod:`.pruner` (the engine: one step at a time, undo, state for
+resume), :mod:`.loop` (a whole run over it), :mod:`.training` (recovery and fine-tuning),
+:mod:`.state` (what a run saves), :mod:`.summary` (``summary.json``), :mod:`.run` (the run
+directory) and :mod:`._display` (progress).
 """
 
 from .calibration import CalibrationSet

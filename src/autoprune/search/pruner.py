@@ -54,7 +54,9 @@ class Pruner:
     a ``Dataset``/``DataLoader`` of ``(inputs, targets)``) gives the ``config.calib_size``
     samples candidates are scored on, with ``task``'s loss; only ``schedule="fixed"`` with a
     data-free criterion runs without. ``recover(model)``, when given, is called whenever
-    recovery is due; the calibration loss is measured again after it.
+    recovery is due; the calibration loss is measured again after it. Train between steps
+    through ``recover`` rather than after :meth:`step` returns: the step then records the loss
+    its training reached, and a weight-pruning step that training cannot repair is undone.
     """
 
     def __init__(
