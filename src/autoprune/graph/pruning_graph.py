@@ -24,7 +24,8 @@ from ._rules import (
     matches,
     member_kind,
 )
-from ._trace import TraceRecorder, breaks_channels, meets_constant, sealed
+from ._barriers import LabelledGraph, check_ops
+from ._trace import TraceRecorder, sealed
 from .groups import ChannelGroup, MacTable, Member, Removed
 from .masking import MaskState
 from .scopes import ScopeContext, list_scopes, scope_layers
@@ -148,8 +149,7 @@ class PruningGraph:
             members, reason, barrier = self._members(tp_group, names)
             outs = [m for m in members if m.out_channels] or members
             name = min(outs, key=lambda m: order[m.module]).layer
-            if barrier and not any(m.module in self._ignored for m in members):
-                raise AutopruneError(barrier)
+            reason = reason or barrier
             if reason:
                 self._frozen[name] = reason
                 continue
@@ -200,10 +200,10 @@ class PruningGraph:
                 node in self._output_nodes and self._dg.is_out_channel_pruning_fn(handler)
             ):
                 reason = reason or "its channels are the model's output"
+            barrier = barrier or self._barriers.get(node)
             if isinstance(module, TP_DUMMY_OPS):
                 if node in self._constant_nodes:
                     reason = reason or "its channels meet the model input or a constant tensor"
-                barrier = barrier or self._barriers.get(node)
                 continue
             if isinstance(module, tp.ops._OutputOp):
                 continue
@@ -391,13 +391,13 @@ def build_graph(
     modes = {m: m.training for m in model.modules()}  # tp's trace leaves the model in eval
     try:
         with torch.enable_grad(), recorder, sealed([*attention, *channelwise]):
-            dg = tp.DependencyGraph().build_dependency(
+            dg = LabelledGraph(recorder.labels).build_dependency(
                 model, inputs, customized_pruners=pruners, verbose=False
             )
     finally:
         for m, training in modes.items():
             m.training = training
-    constant_nodes, barriers = _check_ops(dg, recorder)
+    constant_nodes, barriers = check_ops(dg, recorder)
     matmuls = {a: (a.qkv, a.proj, recorder.attention_units[a]) for a in attention}
     graph = PruningGraph(
         model,
@@ -453,44 +453,3 @@ def _black_boxes(
             f"pass ignored_layers=[{label!r}] to keep it and the channels around it unchanged"
         )
     return boxes
-
-
-def _check_ops(
-    dg: tp.DependencyGraph, recorder: TraceRecorder
-) -> tuple[set[tp.dependency.Node], dict[tp.dependency.Node, str]]:
-    """Element-wise ops that meet a constant, and ops that do not carry channels one to one."""
-    tokens_last = not dg._2d_4d
-    constants: set[tp.dependency.Node] = set()
-    barriers: dict[tp.dependency.Node, str] = {}
-    for node in dg.module2node.values():
-        if not isinstance(node.module, tp.ops._ElementWiseOp):
-            continue
-        rec = recorder.ops.get(node.grad_fn)
-        if rec is None or rec.internal:
-            continue
-        widths = breaks_channels(rec, tokens_last)
-        if widths:
-            layer = _layer_before(node, dg)
-            barriers[node] = (
-                f"cannot follow channels through {rec.name!r} ({widths[0]} -> {widths[1]} "
-                f"channels) after layer {layer!r}; pass ignored_layers=[{layer!r}] to leave "
-                "them unpruned, or write the op with a layer autoprune understands"
-            )
-        elif meets_constant(rec, tokens_last):
-            constants.add(node)
-    return constants, barriers
-
-
-def _layer_before(node: tp.dependency.Node, dg: tp.DependencyGraph) -> str:
-    """Name of the nearest named layer feeding ``node`` (for error messages)."""
-    stack, seen = list(node.inputs), set()
-    while stack:
-        n = stack.pop(0)
-        if n in seen:
-            continue
-        seen.add(n)
-        name = dg._module2name.get(n.module) if isinstance(n.module, nn.Module) else None
-        if name is not None:
-            return name
-        stack.extend(n.inputs)
-    return "<input>"
