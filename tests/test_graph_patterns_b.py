@@ -307,7 +307,8 @@ def check_prunes(
     assert graph.macs() == predicted
     if scope == "all":
         assert count_macs(graph.model, x) == total_before - removed_in_scope
-    path = save(graph.model, tmp_path / "m", factory=f"{__file__}:{type(model).__name__}")
+    factory = f"{__file__}:{type(model).__name__}"
+    path = save(graph.model, tmp_path / "m", factory=factory, input_size=(3, size, size))
     loaded = load(path, trust_factory=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x3), pruned, atol=0, rtol=0)

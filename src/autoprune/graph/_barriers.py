@@ -16,15 +16,17 @@ from torch import nn
 from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
 from ._labels import ChannelLabels
+from ._split import map_splits_and_concats
 from ._trace import TraceRecorder, meets_constant
 
 
 class LabelledGraph(tp.DependencyGraph):
     """A dependency graph whose reshapes are mapped by channel labels, not by guesses."""
 
-    def __init__(self, labels: ChannelLabels) -> None:
+    def __init__(self, labels: ChannelLabels, split_layers: dict[Any, nn.Module]) -> None:
         super().__init__()
         self._labels = labels
+        self.split_layers = split_layers  # grad_fn of a ChannelSplit's pieces -> the layer
 
     def _build_dependency(self, module2node: dict[Any, tp.dependency.Node]) -> None:
         super()._build_dependency(module2node)
@@ -36,6 +38,13 @@ class LabelledGraph(tp.DependencyGraph):
             node = by_grad_fn.get(grad_fn)
             if node is not None:
                 _set_flatten(node, stride)
+        map_splits_and_concats(module2node, self._labels)
+
+    @property
+    def remapped(self) -> bool:
+        """Whether mappings of ours depend on widths (splits, concats): after pruning, the
+        graph must be traced again."""
+        return bool(self._labels.splits or self._labels.concats)
 
 
 def _set_flatten(node: tp.dependency.Node, stride: int) -> None:
@@ -73,6 +82,13 @@ def check_ops(
             barriers[node] = (
                 f"channels after layer {layer!r} cannot be followed through {brk.op!r} "
                 f"({brk.detail})"
+            )
+    for grad_fn in recorder.labels.splits:
+        node = by_grad_fn.get(grad_fn)
+        if node is not None and grad_fn not in recorder.split_layers and node not in barriers:
+            barriers[node] = (
+                f"the split of channels after layer {layer_before(node, dg)!r} has sizes "
+                "fixed in the model's code (torch.fx could not rewrite it)"
             )
     return constants, barriers
 

@@ -100,8 +100,12 @@ class ChannelLabels:
 
     def __init__(self) -> None:
         self.labels: dict[Key, torch.Tensor] = {}
+        self.made_by: dict[Any, str] = {}  # grad_fn -> the op that moved its channels last
         self.breaks: list[Break] = []
         self.flattens: dict[Any, int] = {}  # grad_fn of a linear's input -> repeat factor
+        self.splits: dict[Any, list[int]] = {}  # channel splits: grad_fn -> piece sizes
+        # channel concats: grad_fn -> (input grad_fn, output_nr, width) per input, in order
+        self.concats: dict[Any, list[tuple[Any, int, int]]] = {}
 
     # --------------------------------------------------------------------------- lookups
     def get(self, t: Any) -> torch.Tensor | None:
@@ -110,9 +114,11 @@ class ChannelLabels:
         label = self.labels.get((t.grad_fn, t.output_nr))
         return None if label is None else label.expand(t.shape)
 
-    def set(self, t: torch.Tensor, label: torch.Tensor) -> None:
+    def set(self, t: torch.Tensor, label: torch.Tensor, op: str | None = None) -> None:
         if t.grad_fn is not None:
             self.labels[(t.grad_fn, t.output_nr)] = compress(label)
+            if op is not None:
+                self.made_by[t.grad_fn] = op
 
     def start(self, t: torch.Tensor, dim: int) -> None:
         """``t`` holds channels of its own along ``dim`` (a layer's output)."""
@@ -163,7 +169,8 @@ class ChannelLabels:
             return False
         how = reading(compress(label), dim)
         if how is None:
-            self.breaks.append(Break(t.grad_fn, op, "its input's channels are moved or mixed"))
+            culprit = self.made_by.get(t.grad_fn, op)
+            self.breaks.append(Break(t.grad_fn, culprit, f"{op!r} reads them moved or mixed"))
             return False
         if how[0] == "flatten":
             self.flattens[t.grad_fn] = how[1]
@@ -182,7 +189,7 @@ class ChannelLabels:
         results = [r for r in tree_flatten(replayed)[0] if isinstance(r, torch.Tensor)]
         for t, r in zip(outs, results, strict=False):
             if r.shape == t.shape:
-                self.set(t, r.to(torch.float64))
+                self.set(t, r.to(torch.float64), name)
 
     def _mapped(
         self, func: Callable, name: str, args: tuple, kwargs: dict, outs: list, labelled: list
@@ -194,6 +201,13 @@ class ChannelLabels:
         dims = [d for d in range(label.dim()) if compress(label).shape[d] > 1]
         dim = _dim_arg(name, args, kwargs) % source.dim()
         if dims in ([dim], []) or len(dims) > 1:
+            tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            if name in ("cat", "concat", "concatenate"):
+                self.concats[outs[0].grad_fn] = [
+                    (t.grad_fn, t.output_nr, t.shape[dim]) for t in tensors
+                ]
+            else:
+                self.splits[outs[0].grad_fn] = [t.shape[dim] for t in outs]
             for t in outs:
                 self.start(t, dim)
             return

@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from ._labels import ChannelLabels
+from ..layers import ChannelSplit
 from ._rules import CONV_TYPES, channels_of
 from .units import patched_forwards
 
@@ -66,11 +67,14 @@ class TraceRecorder(TorchFunctionMode):
         self.channels: dict[nn.Module, int] = {}  # traced widths of channel-wise layers
         self.outputs: set[Any] = set()  # grad_fns of the model's outputs
         self.labels = ChannelLabels()  # where every traced tensor's channels come from
+        self.split_layers: dict[Any, nn.Module] = {}  # grad_fn of its pieces -> ChannelSplit
         self._depth = 0
         self._handles = [model.register_forward_hook(self._model_output)]
         for m in model.modules():
             if isinstance(m, (*CONV_TYPES, nn.Linear)):
                 self._handles.append(m.register_forward_hook(self._count_macs))
+            if isinstance(m, ChannelSplit):
+                self._handles.append(m.register_forward_hook(self._split))
         for m in attention:
             self._handles.append(m.register_forward_hook(self._count_attention))
         for m in channelwise:
@@ -107,6 +111,9 @@ class TraceRecorder(TorchFunctionMode):
         self.outputs.update(
             t.grad_fn for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.grad_fn
         )
+
+    def _split(self, module: nn.Module, args: tuple, output: tuple) -> None:
+        self.split_layers[output[0].grad_fn] = module
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
         self._depth += 1

@@ -76,6 +76,7 @@ class PruningGraph:
         self._output_nodes = output_nodes
         self._constant_nodes = constant_nodes
         self._barriers = barriers
+        self._rank = {node: k for k, node in enumerate(barriers)}
         self._version = 0
         self._groups: dict[str, ChannelGroup] | None = None
         self._frozen: dict[str, str] = {}
@@ -192,7 +193,7 @@ class PruningGraph:
     ) -> tuple[list[Member], str | None, str | None]:
         members: list[Member] = []
         reason: str | None = None
-        barrier: str | None = None
+        first: tp.dependency.Node | None = None
         for item in tp_group.items:
             node, handler = item.dep.target, item.dep.handler
             module = node.module
@@ -200,7 +201,8 @@ class PruningGraph:
                 node in self._output_nodes and self._dg.is_out_channel_pruning_fn(handler)
             ):
                 reason = reason or "its channels are the model's output"
-            barrier = barrier or self._barriers.get(node)
+            if node in self._barriers and (first is None or self._rank[node] < self._rank[first]):
+                first = node  # the first break the trace met names the reason
             if isinstance(module, TP_DUMMY_OPS):
                 if node in self._constant_nodes:
                     reason = reason or "its channels meet the model input or a constant tensor"
@@ -230,7 +232,7 @@ class PruningGraph:
                     group_idxs=torch.as_tensor(item.root_idxs, dtype=torch.long),
                 )
             )
-        return members, reason, barrier
+        return members, reason, self._barriers[first] if first is not None else None
 
     def _attention_member(
         self, module: nn.Module, item: tp.dependency.group.GroupItem, name: str
@@ -323,16 +325,33 @@ class PruningGraph:
         plan = self.resolve(group, idxs)
         if self.masks.active:
             raise AutopruneError("remove the active channel masks before pruning")
+        version = self._version + 1
+        rebuilt = False
         for g, ids in plan:
-            if ids.numel():
-                module, handler = g.root
-                if isinstance(handler, HeadPruning):
-                    handler(module, ids.tolist())
-                else:
-                    self._dg.get_pruning_group(module, handler, ids.tolist()).prune()
+            if not ids.numel():
+                continue
+            module, handler = (self.group(g.name) if rebuilt else g).root
+            if isinstance(handler, HeadPruning):
+                handler(module, ids.tolist())
+                continue
+            group = self._dg.get_pruning_group(module, handler, ids.tolist())
+            self._shrink_splits(group)
+            group.prune()
+            if self._dg.remapped:  # split and concat mappings hold the old widths
+                self.__dict__.update(self._build(self.model).__dict__)
+                rebuilt = True
         if any(ids.numel() for _, ids in plan):
-            self._version += 1
-            self._groups = None
+            self._version, self._groups = version, None
+
+    def _shrink_splits(self, group: tp.dependency.Group) -> None:
+        """Tell every :class:`ChannelSplit` in ``group`` which of its input channels go."""
+        gone: dict[nn.Module, set[int]] = {}
+        for item in group.items:
+            layer = self._dg.split_layers.get(item.dep.target.grad_fn)
+            if layer is not None:
+                gone.setdefault(layer, set()).update(item.idxs)
+        for layer, idxs in gone.items():
+            layer.remove(sorted(idxs))
 
     def remove_modules(self, paths: Sequence[str]) -> None:
         """Replace whole blocks or layers by the identity (:mod:`.units`), for good.
@@ -391,7 +410,7 @@ def build_graph(
     modes = {m: m.training for m in model.modules()}  # tp's trace leaves the model in eval
     try:
         with torch.enable_grad(), recorder, sealed([*attention, *channelwise]):
-            dg = LabelledGraph(recorder.labels).build_dependency(
+            dg = LabelledGraph(recorder.labels, recorder.split_layers).build_dependency(
                 model, inputs, customized_pruners=pruners, verbose=False
             )
     finally:
