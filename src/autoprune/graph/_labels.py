@@ -126,24 +126,33 @@ class ChannelLabels:
             self.labels[(t.grad_fn, t.output_nr)] = fresh(t.shape, dim)
 
     # ---------------------------------------------------------------------------- ops
-    def record(self, func: Callable, name: str, args: tuple, kwargs: dict, out: Any) -> None:
-        """Update the labels for one traced op (``out`` is its result)."""
+    def snapshot(self, args: tuple, kwargs: dict) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The operands of an op and their labels, taken before it runs (an in-place op gives
+        its operand a new autograd node)."""
+        leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        return [(t, self.get(t)) for t in leaves]
+
+    def record(
+        self, func: Callable, name: str, args: tuple, kwargs: dict, out: Any, before: list
+    ) -> None:
+        """Update the labels for one traced op (``out`` its result, ``before`` its snapshot)."""
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         if not outs or all(t.grad_fn is None for t in outs):
             return
-        leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        labelled = [(t, lab) for t in leaves if (lab := self.get(t)) is not None]
+        leaves = [t for t, _ in before]
+        labelled = [(t, lab) for t, lab in before if lab is not None]
+        first = before[0][1] if before else None
         if name in MIXES_FIRST or name in MIXES_LAST:
             dim = 1 if name in MIXES_FIRST else -1
             if name != "embedding" and leaves:
-                self._check(leaves[0], dim, name)
+                self._check(leaves[0], first, dim, name)
             for t in outs:
                 self.start(t, dim)
             return
         if name in PER_CHANNEL_FIRST or name in PER_CHANNEL_LAST:
             dim = 1 if name in PER_CHANNEL_FIRST else -1
-            if leaves and self._check(leaves[0], dim, name):
-                self.set(outs[0], self.get(leaves[0]))  # type: ignore[arg-type]
+            if leaves and self._check(leaves[0], first, dim, name):
+                self.set(outs[0], first)  # type: ignore[arg-type]
             else:
                 self.start(outs[0], dim)
             return
@@ -163,8 +172,7 @@ class ChannelLabels:
                 return
         self._elementwise(name, outs, labelled)
 
-    def _check(self, t: torch.Tensor, dim: int, op: str) -> bool:
-        label = self.get(t)
+    def _check(self, t: torch.Tensor, label: torch.Tensor | None, dim: int, op: str) -> bool:
         if label is None:
             return False
         how = reading(compress(label), dim)
@@ -202,6 +210,8 @@ class ChannelLabels:
         dim = _dim_arg(name, args, kwargs) % source.dim()
         if dims in ([dim], []) or len(dims) > 1:
             tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            for t, lab in labelled:  # Torch-Pruning maps offsets of channels kept in order
+                self._check(t, lab, dim, name)
             if name in ("cat", "concat", "concatenate"):
                 self.concats[outs[0].grad_fn] = [
                     (t.grad_fn, t.output_nr, t.shape[dim]) for t in tensors

@@ -91,6 +91,7 @@ class TraceRecorder(TorchFunctionMode):
     def __torch_function__(
         self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None
     ) -> Any:
+        before = self.labels.snapshot(args, kwargs or {}) if self._depth == 0 else []
         out = func(*args, **(kwargs or {}))
         grad_fn = getattr(out, "grad_fn", None) if isinstance(out, torch.Tensor) else None
         if grad_fn is not None and grad_fn not in self.ops:
@@ -104,7 +105,7 @@ class TraceRecorder(TorchFunctionMode):
             )
         if self._depth == 0:
             name = getattr(func, "__name__", str(func))
-            self.labels.record(func, name, args, kwargs or {}, out)
+            self.labels.record(func, name, args, kwargs or {}, out, before)
         return out
 
     def _model_output(self, module: nn.Module, args: tuple, output: Any) -> None:
