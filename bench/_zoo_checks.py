@@ -201,11 +201,16 @@ def run_phase(record: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]
     out.write_text(json.dumps(record))
 
 
-def main() -> None:
+def install_shim() -> None:
+    """torchvision and timm import here only through the shared CPU shim (see ../shared)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared" / "tools"))
     import torchvision_cpu_shim
 
     torchvision_cpu_shim.install()
+
+
+def main() -> None:
+    install_shim()
     spec, which, out, sizes = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
     torch.set_num_threads(1)
     record: dict[str, Any] = {"model": spec}

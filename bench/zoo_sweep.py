@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import DOCS, SMOKE, machine, machine_line, write_results
+from _zoo_checks import install_shim
 
 BENCH = Path(__file__).resolve().parent
 SMOKE_MODELS = (
@@ -198,6 +199,7 @@ def main() -> None:
     parser.add_argument("--input-size", type=int, default=64, help="smallest size tried (px)")
     parser.add_argument("--timeout", type=float, default=180, help="seconds per process")
     args = parser.parse_args()
+    install_shim()
     if args.smoke:
         args.jobs = max(args.jobs, 2)
     sizes = ",".join(
