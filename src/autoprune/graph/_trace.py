@@ -139,7 +139,7 @@ def channel_dim(ndim: int, tokens_last: bool) -> int:
 
 def breaks_channels(rec: OpRecord, tokens_last: bool) -> tuple[int, int] | None:
     """(in, out) widths when an op Torch-Pruning treats as element-wise changes the width."""
-    if len(rec.output) < 2:
+    if len(rec.output) < 2 or _to_tokens(rec):
         return None
     width = rec.output[channel_dim(len(rec.output), tokens_last)]
     for shape in rec.operands:
@@ -148,6 +148,15 @@ def breaks_channels(rec: OpRecord, tokens_last: bool) -> tuple[int, int] | None:
             if w_in not in (1, width):
                 return w_in, width
     return None
+
+
+def _to_tokens(rec: OpRecord) -> bool:
+    """A flattened feature map (batch, channels, positions) turned into tokens (batch,
+    positions, channels), as a ViT's patch embedding does: its channels carry over."""
+    if rec.name not in ("transpose", "permute", "swapaxes") or len(rec.operands) != 1:
+        return False
+    shape = rec.operands[0]
+    return len(shape) == 3 and tuple(rec.output) == (shape[0], shape[2], shape[1])
 
 
 def meets_constant(rec: OpRecord, tokens_last: bool) -> bool:
