@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 
 import torch
 import torch_pruning as tp
@@ -13,6 +14,7 @@ from ..errors import AutopruneError
 from ..layers import ChannelPadShortcut
 from ..measure.complexity import as_inputs
 from ._attention import AttentionPruner, HeadPruning, attention_groups, attention_modules
+from ._coupled import channel_units
 from ._fx import normalize_model
 from ._params import ParamUse, parameter_uses
 from ._rules import (
@@ -157,14 +159,20 @@ class PruningGraph:
                 self._frozen[name] = reason
                 continue
             root = tp_group[0].dep
+            channels = len(tp_group[0].idxs)
+            units = channel_units(self._dg, root.target.module, root.handler, channels)
+            if units is not None:
+                members = [replace(m, group_idxs=units[m.group_idxs]) for m in members]
+                channels = int(units.max()) + 1
             groups.append(
                 ChannelGroup(
                     name,
                     sorted(members, key=lambda m: order[m.module]),
-                    len(tp_group[0].idxs),
+                    channels,
                     self._macs,
                     (root.target.module, root.handler),
                     self._version,
+                    units,
                 )
             )
         position = {g.name: (order[self.model.get_submodule(g.name)], 0) for g in groups}
@@ -356,7 +364,8 @@ class PruningGraph:
                 if isinstance(handler, HeadPruning):
                     handler(module, ids.tolist())
                 else:
-                    self._dg.get_pruning_group(module, handler, ids.tolist()).prune()
+                    roots = g.root_channels(ids)
+                    self._dg.get_pruning_group(module, handler, roots).prune()
         if any(ids.numel() for _, ids in plan):
             self._version += 1
             self._groups = None
