@@ -50,7 +50,9 @@ class ShuffleNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = conv_bn(3, 16)
-        self.branch = nn.Sequential(conv_bn(8, 12, 1), conv_bn(12, 12, 3, groups=12), conv_bn(12, 8, 1))
+        self.branch = nn.Sequential(
+            conv_bn(8, 12, 1), conv_bn(12, 12, 3, groups=12), conv_bn(12, 8, 1)
+        )
         self.mix = conv_bn(16, 16, 1)
         self.head = Head(16)
 
@@ -138,7 +140,9 @@ class WindowAttention(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
         b, h, w, c = x.shape
@@ -224,8 +228,10 @@ class MV2Block(nn.Module):
         hidden = cin * expansion
         self.use_res = stride == 1 and cin == cout
         self.conv = nn.Sequential(
-            conv_bn(cin, hidden, 1), conv_bn(hidden, hidden, 3, stride, groups=hidden),
-            nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout),
+            conv_bn(cin, hidden, 1),
+            conv_bn(hidden, hidden, 3, stride, groups=hidden),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -249,8 +255,12 @@ class MobileViTBlock(nn.Module):
         x = rearrange(x, "b d (h ph) (w pw) -> b (ph pw) (h w) d", ph=self.ph, pw=self.pw)
         x = self.transformer(x)
         x = rearrange(
-            x, "b (ph pw) (h w) d -> b d (h ph) (w pw)", h=h // self.ph, w=w // self.pw,
-            ph=self.ph, pw=self.pw,
+            x,
+            "b (ph pw) (h w) d -> b d (h ph) (w pw)",
+            h=h // self.ph,
+            w=w // self.pw,
+            ph=self.ph,
+            pw=self.pw,
         )
         x = self.conv3(x)
         return self.conv4(torch.cat((x, y), 1))
@@ -277,7 +287,8 @@ def _selection(graph, fraction: float) -> dict[str, torch.Tensor]:
     for g in graph.groups():
         n = min(int(g.channels * fraction), g.channels - 1)
         if n:
-            picked[g.name] = torch.randperm(g.channels, generator=torch.Generator().manual_seed(0))[:n]
+            order = torch.randperm(g.channels, generator=torch.Generator().manual_seed(0))
+            picked[g.name] = order[:n]
     return picked
 
 
@@ -332,7 +343,11 @@ def test_pattern_prunes_exactly(pattern: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("scope", ["stem", "conv", "all"])
 def test_einops_mobilevit_prunes_in_every_scope(scope: str, tmp_path: Path) -> None:
-    expect = {"stem": ("conv1.0",), "conv": ("mvit.conv1.0",), "all": ("mvit.transformer.layers.0.1.fn.0",)}
+    expect = {
+        "stem": ("conv1.0",),
+        "conv": ("mvit.conv1.0",),
+        "all": ("mvit.transformer.layers.0.1.fn.0",),
+    }
     check_prunes(EinopsMobileViT(), 32, tmp_path, scope=scope, expect=expect[scope])
 
 

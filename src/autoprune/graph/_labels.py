@@ -26,12 +26,46 @@ Key = tuple[Any, int]  # (grad_fn, output_nr): one traced tensor
 
 # Ops whose output entries are entries of their input, rearranged: replayed on the label.
 MOVES = {
-    "view", "reshape", "_reshape_alias", "flatten", "unflatten", "permute", "transpose",
-    "swapaxes", "swapdims", "movedim", "moveaxis", "contiguous", "clone", "squeeze",
-    "unsqueeze", "t", "T", "mT", "expand", "expand_as", "repeat", "roll", "flip",
-    "adaptive_avg_pool2d", "avg_pool2d", "max_pool2d", "adaptive_max_pool2d", "mean",
-    "amax", "interpolate", "pad", "pixel_shuffle", "pixel_unshuffle", "narrow", "__getitem__",
-    "dropout", "identity", "float", "to", "type_as",
+    "view",
+    "reshape",
+    "_reshape_alias",
+    "flatten",
+    "unflatten",
+    "permute",
+    "transpose",
+    "swapaxes",
+    "swapdims",
+    "movedim",
+    "moveaxis",
+    "contiguous",
+    "clone",
+    "squeeze",
+    "unsqueeze",
+    "t",
+    "T",
+    "mT",
+    "expand",
+    "expand_as",
+    "repeat",
+    "roll",
+    "flip",
+    "adaptive_avg_pool2d",
+    "avg_pool2d",
+    "max_pool2d",
+    "adaptive_max_pool2d",
+    "mean",
+    "amax",
+    "interpolate",
+    "pad",
+    "pixel_shuffle",
+    "pixel_unshuffle",
+    "narrow",
+    "__getitem__",
+    "dropout",
+    "identity",
+    "float",
+    "to",
+    "type_as",
 }
 # Layers that read channels along dim 1 (``FIRST``) or the last dim (``LAST``) and write new
 # ones there: the label is checked at their input and starts afresh at their output.
@@ -233,7 +267,7 @@ class ChannelLabels:
         """An op that keeps every entry where it is: its operands' channels must agree."""
         out = outs[0]
         matching = []
-        for t, lab in labelled:
+        for _, lab in labelled:
             try:
                 matching.append(lab.expand(out.shape))
             except RuntimeError:

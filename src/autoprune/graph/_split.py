@@ -76,7 +76,9 @@ def _edge_ranges(
     return [(starts[nr], pieces[nr], 0) for nr in _reads(target, source.grad_fn)]
 
 
-def map_splits_and_concats(module2node: dict[Any, tp.dependency.Node], labels: ChannelLabels) -> None:
+def map_splits_and_concats(
+    module2node: dict[Any, tp.dependency.Node], labels: ChannelLabels
+) -> None:
     """Replace Torch-Pruning's split and concat index mappings by ours (see the module doc)."""
     for node in module2node.values():
         if node.grad_fn in labels.splits or node.grad_fn in labels.concats:

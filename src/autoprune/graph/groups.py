@@ -118,8 +118,10 @@ class ChannelGroup:
     """Channels that must be removed together, and what removing them costs and saves.
 
     ``channels`` counts group channels; removing group channel ``c`` removes every member
-    channel whose ``group_idxs`` entry is ``c``. A group is valid until the graph is pruned:
-    ask :meth:`PruningGraph.groups` (or ``graph.group(name)``) again after every prune.
+    channel whose ``group_idxs`` entry is ``c``. ``units`` maps the root layer's channels to
+    group channels where several root channels can only go together (see ``._coupled``).
+    A group is valid until the graph is pruned: ask :meth:`PruningGraph.groups` (or
+    ``graph.group(name)``) again after every prune.
     """
 
     def __init__(
@@ -130,6 +132,7 @@ class ChannelGroup:
         macs: MacTable,
         root: tuple[nn.Module, Any],
         version: int,
+        units: torch.Tensor | None = None,
     ) -> None:
         self.name = name
         self.members = tuple(members)
@@ -137,6 +140,7 @@ class ChannelGroup:
         self.root = root  # (module, Torch-Pruning handler) the group is rebuilt from
         self.version = version
         self.cache: dict[Any, Any] = {}  # per-group derived data (criteria), dropped with it
+        self._units = units  # root channel -> group channel, where several go together
         self._macs = macs
         self._multiplicity = {m: _multiplicity(m, channels) for m in self.members}
 
@@ -145,6 +149,12 @@ class ChannelGroup:
             f"ChannelGroup({self.name!r}, channels={self.channels}, "
             f"members={len(self.members)}, macs_per_channel={self.macs_per_channel})"
         )
+
+    def root_channels(self, idxs: torch.Tensor) -> list[int]:
+        """The root layer's channels that removing group channels ``idxs`` removes."""
+        if self._units is None:
+            return idxs.tolist()
+        return torch.isin(self._units, idxs).nonzero().flatten().tolist()
 
     @property
     def macs_per_channel(self) -> int:

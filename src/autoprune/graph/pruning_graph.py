@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 
 import torch
 import torch_pruning as tp
@@ -13,7 +14,10 @@ from ..errors import AutopruneError
 from ..layers import ChannelPadShortcut
 from ..measure.complexity import as_inputs
 from ._attention import AttentionPruner, HeadPruning, attention_groups, attention_modules
+from ._barriers import LabelledGraph, check_ops
+from ._coupled import channel_units
 from ._fx import normalize_model
+from ._params import ParamUse, parameter_uses
 from ._rules import (
     CHANNELWISE_TYPES,
     TP_DUMMY_OPS,
@@ -24,7 +28,6 @@ from ._rules import (
     matches,
     member_kind,
 )
-from ._barriers import LabelledGraph, check_ops
 from ._trace import TraceRecorder, sealed
 from .groups import ChannelGroup, MacTable, Member, Removed
 from .masking import MaskState
@@ -61,6 +64,7 @@ class PruningGraph:
         barriers: dict[tp.dependency.Node, str],
         scope: str,
         scope_context: ScopeContext,
+        params: dict[str, ParamUse],
     ) -> None:
         self.model = model
         self.example_inputs = example_inputs
@@ -77,6 +81,7 @@ class PruningGraph:
         self._constant_nodes = constant_nodes
         self._barriers = barriers
         self._rank = {node: k for k, node in enumerate(barriers)}
+        self._params = params
         self._version = 0
         self._groups: dict[str, ChannelGroup] | None = None
         self._frozen: dict[str, str] = {}
@@ -155,14 +160,20 @@ class PruningGraph:
                 self._frozen[name] = reason
                 continue
             root = tp_group[0].dep
+            channels = len(tp_group[0].idxs)
+            units = channel_units(self._dg, root.target.module, root.handler, channels)
+            if units is not None:
+                members = [replace(m, group_idxs=units[m.group_idxs]) for m in members]
+                channels = int(units.max()) + 1
             groups.append(
                 ChannelGroup(
                     name,
                     sorted(members, key=lambda m: order[m.module]),
-                    len(tp_group[0].idxs),
+                    channels,
                     self._macs,
                     (root.target.module, root.handler),
                     self._version,
+                    units,
                 )
             )
         position = {g.name: (order[self.model.get_submodule(g.name)], 0) for g in groups}
@@ -212,9 +223,14 @@ class PruningGraph:
             if module in self._all_macs.matmuls:  # attention: its qkv reads, its proj writes
                 members.append(self._attention_member(module, item, names[module]))
                 continue
+            if isinstance(module, nn.Parameter):
+                member, why = self._param_member(module, item)
+                reason = reason or why
+                members.append(member)
+                continue
             name = names.get(module) if isinstance(module, nn.Module) else None
-            if name is None:  # an nn.Parameter used outside its layer
-                reason = reason or "it includes a parameter used outside its layer"
+            if name is None:
+                reason = reason or f"its channels run through {type(module).__name__}"
                 continue
             kind = member_kind(module)
             if module in self._ignored:
@@ -233,6 +249,25 @@ class PruningGraph:
                 )
             )
         return members, reason, self._barriers[first] if first is not None else None
+
+    def _param_member(
+        self, param: nn.Parameter, item: tp.dependency.group.GroupItem
+    ) -> tuple[Member, str | None]:
+        """A parameter outside a layer (see ``._params``): it holds channels but no MACs."""
+        use = self._params[self._dg._param_to_name[param]]
+        why = f"parameter {use.name!r} cannot lose channels: {use.problem}" if use.problem else None
+        if use.owner in self._ignored:
+            why = f"ignored layer holding parameter {use.name!r}"
+        member = Member(
+            layer=use.name,
+            kind="parameter",
+            in_channels=False,
+            out_channels=False,
+            module=use.owner,
+            idxs=torch.as_tensor(item.idxs, dtype=torch.long),
+            group_idxs=torch.as_tensor(item.root_idxs, dtype=torch.long),
+        )
+        return member, why
 
     def _attention_member(
         self, module: nn.Module, item: tp.dependency.group.GroupItem, name: str
@@ -330,11 +365,12 @@ class PruningGraph:
         for g, ids in plan:
             if not ids.numel():
                 continue
-            module, handler = (self.group(g.name) if rebuilt else g).root
+            g = self.group(g.name) if rebuilt else g
+            module, handler = g.root
             if isinstance(handler, HeadPruning):
                 handler(module, ids.tolist())
                 continue
-            group = self._dg.get_pruning_group(module, handler, ids.tolist())
+            group = self._dg.get_pruning_group(module, handler, g.root_channels(ids))
             self._shrink_splits(group)
             group.prune()
             if self._dg.remapped:  # split and concat mappings hold the old widths
@@ -430,6 +466,7 @@ def build_graph(
         barriers=barriers,
         scope=scope,
         scope_context=ScopeContext(model, dict(recorder.order), frozenset(attention)),
+        params=parameter_uses(dg, recorder, model),
     )
     graph.groups()  # surface coupling errors now, not at the first use
     return graph
@@ -453,22 +490,17 @@ def _resolve_ignored(model: nn.Module, layers: Iterable[str | nn.Module]) -> fro
 def _black_boxes(
     model: nn.Module, ignored: frozenset[nn.Module], known: set[nn.Module]
 ) -> list[nn.Module]:
-    """Ignored layers Torch-Pruning cannot handle; any other such layer is an error.
+    """Ignored layers with parameters of their own that Torch-Pruning has no pruner for.
 
-    ``known``: layers with pruners of ours (attention, channel-wise), never black boxes.
+    ``known``: layers with pruners of ours (attention, channel-wise), never black boxes. The
+    parameters of other such layers are traced as unwrapped parameters (see ``._params``).
     """
-    boxes = []
-    for name, m in model.named_modules():
-        if isinstance(m, (*TP_PARAM_TYPES, ChannelPadShortcut)) or m in known:
-            continue
-        if next(m.parameters(recurse=False), None) is None:
-            continue
-        if m in ignored:
-            boxes.append(m)
-            continue
-        label = name or type(m).__name__
-        raise AutopruneError(
-            f"layer {label!r} ({type(m).__name__}) has parameters autoprune cannot prune; "
-            f"pass ignored_layers=[{label!r}] to keep it and the channels around it unchanged"
-        )
-    return boxes
+    return [
+        m
+        for m in model.modules()
+        if m in ignored
+        and not isinstance(m, (*TP_PARAM_TYPES, ChannelPadShortcut))
+        and m not in known
+        and next(m.parameters(recurse=False), None) is not None
+    ]
+

@@ -260,7 +260,32 @@ def _choose(ctx: SearchContext, plans: Plans, goal: float) -> dict[str, int]:
             lo -= 1
     if reduction(lo) <= now:
         raise AutopruneError("every group is at its cap: nothing is left to prune")
+    if lo > 0 and reduction(lo) - goal > TOLERANCE:
+        return _trim(ctx, plan(lo - 1), plan(lo), goal)
     return plan(lo)
+
+
+def _trim(
+    ctx: SearchContext, below: dict[str, int], above: dict[str, int], goal: float
+) -> dict[str, int]:
+    """Between two plans a step apart (one ratio can move many groups at once: a jump past
+    the tolerance), the channels of ``above`` taken one at a time, costliest first, skipping
+    any that would overshoot, until the reduction is within the tolerance of ``goal``."""
+    counts = dict(below)
+
+    def reduction(c: dict[str, int]) -> float:
+        removal = {g: torch.arange(k) for g, k in c.items() if k}
+        return 1.0 - ctx.graph.macs(removal) / ctx.original_macs
+
+    extra = [g for g in above for _ in range(above[g] - below[g])]
+    saved = {g: ctx.graph.group(g).macs_per_channel for g in set(extra)}
+    for g in sorted(extra, key=lambda g: -saved[g]):
+        if reduction(counts) >= goal - TOLERANCE:
+            break
+        counts[g] += 1
+        if reduction(counts) > goal + TOLERANCE:
+            counts[g] -= 1
+    return counts if abs(reduction(counts) - goal) <= TOLERANCE else above
 
 
 @ALLOCATIONS.register("uniform", description="the same fraction of every group's channels")
