@@ -16,7 +16,7 @@ from torch import nn
 from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
 from ._labels import ChannelLabels
-from ._split import map_splits_and_concats
+from ._split import map_splits_and_concats, shrink_pieces
 from ._trace import TraceRecorder, meets_constant
 
 
@@ -40,11 +40,11 @@ class LabelledGraph(tp.DependencyGraph):
                 _set_flatten(node, stride)
         map_splits_and_concats(module2node, self._labels)
 
-    @property
-    def remapped(self) -> bool:
-        """Whether mappings of ours depend on widths (splits, concats): after pruning, the
-        graph must be traced again."""
-        return bool(self._labels.splits or self._labels.concats)
+    def shrink_pieces(self, group: tp.dependency.Group) -> None:
+        """Before pruning ``group``: splits and concats (ours and the model's) lose its channels."""
+        for fn, idxs in shrink_pieces(group, self._labels).items():
+            if fn in self.split_layers:
+                self.split_layers[fn].remove(idxs)
 
 
 def _set_flatten(node: tp.dependency.Node, stride: int) -> None:

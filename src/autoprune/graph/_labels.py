@@ -138,8 +138,9 @@ class ChannelLabels:
         self.breaks: list[Break] = []
         self.flattens: dict[Any, int] = {}  # grad_fn of a linear's input -> repeat factor
         self.splits: dict[Any, list[int]] = {}  # channel splits: grad_fn -> piece sizes
-        # channel concats: grad_fn -> (input grad_fn, output_nr, width) per input, in order
-        self.concats: dict[Any, list[tuple[Any, int, int]]] = {}
+        # channel concats: grad_fn -> (input grad_fn, output_nr) per input, in order; widths
+        self.concats: dict[Any, list[tuple[Any, int]]] = {}
+        self.concat_widths: dict[Any, list[int]] = {}
 
     # --------------------------------------------------------------------------- lookups
     def get(self, t: Any) -> torch.Tensor | None:
@@ -247,9 +248,8 @@ class ChannelLabels:
             for t, lab in labelled:  # Torch-Pruning maps offsets of channels kept in order
                 self._check(t, lab, dim, name)
             if name in ("cat", "concat", "concatenate"):
-                self.concats[outs[0].grad_fn] = [
-                    (t.grad_fn, t.output_nr, t.shape[dim]) for t in tensors
-                ]
+                self.concats[outs[0].grad_fn] = [(t.grad_fn, t.output_nr) for t in tensors]
+                self.concat_widths[outs[0].grad_fn] = [t.shape[dim] for t in tensors]
             else:
                 self.splits[outs[0].grad_fn] = [t.shape[dim] for t in outs]
             for t in outs:

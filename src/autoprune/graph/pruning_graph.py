@@ -360,34 +360,19 @@ class PruningGraph:
         plan = self.resolve(group, idxs)
         if self.masks.active:
             raise AutopruneError("remove the active channel masks before pruning")
-        version = self._version + 1
-        rebuilt = False
         for g, ids in plan:
             if not ids.numel():
                 continue
-            g = self.group(g.name) if rebuilt else g
             module, handler = g.root
             if isinstance(handler, HeadPruning):
                 handler(module, ids.tolist())
                 continue
             group = self._dg.get_pruning_group(module, handler, g.root_channels(ids))
-            self._shrink_splits(group)
+            self._dg.shrink_pieces(group)
             group.prune()
-            if self._dg.remapped:  # split and concat mappings hold the old widths
-                self.__dict__.update(self._build(self.model).__dict__)
-                rebuilt = True
         if any(ids.numel() for _, ids in plan):
-            self._version, self._groups = version, None
-
-    def _shrink_splits(self, group: tp.dependency.Group) -> None:
-        """Tell every :class:`ChannelSplit` in ``group`` which of its input channels go."""
-        gone: dict[nn.Module, set[int]] = {}
-        for item in group.items:
-            layer = self._dg.split_layers.get(item.dep.target.grad_fn)
-            if layer is not None:
-                gone.setdefault(layer, set()).update(item.idxs)
-        for layer, idxs in gone.items():
-            layer.remove(sorted(idxs))
+            self._version += 1
+            self._groups = None
 
     def remove_modules(self, paths: Sequence[str]) -> None:
         """Replace whole blocks or layers by the identity (:mod:`.units`), for good.
