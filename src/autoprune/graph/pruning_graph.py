@@ -12,7 +12,7 @@ from torch import nn
 
 from ..errors import AutopruneError
 from ..layers import ChannelPadShortcut
-from ..measure.complexity import as_inputs
+from ..measure.complexity import as_inputs, count_macs
 from ._attention import AttentionPruner, HeadPruning, attention_groups, attention_modules
 from ._barriers import LabelledGraph, check_ops
 from ._coupled import channel_units
@@ -439,11 +439,13 @@ def build_graph(
             m.training = training
     constant_nodes, barriers = check_ops(dg, recorder)
     matmuls = {a: (a.qkv, a.proj, recorder.attention_units[a]) for a in attention}
+    modelled = MacTable(recorder.mac_units, matmuls).total()
+    other = max(0, count_macs(model, inputs) - modelled)  # e.g. matmuls of hand-written attention
     graph = PruningGraph(
         model,
         inputs,
         dg,
-        MacTable(recorder.mac_units, matmuls),
+        MacTable(recorder.mac_units, matmuls, other),
         ignored=ignored,
         root_types=tuple(prunable_types),
         output_nodes={n for n in dg.module2node.values() if n.grad_fn in recorder.outputs},
