@@ -364,8 +364,7 @@ class PruningGraph:
                 if isinstance(handler, HeadPruning):
                     handler(module, ids.tolist())
                 else:
-                    roots = g.root_channels(ids)
-                    self._dg.get_pruning_group(module, handler, roots).prune()
+                    _prune(self._dg.get_pruning_group(module, handler, g.root_channels(ids)))
         if any(ids.numel() for _, ids in plan):
             self._version += 1
             self._groups = None
@@ -451,6 +450,15 @@ def build_graph(
     )
     graph.groups()  # surface coupling errors now, not at the first use
     return graph
+
+
+def _prune(group: tp.dependency.Group) -> None:
+    """Prune a Torch-Pruning group, each layer's indices once: a reshape maps a block of root
+    channels (a Linear's rows viewed as one channel) to the same channel, and Torch-Pruning
+    would subtract every repeat from the layer's width."""
+    for i, (dep, idxs) in enumerate(group.items):
+        group._group[i] = tp._helpers.GroupItem(dep, list(dict.fromkeys(idxs)))
+    group.prune()
 
 
 def _resolve_ignored(model: nn.Module, layers: Iterable[str | nn.Module]) -> frozenset[nn.Module]:
