@@ -86,13 +86,16 @@ class MaskState:
     def _layernorm_hook(
         self, module: nn.LayerNorm, args: tuple, output: torch.Tensor
     ) -> torch.Tensor:
-        x = args[0]
+        # A LayerNorm subclass with a forward of its own is a channels-first LayerNorm2d
+        # (timm, ConvNeXt ports): it permutes dim 1 to the end and back.
+        dim = -1 if type(module).forward is nn.LayerNorm.forward else 1
+        x = args[0].movedim(dim, -1)
         keep = torch.ones(x.shape[-1], dtype=torch.bool, device=x.device)
         keep[self._merged[module, "layernorm"]] = False
         w = module.weight[keep] if module.weight is not None else None
         b = module.bias[keep] if module.bias is not None else None
-        y = F.layer_norm(x[..., keep], (int(keep.sum()),), w, b, module.eps)
-        return output.new_zeros(output.shape).index_copy(-1, keep.nonzero().flatten(), y)
+        y = F.layer_norm(x[..., keep], (int(keep.sum()),), w, b, module.eps).movedim(-1, dim)
+        return output.new_zeros(output.shape).index_copy(dim, keep.nonzero().flatten(), y)
 
 
 class ChannelMask:

@@ -14,6 +14,7 @@ from ..errors import AutopruneError
 from ..layers import ChannelPadShortcut
 from ..measure.complexity import as_inputs
 from ._attention import AttentionPruner, HeadPruning, attention_groups, attention_modules
+from ._barriers import LabelledGraph, check_ops
 from ._coupled import channel_units
 from ._fx import normalize_model
 from ._params import ParamUse, parameter_uses
@@ -27,7 +28,7 @@ from ._rules import (
     matches,
     member_kind,
 )
-from ._trace import TraceRecorder, breaks_channels, meets_constant, sealed
+from ._trace import TraceRecorder, sealed
 from .groups import ChannelGroup, MacTable, Member, Removed
 from .masking import MaskState
 from .scopes import ScopeContext, list_scopes, scope_layers
@@ -80,6 +81,7 @@ class PruningGraph:
         self._constant_nodes = constant_nodes
         self._barriers = barriers
         self._params = params
+        self._rank = {node: k for k, node in enumerate(barriers)}
         self._version = 0
         self._groups: dict[str, ChannelGroup] | None = None
         self._frozen: dict[str, str] = {}
@@ -153,8 +155,7 @@ class PruningGraph:
             members, reason, barrier = self._members(tp_group, names)
             outs = [m for m in members if m.out_channels] or members
             name = min(outs, key=lambda m: order[m.module]).layer
-            if barrier and not reason and not any(m.module in self._ignored for m in members):
-                raise AutopruneError(barrier)
+            reason = reason or barrier
             if reason:
                 self._frozen[name] = reason
                 continue
@@ -203,7 +204,7 @@ class PruningGraph:
     ) -> tuple[list[Member], str | None, str | None]:
         members: list[Member] = []
         reason: str | None = None
-        barrier: str | None = None
+        first: tp.dependency.Node | None = None
         for item in tp_group.items:
             node, handler = item.dep.target, item.dep.handler
             module = node.module
@@ -211,10 +212,11 @@ class PruningGraph:
                 node in self._output_nodes and self._dg.is_out_channel_pruning_fn(handler)
             ):
                 reason = reason or "its channels are the model's output"
+            if node in self._barriers and (first is None or self._rank[node] < self._rank[first]):
+                first = node  # the first break the trace met names the reason
             if isinstance(module, TP_DUMMY_OPS):
                 if node in self._constant_nodes:
                     reason = reason or "its channels meet the model input or a constant tensor"
-                barrier = barrier or self._barriers.get(node)
                 continue
             if isinstance(module, tp.ops._OutputOp):
                 continue
@@ -246,7 +248,7 @@ class PruningGraph:
                     group_idxs=torch.as_tensor(item.root_idxs, dtype=torch.long),
                 )
             )
-        return members, reason, barrier
+        return members, reason, self._barriers[first] if first is not None else None
 
     def _param_member(
         self, param: nn.Parameter, item: tp.dependency.group.GroupItem
@@ -358,16 +360,34 @@ class PruningGraph:
         plan = self.resolve(group, idxs)
         if self.masks.active:
             raise AutopruneError("remove the active channel masks before pruning")
+        version = self._version + 1
+        rebuilt = False
         for g, ids in plan:
-            if ids.numel():
-                module, handler = g.root
-                if isinstance(handler, HeadPruning):
-                    handler(module, ids.tolist())
-                else:
-                    _prune(self._dg.get_pruning_group(module, handler, g.root_channels(ids)))
+            if not ids.numel():
+                continue
+            current = self.group(g.name) if rebuilt else g
+            module, handler = current.root
+            if isinstance(handler, HeadPruning):
+                handler(module, ids.tolist())
+                continue
+            group = self._dg.get_pruning_group(module, handler, current.root_channels(ids))
+            self._shrink_splits(group)
+            _prune(group)
+            if self._dg.remapped:  # split and concat mappings hold the old widths
+                self.__dict__.update(self._build(self.model).__dict__)
+                rebuilt = True
         if any(ids.numel() for _, ids in plan):
-            self._version += 1
-            self._groups = None
+            self._version, self._groups = version, None
+
+    def _shrink_splits(self, group: tp.dependency.Group) -> None:
+        """Tell every :class:`ChannelSplit` in ``group`` which of its input channels go."""
+        gone: dict[nn.Module, set[int]] = {}
+        for item in group.items:
+            layer = self._dg.split_layers.get(item.dep.target.grad_fn)
+            if layer is not None:
+                gone.setdefault(layer, set()).update(item.idxs)
+        for layer, idxs in gone.items():
+            layer.remove(sorted(idxs))
 
     def remove_modules(self, paths: Sequence[str]) -> None:
         """Replace whole blocks or layers by the identity (:mod:`.units`), for good.
@@ -426,13 +446,13 @@ def build_graph(
     modes = {m: m.training for m in model.modules()}  # tp's trace leaves the model in eval
     try:
         with torch.enable_grad(), recorder, sealed([*attention, *channelwise]):
-            dg = tp.DependencyGraph().build_dependency(
+            dg = LabelledGraph(recorder.labels, recorder.split_layers).build_dependency(
                 model, inputs, customized_pruners=pruners, verbose=False
             )
     finally:
         for m, training in modes.items():
             m.training = training
-    constant_nodes, barriers = _check_ops(dg, recorder)
+    constant_nodes, barriers = check_ops(dg, recorder)
     matmuls = {a: (a.qkv, a.proj, recorder.attention_units[a]) for a in attention}
     graph = PruningGraph(
         model,
@@ -492,44 +512,3 @@ def _black_boxes(
         and m not in known
         and next(m.parameters(recurse=False), None) is not None
     ]
-
-
-def _check_ops(
-    dg: tp.DependencyGraph, recorder: TraceRecorder
-) -> tuple[set[tp.dependency.Node], dict[tp.dependency.Node, str]]:
-    """Element-wise ops that meet a constant, and ops that do not carry channels one to one."""
-    tokens_last = not dg._2d_4d
-    constants: set[tp.dependency.Node] = set()
-    barriers: dict[tp.dependency.Node, str] = {}
-    for node in dg.module2node.values():
-        if not isinstance(node.module, tp.ops._ElementWiseOp):
-            continue
-        rec = recorder.ops.get(node.grad_fn)
-        if rec is None or rec.internal:
-            continue
-        widths = breaks_channels(rec, tokens_last)
-        if widths:
-            layer = _layer_before(node, dg)
-            barriers[node] = (
-                f"cannot follow channels through {rec.name!r} ({widths[0]} -> {widths[1]} "
-                f"channels) after layer {layer!r}; pass ignored_layers=[{layer!r}] to leave "
-                "them unpruned, or write the op with a layer autoprune understands"
-            )
-        elif meets_constant(rec, tokens_last):
-            constants.add(node)
-    return constants, barriers
-
-
-def _layer_before(node: tp.dependency.Node, dg: tp.DependencyGraph) -> str:
-    """Name of the nearest named layer feeding ``node`` (for error messages)."""
-    stack, seen = list(node.inputs), set()
-    while stack:
-        n = stack.pop(0)
-        if n in seen:
-            continue
-        seen.add(n)
-        name = dg._module2name.get(n.module) if isinstance(n.module, nn.Module) else None
-        if name is not None:
-            return name
-        stack.extend(n.inputs)
-    return "<input>"

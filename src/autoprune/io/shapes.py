@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..graph._attention import attention_adapter
-from ..layers import ChannelPadShortcut
+from ..layers import ChannelPadShortcut, ChannelSplit
 
 LayerRecord = dict[str, Any]
 Recorder = Callable[[Any], LayerRecord]
@@ -86,6 +86,11 @@ def _group_norm(m: nn.GroupNorm) -> LayerRecord:
 @register_layer_shape(ChannelPadShortcut)
 def _channel_pad(m: ChannelPadShortcut) -> LayerRecord:
     return {"in_channels": m.in_channels, "index": m.index.tolist()}
+
+
+@register_layer_shape(ChannelSplit)
+def _channel_split(m: ChannelSplit) -> LayerRecord:
+    return {"sizes": list(m.sizes)}
 
 
 def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,0 +1,108 @@
+"""Torch-Pruning's graph with our channel labels: where it may follow channels, and where not.
+
+Torch-Pruning guesses how a reshape maps channels from the widths around it (and divides by
+zero on a channel shuffle). Our labels (:mod:`._labels`) know: a reshape that keeps channels
+whole needs no mapping, a flattened feature map read by a linear layer gets Torch-Pruning's
+flatten mapping, and anything else is a *barrier*: the groups through it are frozen with the
+reason, and the rest of the model still prunes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch_pruning as tp
+from torch import nn
+from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
+
+from ._labels import ChannelLabels
+from ._split import map_splits_and_concats
+from ._trace import TraceRecorder, meets_constant
+
+
+class LabelledGraph(tp.DependencyGraph):
+    """A dependency graph whose reshapes are mapped by channel labels, not by guesses."""
+
+    def __init__(self, labels: ChannelLabels, split_layers: dict[Any, nn.Module]) -> None:
+        super().__init__()
+        self._labels = labels
+        self.split_layers = split_layers  # grad_fn of a ChannelSplit's pieces -> the layer
+
+    def _build_dependency(self, module2node: dict[Any, tp.dependency.Node]) -> None:
+        super()._build_dependency(module2node)
+        by_grad_fn = {n.grad_fn: n for n in module2node.values()}
+        for node in module2node.values():
+            if node.type == tp.ops.OPTYPE.RESHAPE:
+                node.type = tp.ops.OPTYPE.ELEMENTWISE  # labels say where its channels go
+        for grad_fn, stride in self._labels.flattens.items():
+            node = by_grad_fn.get(grad_fn)
+            if node is not None:
+                _set_flatten(node, stride)
+        map_splits_and_concats(module2node, self._labels)
+
+    @property
+    def remapped(self) -> bool:
+        """Whether mappings of ours depend on widths (splits, concats): after pruning, the
+        graph must be traced again."""
+        return bool(self._labels.splits or self._labels.concats)
+
+
+def _set_flatten(node: tp.dependency.Node, stride: int) -> None:
+    """Channel ``c`` of ``node`` is inputs ``c*s .. c*s+s-1`` of the linear layers it feeds."""
+    for out in node.outputs:
+        if not isinstance(out.module, nn.Linear):
+            continue
+        for dep in node.dependencies:
+            if dep.target is out:
+                dep.index_mapping[0] = _FlattenIndexMapping(stride=stride, reverse=False)
+        for dep in out.dependencies:
+            if dep.target is node:
+                dep.index_mapping[0] = _FlattenIndexMapping(stride=stride, reverse=True)
+
+
+def check_ops(
+    dg: tp.DependencyGraph, recorder: TraceRecorder
+) -> tuple[set[tp.dependency.Node], dict[tp.dependency.Node, str]]:
+    """Element-wise ops that meet a constant, and nodes where channels are not carried one to
+    one (each with the reason a group through it is frozen)."""
+    tokens_last = not dg._2d_4d
+    by_grad_fn = {n.grad_fn: n for n in dg.module2node.values()}
+    constants: set[tp.dependency.Node] = set()
+    for node in dg.module2node.values():
+        if not isinstance(node.module, tp.ops._ElementWiseOp):
+            continue
+        rec = recorder.ops.get(node.grad_fn)
+        if rec is not None and not rec.internal and meets_constant(rec, tokens_last):
+            constants.add(node)
+    barriers: dict[tp.dependency.Node, str] = {}
+    for brk in recorder.labels.breaks:
+        node = by_grad_fn.get(brk.grad_fn)
+        if node is not None and node not in barriers:
+            layer = layer_before(node, dg)
+            barriers[node] = (
+                f"channels after layer {layer!r} cannot be followed through {brk.op!r} "
+                f"({brk.detail})"
+            )
+    for grad_fn in recorder.labels.splits:
+        node = by_grad_fn.get(grad_fn)
+        if node is not None and grad_fn not in recorder.split_layers and node not in barriers:
+            barriers[node] = (
+                f"the split of channels after layer {layer_before(node, dg)!r} has sizes "
+                "fixed in the model's code (torch.fx could not rewrite it)"
+            )
+    return constants, barriers
+
+
+def layer_before(node: tp.dependency.Node, dg: tp.DependencyGraph) -> str:
+    """Name of the nearest named layer feeding ``node`` (for reasons and errors)."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        name = dg._module2name.get(n.module) if isinstance(n.module, nn.Module) else None
+        if name is not None:
+            return name
+        stack.extend(n.inputs)
+    return "<input>"
