@@ -37,7 +37,11 @@ class LabelledGraph(tp.DependencyGraph):
         for grad_fn, stride in self._labels.flattens.items():
             node = by_grad_fn.get(grad_fn)
             if node is not None:
-                _set_flatten(node, stride)
+                _set_flatten(node, stride, nn.Linear, reverse=False)
+        for grad_fn, stride in self._labels.unflattens.items():
+            node = by_grad_fn.get(grad_fn)
+            if node is not None:
+                _set_flatten(node, stride, nn.modules.conv._ConvNd, reverse=True)
         map_splits_and_concats(module2node, self._labels)
 
     @property
@@ -47,17 +51,21 @@ class LabelledGraph(tp.DependencyGraph):
         return bool(self._labels.splits or self._labels.concats)
 
 
-def _set_flatten(node: tp.dependency.Node, stride: int) -> None:
-    """Channel ``c`` of ``node`` is inputs ``c*s .. c*s+s-1`` of the linear layers it feeds."""
+def _set_flatten(
+    node: tp.dependency.Node, stride: int, reader: type[nn.Module], *, reverse: bool
+) -> None:
+    """Channel ``c`` of ``node`` is inputs ``c*s .. c*s+s-1`` of the ``reader`` layers it
+    feeds (a flattened map into a linear); ``reverse``: channels ``c*s .. c*s+s-1`` of
+    ``node`` are input ``c`` of them (a linear's rows viewed as a map into a conv)."""
     for out in node.outputs:
-        if not isinstance(out.module, nn.Linear):
+        if not isinstance(out.module, reader):
             continue
         for dep in node.dependencies:
             if dep.target is out:
-                dep.index_mapping[0] = _FlattenIndexMapping(stride=stride, reverse=False)
+                dep.index_mapping[0] = _FlattenIndexMapping(stride=stride, reverse=reverse)
         for dep in out.dependencies:
             if dep.target is node:
-                dep.index_mapping[0] = _FlattenIndexMapping(stride=stride, reverse=True)
+                dep.index_mapping[0] = _FlattenIndexMapping(stride=stride, reverse=not reverse)
 
 
 def check_ops(

@@ -74,11 +74,13 @@ def compress(label: torch.Tensor) -> torch.Tensor:
 
 
 def reading(label: torch.Tensor, dim: int) -> tuple[str, int] | None:
-    """How a layer reading ``dim`` sees the label: ``("identity", 1)``, ``("flatten", s)``, or
-    None when channels are mixed into other dims or out of order."""
+    """How a layer reading ``dim`` sees the label: ``("identity", 1)``, ``("flatten", s)``,
+    ``("unflatten", s)`` (each channel read is ``s`` channels of the labelled layer, in order
+    along the other dims: a linear's rows viewed as a feature map), or None when channels are
+    mixed into other dims or out of order."""
     dim = dim % label.dim()
     if any(label.shape[d] > 1 for d in range(label.dim()) if d != dim):
-        return None
+        return _unflatten(label, dim)
     values = label.flatten()
     n = values.numel()
     if n == 0:
@@ -95,6 +97,13 @@ def reading(label: torch.Tensor, dim: int) -> tuple[str, int] | None:
     return None
 
 
+def _unflatten(label: torch.Tensor, dim: int) -> tuple[str, int] | None:
+    values = label.movedim(dim, 0).flatten()
+    if label.shape[dim] < 2 or not torch.equal(values, torch.arange(values.numel()).to(values)):
+        return None
+    return ("unflatten", values.numel() // label.shape[dim])
+
+
 class ChannelLabels:
     """Labels of the traced tensors, updated op by op (driven by the trace recorder)."""
 
@@ -103,6 +112,7 @@ class ChannelLabels:
         self.made_by: dict[Any, str] = {}  # grad_fn -> the op that moved its channels last
         self.breaks: list[Break] = []
         self.flattens: dict[Any, int] = {}  # grad_fn of a linear's input -> repeat factor
+        self.unflattens: dict[Any, int] = {}  # grad_fn of a conv's input -> rows per channel
         self.splits: dict[Any, list[int]] = {}  # channel splits: grad_fn -> piece sizes
         # channel concats: grad_fn -> (input grad_fn, output_nr, width) per input, in order
         self.concats: dict[Any, list[tuple[Any, int, int]]] = {}
@@ -182,6 +192,8 @@ class ChannelLabels:
             return False
         if how[0] == "flatten":
             self.flattens[t.grad_fn] = how[1]
+        elif how[0] == "unflatten":
+            self.unflattens[t.grad_fn] = how[1]
         return True
 
     def _replay(
