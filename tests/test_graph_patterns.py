@@ -16,6 +16,7 @@ from torch import nn
 
 import autoprune
 from autoprune.criteria import select
+from autoprune.errors import AutopruneError
 from autoprune.graph import PruningGraph, build_graph, mask_channels
 from autoprune.measure import count_macs
 
@@ -291,3 +292,30 @@ def test_fixed_schedule_lands_within_half_a_percent(
     for name, layer in result.model.named_modules():  # no layer past the 75 % cap
         if isinstance(layer, (nn.Conv2d, nn.Linear)) and name != "head" and name != "7":
             assert layer.weight.shape[0] >= 0.25 * before[name].weight.shape[0]
+
+
+class AllOutputs(nn.Module):
+    """Issue 18: every hidden layer is also an output, so no channel can go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.fc1(x)
+        return self.fc2(F.relu(hidden)), hidden
+
+
+def test_a_model_with_nothing_prunable_is_refused_with_why_not_with_raise_the_cap() -> None:
+    with pytest.raises(AutopruneError, match="no cap helps") as error:
+        autoprune.prune(
+            AllOutputs(),
+            example_inputs=VECTOR,
+            schedule="fixed",
+            criteria="l1",
+            target_macs_reduction=0.3,
+            progress=False,
+        )
+    assert "raise the cap" not in str(error.value)
+    assert "'fc1': its channels are the model's output" in str(error.value)
