@@ -110,7 +110,7 @@ def fixed(model: nn.Module, size: int) -> dict[str, Any]:
     return checks(model, res.model, size, TARGET)
 
 
-def search(model: nn.Module, size: int, step: float = 0.1) -> dict[str, Any]:
+def search(model: nn.Module, size: int, step: float = 0.15) -> dict[str, Any]:
     """The loss-aware search to the target in steps of ``step`` (a few iterations), no training."""
     data = load_synthetic(Path("."), "train", False, CLASSES, 3, size, size=32)
     res = autoprune.prune(

@@ -155,7 +155,7 @@ def markdown(result: dict[str, Any]) -> str:
         "smallest of "
         f"{result['sizes']} px it runs at. (a) fixed: `autoprune.prune(schedule='fixed', "
         "criteria='l1', target_macs_reduction=0.3)`; (b) search: the loss-aware search "
-        "(l1, taylor) to -30 % in steps of 10 % on synthetic data, no training. Checks: "
+        "(l1, taylor) to -30 % in steps of 15 % on synthetic data, no training. Checks: "
         "`batch` forward at batch 3, `macs` reduction within 0.5 % of -30 % (FlopCounterMode), "
         "`saveload` outputs identical after `autoprune.io.save`/`load`; masked: every group "
         "loses its lowest-L1 30 % at once, masked outputs == pruned outputs (1e-4). A model "
@@ -196,14 +196,14 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="models run in parallel")
     parser.add_argument("--only", help="fnmatch pattern on 'tv:NAME' / 'timm:NAME'; merged")
     parser.add_argument("--smoke", action="store_true", help=f"{len(SMOKE_MODELS)} models, /tmp")
-    parser.add_argument("--input-size", type=int, default=64, help="smallest size tried (px)")
-    parser.add_argument("--timeout", type=float, default=180, help="seconds per process")
+    parser.add_argument("--input-size", type=int, default=32, help="smallest size tried (px)")
+    parser.add_argument("--timeout", type=float, default=90, help="seconds per process")
     args = parser.parse_args()
     install_shim()
     if args.smoke:
         args.jobs = max(args.jobs, 2)
     sizes = ",".join(
-        str(s) for s in sorted({args.input_size, 96, 128, 224}) if s >= args.input_size
+        str(s) for s in sorted({args.input_size, 64, 96, 128, 224}) if s >= args.input_size
     )
     out = (SMOKE if args.smoke else DOCS) / "zoo_sweep"
     old = (

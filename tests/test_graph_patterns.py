@@ -16,6 +16,7 @@ from torch import nn
 
 import autoprune
 from autoprune.criteria import select
+from autoprune.errors import AutopruneError
 from autoprune.graph import PruningGraph, build_graph, mask_channels
 from autoprune.measure import count_macs
 
@@ -139,6 +140,48 @@ def grouped_net(num_classes: int = 10) -> nn.Module:
     )
 
 
+class Ghost(nn.Module):
+    """GhostNet's module: half the channels from a conv, their depthwise "cheap" copies the
+    other half; channel ``c`` of each half can only go together."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.primary = nn.Sequential(nn.Conv2d(cin, cout // 2, 1), nn.BatchNorm2d(cout // 2))
+        self.cheap = nn.Conv2d(cout // 2, cout // 2, 3, padding=1, groups=cout // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = self.primary(x)
+        return torch.cat([x1, self.cheap(x1)], dim=1)
+
+
+def ghost_net(num_classes: int = 10) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        Ghost(16, 64),
+        nn.ReLU(),
+        nn.Conv2d(64, 48, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(48, num_classes),
+    )
+
+
+class LinearToConv(nn.Module):
+    """Issue 18: a Linear viewed into channels (16 rows per channel), and a conv flattened
+    into a Linear (16 inputs per channel)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 256)
+        self.conv = nn.Conv2d(16, 12, 3, padding=1)
+        self.head = nn.Linear(12 * 16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.fc(x)).view(x.shape[0], -1, 4, 4)
+        return self.head(F.relu(self.conv(x)).flatten(1))
+
+
 IMAGE = torch.zeros(1, 3, 16, 16)
 VECTOR = torch.zeros(1, 16)
 
@@ -207,17 +250,72 @@ def test_grouped_convs_freeze_their_groups_and_the_rest_prunes(tmp_path: Path) -
     assert any("groups" in r or "cannot lose channels" in r for r in graph.frozen.values())
 
 
-@pytest.mark.parametrize("target", [0.3, 0.5])
-def test_fixed_schedule_lands_within_half_a_percent(target: float) -> None:
+def test_ghost_module_halves_go_together(tmp_path: Path) -> None:
+    graph = build_graph(ghost_net().eval(), IMAGE)
+    assert graph.group("2.primary.0").channels == 32  # 64 concatenated: 32 pairs
+    graph = prune_and_check("ghost_net", IMAGE, tmp_path)
+    assert graph.model[2].cheap.out_channels == graph.model[4].in_channels // 2 == 22
+
+
+def test_linear_viewed_into_channels_is_counted_in_channels(tmp_path: Path) -> None:
+    graph = build_graph(LinearToConv().eval(), VECTOR)
+    assert graph.group("fc").channels == 16
+    graph = prune_and_check("LinearToConv", VECTOR, tmp_path)
+    assert graph.model.fc.out_features == 16 * graph.model.conv.in_channels == 16 * 11
+
+
+@pytest.mark.parametrize(
+    ("factory", "example", "target"),
+    [
+        ("layer_scale_net", IMAGE, 0.3),
+        ("layer_scale_net", IMAGE, 0.5),
+        ("ghost_net", IMAGE, 0.3),
+        ("LinearToConv", VECTOR, 0.3),
+    ],
+)
+def test_fixed_schedule_lands_within_half_a_percent(
+    factory: str, example: torch.Tensor, target: float
+) -> None:
     torch.manual_seed(0)
-    model = layer_scale_net()
+    model = globals()[factory]()
     result = autoprune.prune(
         model,
-        example_inputs=IMAGE,
+        example_inputs=example,
         schedule="fixed",
         criteria="l1",
         target_macs_reduction=target,
         progress=False,
     )
-    reduction = 1 - count_macs(result.model, IMAGE) / count_macs(model, IMAGE)
+    reduction = 1 - count_macs(result.model, example) / count_macs(model, example)
     assert abs(reduction - target) <= 0.005
+    before = dict(model.named_modules())
+    for name, layer in result.model.named_modules():  # no layer past the 75 % cap
+        if isinstance(layer, (nn.Conv2d, nn.Linear)) and name != "head" and name != "7":
+            assert layer.weight.shape[0] >= 0.25 * before[name].weight.shape[0]
+
+
+class AllOutputs(nn.Module):
+    """Issue 18: every hidden layer is also an output, so no channel can go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.fc1(x)
+        return self.fc2(F.relu(hidden)), hidden
+
+
+def test_a_model_with_nothing_prunable_is_refused_with_why_not_with_raise_the_cap() -> None:
+    with pytest.raises(AutopruneError, match="no cap helps") as error:
+        autoprune.prune(
+            AllOutputs(),
+            example_inputs=VECTOR,
+            schedule="fixed",
+            criteria="l1",
+            target_macs_reduction=0.3,
+            progress=False,
+        )
+    assert "raise the cap" not in str(error.value)
+    assert "'fc1': its channels are the model's output" in str(error.value)

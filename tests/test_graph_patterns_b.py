@@ -5,6 +5,7 @@ forward at another batch size, masked == pruned, MACs as predicted, save/load ex
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import autoprune
+from autoprune.data.synthetic import load_synthetic
 from autoprune.graph import build_graph, mask_channels
 from autoprune.io.model_io import load, save
 from autoprune.measure.complexity import count_macs
+from autoprune.models import create_model
 
 einops = pytest.importorskip("einops")
 rearrange = einops.rearrange
@@ -293,8 +297,16 @@ def _selection(graph, fraction: float) -> dict[str, torch.Tensor]:
 
 
 def check_prunes(
-    model: nn.Module, size: int, tmp_path: Path, *, scope: str = "all", expect: tuple[str, ...] = ()
+    model: nn.Module,
+    size: int,
+    tmp_path: Path,
+    *,
+    scope: str = "all",
+    expect: tuple[str, ...] = (),
+    factory: str | None = None,
 ) -> None:
+    """Every group loses 40 % of its channels at once: masked == pruned, MACs as predicted
+    (and as FlopCounterMode counts them), forward at batch 3, save/load exact."""
     torch.manual_seed(0)
     model.eval()
     x = torch.randn(1, 3, size, size)
@@ -318,7 +330,6 @@ def check_prunes(
     assert graph.macs() == predicted
     if scope == "all":
         assert count_macs(graph.model, x) == total_before - removed_in_scope
-    factory = f"{__file__}:{type(model).__name__}"
     path = save(graph.model, tmp_path / "m", factory=factory, input_size=(3, size, size))
     loaded = load(path, trust_factory=True).eval()
     with torch.no_grad():
@@ -338,7 +349,7 @@ PATTERNS = {
 @pytest.mark.parametrize("pattern", list(PATTERNS))
 def test_pattern_prunes_exactly(pattern: str, tmp_path: Path) -> None:
     cls, size, expect = PATTERNS[pattern]
-    check_prunes(cls(), size, tmp_path, expect=expect)
+    check_prunes(cls(), size, tmp_path, expect=expect, factory=f"{__file__}:{cls.__name__}")
 
 
 @pytest.mark.parametrize("scope", ["stem", "conv", "all"])
@@ -348,7 +359,10 @@ def test_einops_mobilevit_prunes_in_every_scope(scope: str, tmp_path: Path) -> N
         "conv": ("mvit.conv1.0",),
         "all": ("mvit.transformer.layers.0.1.fn.0",),
     }
-    check_prunes(EinopsMobileViT(), 32, tmp_path, scope=scope, expect=expect[scope])
+    factory = f"{__file__}:EinopsMobileViT"
+    check_prunes(
+        EinopsMobileViT(), 32, tmp_path, scope=scope, expect=expect[scope], factory=factory
+    )
 
 
 def test_attention_written_by_hand_is_frozen_with_the_reason() -> None:
@@ -357,3 +371,59 @@ def test_attention_written_by_hand_is_frozen_with_the_reason() -> None:
     graph = build_graph(EinopsMobileViT().eval(), torch.randn(1, 3, 32, 32))
     assert "to_qkv" in graph.frozen["mvit.transformer.layers.0.0.fn.to_qkv"]
     assert "mvit.conv2.0" in [g.name for g in graph.groups()]
+
+
+# --- timm, where it is installed ------------------------------------------------------------------
+def timm_model(name: str) -> nn.Module:
+    pytest.importorskip("timm", reason="timm is not installed")
+    torch.manual_seed(0)
+    return create_model(name, num_classes=10).eval()
+
+
+@pytest.mark.parametrize("scope", ["stem", "conv", "all"])
+@pytest.mark.parametrize("name", ["timm:mobilevit_xxs", "timm:mobilevitv2_050"])
+def test_timm_mobilevit_prunes_in_every_scope(name: str, scope: str, tmp_path: Path) -> None:
+    check_prunes(timm_model(name), 64, tmp_path, scope=scope, expect=("stem.conv",))
+
+
+@pytest.mark.parametrize(
+    "name", ["timm:swin_tiny_patch4_window7_224", "timm:maxvit_rmlp_pico_rw_256"]
+)
+def test_window_attention_graphs_build_quickly_and_prune(name: str) -> None:
+    """Hundreds of window reshapes: labels, not Torch-Pruning's recursive shape inference."""
+    model = timm_model(name)
+    size = 256 if name.endswith("256") else 224
+    x = torch.randn(1, 3, size, size)
+    start = time.perf_counter()
+    graph = build_graph(model, x)
+    assert time.perf_counter() - start < 30
+    groups = {g.name: g for g in graph.groups()}
+    mlp = next(n for n in groups if "mlp.fc1" in n)  # inside a block, past the windows
+    idxs = torch.arange(0, groups[mlp].channels, 3)
+    predicted = graph.macs(mlp, idxs)
+    with torch.no_grad(), mask_channels(graph, mlp, idxs):
+        masked = graph.model(x)
+    graph.prune(mlp, idxs)
+    with torch.no_grad():
+        torch.testing.assert_close(graph.model(x), masked, atol=1e-4, rtol=1e-4)
+    assert graph.macs() == predicted == count_macs(graph.model, x)
+
+
+def test_efficientformer_loss_aware_search_runs_two_iterations() -> None:
+    """The fast scorer replays EfficientFormer's modules (a tuple once reached a conv)."""
+    model = timm_model("timm:efficientformer_l1")
+    data = load_synthetic(Path("."), "train", False, 10, 3, 224, size=16)
+    result = autoprune.prune(
+        model,
+        example_inputs=torch.zeros(1, 3, 224, 224),
+        train_data=data,
+        criteria=("l1",),
+        target_macs_reduction=0.1,
+        step=0.05,
+        recover_steps=0,
+        distill=False,
+        calib_size=8,
+        progress=False,
+    )
+    assert len(result.history) >= 2
+    assert abs(result.summary["macs_reduction"] - 0.1) <= 0.005

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ._shuffle import Permuted
+
 Key = tuple[Any, int]  # (grad_fn, output_nr): one traced tensor
 
 # Ops whose output entries are entries of their input, rearranged: replayed on the label.
@@ -108,11 +110,13 @@ def compress(label: torch.Tensor) -> torch.Tensor:
 
 
 def reading(label: torch.Tensor, dim: int) -> tuple[str, int] | None:
-    """How a layer reading ``dim`` sees the label: ``("identity", 1)``, ``("flatten", s)``, or
-    None when channels are mixed into other dims or out of order."""
+    """How a layer reading ``dim`` sees the label: ``("identity", 1)``, ``("flatten", s)``,
+    ``("unflatten", s)`` (each channel read is ``s`` channels of the labelled layer, in order
+    along the other dims: a linear's rows viewed as a feature map), or None when channels are
+    mixed into other dims or out of order."""
     dim = dim % label.dim()
     if any(label.shape[d] > 1 for d in range(label.dim()) if d != dim):
-        return None
+        return _unflatten(label, dim)
     values = label.flatten()
     n = values.numel()
     if n == 0:
@@ -129,6 +133,30 @@ def reading(label: torch.Tensor, dim: int) -> tuple[str, int] | None:
     return None
 
 
+def _varying(label: torch.Tensor) -> list[int]:
+    """The dims a compressed label varies along."""
+    return [d for d in range(label.dim()) if label.shape[d] > 1]
+
+
+def _permutation(label: torch.Tensor, dim: int) -> torch.Tensor | None:
+    """The channel order a layer reading ``dim`` sees, when it is a permutation (a shuffle)."""
+    if _varying(label) != [dim % label.dim()]:
+        return None
+    values = label.flatten()
+    order = values.long()
+    ids = torch.arange(values.numel())
+    if not torch.equal(order.to(values), values) or not torch.equal(order.sort().values, ids):
+        return None
+    return order
+
+
+def _unflatten(label: torch.Tensor, dim: int) -> tuple[str, int] | None:
+    values = label.movedim(dim, 0).flatten()
+    if label.shape[dim] < 2 or not torch.equal(values, torch.arange(values.numel()).to(values)):
+        return None
+    return ("unflatten", values.numel() // label.shape[dim])
+
+
 class ChannelLabels:
     """Labels of the traced tensors, updated op by op (driven by the trace recorder)."""
 
@@ -137,7 +165,11 @@ class ChannelLabels:
         self.made_by: dict[Any, str] = {}  # grad_fn -> the op that moved its channels last
         self.breaks: list[Break] = []
         self.flattens: dict[Any, int] = {}  # grad_fn of a linear's input -> repeat factor
+        self.unflattens: dict[Any, int] = {}  # grad_fn of a conv's input -> rows per channel
         self.splits: dict[Any, list[int]] = {}  # channel splits: grad_fn -> piece sizes
+        self.orders: dict[Any, Permuted] = {}  # permuted reads (shuffles): grad_fn -> order
+        # tensors whose channels a reshape split into rows: (that reshape, row length)
+        self.factored: dict[Key, tuple[Any, int]] = {}
         # channel concats: grad_fn -> (input grad_fn, output_nr) per input, in order; widths
         self.concats: dict[Any, list[tuple[Any, int]]] = {}
         self.concat_widths: dict[Any, list[int]] = {}
@@ -211,12 +243,18 @@ class ChannelLabels:
         if label is None:
             return False
         how = reading(compress(label), dim)
+        if how is None and (order := _permutation(compress(label), dim)) is not None:
+            split_by, inner = self.factored.get((t.grad_fn, t.output_nr), (None, len(order)))
+            self.orders[t.grad_fn] = Permuted(order, len(order) // inner, split_by)
+            return True
         if how is None:
             culprit = self.made_by.get(t.grad_fn, op)
             self.breaks.append(Break(t.grad_fn, culprit, f"{op!r} reads them moved or mixed"))
             return False
         if how[0] == "flatten":
             self.flattens[t.grad_fn] = how[1]
+        elif how[0] == "unflatten":
+            self.unflattens[t.grad_fn] = how[1]
         return True
 
     def _replay(
@@ -230,9 +268,16 @@ class ChannelLabels:
             self._elementwise(name, outs, labelled)
             return
         results = [r for r in tree_flatten(replayed)[0] if isinstance(r, torch.Tensor)]
+        source, label = labelled[0]
+        factored = self.factored.get((source.grad_fn, source.output_nr))
         for t, r in zip(outs, results, strict=False):
             if r.shape == t.shape:
                 self.set(t, r.to(torch.float64), name)
+                rows = _varying(compress(r))
+                if len(rows) > 1 and len(_varying(compress(label))) == 1:
+                    factored = (t.grad_fn, int(r.shape[rows[-1]]))  # channels split into rows
+                if factored is not None and rows:
+                    self.factored[(t.grad_fn, t.output_nr)] = factored
 
     def _mapped(
         self, func: Callable, name: str, args: tuple, kwargs: dict, outs: list, labelled: list

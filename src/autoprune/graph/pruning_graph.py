@@ -80,8 +80,8 @@ class PruningGraph:
         self._output_nodes = output_nodes
         self._constant_nodes = constant_nodes
         self._barriers = barriers
-        self._rank = {node: k for k, node in enumerate(barriers)}
         self._params = params
+        self._rank = {node: k for k, node in enumerate(barriers)}
         self._version = 0
         self._groups: dict[str, ChannelGroup] | None = None
         self._frozen: dict[str, str] = {}
@@ -369,7 +369,7 @@ class PruningGraph:
                 continue
             group = self._dg.get_pruning_group(module, handler, g.root_channels(ids))
             self._dg.shrink_pieces(group)
-            group.prune()
+            _prune(group)
         if any(ids.numel() for _, ids in plan):
             self._version += 1
             self._groups = None
@@ -431,9 +431,8 @@ def build_graph(
     modes = {m: m.training for m in model.modules()}  # tp's trace leaves the model in eval
     try:
         with torch.enable_grad(), recorder, sealed([*attention, *channelwise]):
-            dg = LabelledGraph(recorder.labels, recorder.split_layers).build_dependency(
-                model, inputs, customized_pruners=pruners, verbose=False
-            )
+            dg = LabelledGraph(recorder.labels, recorder.split_layers, recorder.ops)
+            dg.build_dependency(model, inputs, customized_pruners=pruners, verbose=False)
     finally:
         for m, training in modes.items():
             m.training = training
@@ -457,6 +456,15 @@ def build_graph(
     )
     graph.groups()  # surface coupling errors now, not at the first use
     return graph
+
+
+def _prune(group: tp.dependency.Group) -> None:
+    """Prune a Torch-Pruning group, each layer's indices once: a reshape maps a block of root
+    channels (a Linear's rows viewed as one channel) to the same channel, and Torch-Pruning
+    would subtract every repeat from the layer's width."""
+    for i, (dep, idxs) in enumerate(group.items):
+        group._group[i] = tp._helpers.GroupItem(dep, list(dict.fromkeys(idxs)))
+    group.prune()
 
 
 def _resolve_ignored(model: nn.Module, layers: Iterable[str | nn.Module]) -> frozenset[nn.Module]:
@@ -490,4 +498,3 @@ def _black_boxes(
         and m not in known
         and next(m.parameters(recurse=False), None) is not None
     ]
-

@@ -39,6 +39,7 @@ from ..graph import build_graph, scope_report
 from ..graph.sparsity import masks_held, restore_weights
 from ..measure import count_macs, count_params, evaluate_batches
 from ..train import LossFn, TrainConfig, TrainResult, distillation, fit
+from ._reach import refuse_unreachable
 from .calibration import CalibrationSet
 from .config import PruneConfig
 from .granularity import GRANULARITIES, Granularity, accounting, plan
@@ -405,16 +406,16 @@ class _Search:
         }
 
     def _check_reachable(self) -> None:
-        """Refuse a target the caps make unreachable, with the highest one they allow."""
-        at_cap = {name: torch.arange(n) for name, n in self._context().limits().items()}
-        best = 1.0 - self.graph.macs(at_cap) / self.original_macs
-        target, cap = self.config.target_macs_reduction, self.config.cap
-        if target > best:
-            raise AutopruneError(
-                f"a {100 * target:.1f} % MACs reduction is out of reach: with every group at its "
-                f"cap ({100 * cap:.0f} % of its channels) the most is {100 * best:.2f} %; lower "
-                "the target or raise the cap"
-            )
+        """Refuse a target the caps make unreachable, with advice that can work."""
+        cfg = self.config
+        refuse_unreachable(
+            self.graph,
+            self.original_macs,
+            self.original_channels,
+            cfg.target_macs_reduction,
+            cfg.cap,
+            cfg.channel_multiple,
+        )
 
     # ------------------------------------------------------------------ state and outputs
     def _tick(self) -> None:
