@@ -337,7 +337,7 @@ def check_prunes(
 
 
 PATTERNS = {
-    "shuffle": (ShuffleNet, 16, ("branch.0.0",)),
+    "shuffle": (ShuffleNet, 16, ("stem.0", "branch.0.0")),
     "chunk_cat": (ChunkCat, 16, ("stem.0", "left.0", "right.0")),
     "split_cat": (SplitCat, 16, ("stem.0", "b2.0")),
     "layernorm2d": (ConvNeXtish, 16, ("stem", "fc1", "down")),
@@ -363,6 +363,21 @@ def test_einops_mobilevit_prunes_in_every_scope(scope: str, tmp_path: Path) -> N
     check_prunes(
         EinopsMobileViT(), 32, tmp_path, scope=scope, expect=expect[scope], factory=factory
     )
+
+
+def test_channel_shuffle_couples_the_channels_it_interleaves() -> None:
+    """Stem channel c and the branch's output channel c sit side by side after the shuffle:
+    they go together (so the shuffle of what is left is the old one, restricted), and the
+    stem's other half (the branch's input) is pruned in the same group."""
+    graph = build_graph(ShuffleNet().eval(), torch.randn(1, 3, 16, 16))
+    assert list(graph.frozen) == ["head.fc"]
+    stem = graph.group("stem.0")
+    members = {m.layer: m for m in stem.members}
+    assert {"branch.0.0", "branch.2.0", "mix.0"} <= set(members)
+    mix = members["mix.0"]
+    assert mix.idxs[torch.isin(mix.group_idxs, torch.tensor([3]))].tolist() == [6, 7]
+    graph.prune("stem.0", [3, 12])
+    assert graph.model.mix[0].in_channels == 14 and graph.model.branch[0][0].in_channels == 7
 
 
 def test_attention_written_by_hand_is_frozen_with_the_reason() -> None:
@@ -409,6 +424,7 @@ def test_window_attention_graphs_build_quickly_and_prune(name: str) -> None:
     assert graph.macs() == predicted == count_macs(graph.model, x)
 
 
+@pytest.mark.slow
 def test_efficientformer_loss_aware_search_runs_two_iterations() -> None:
     """The fast scorer replays EfficientFormer's modules (a tuple once reached a conv)."""
     model = timm_model("timm:efficientformer_l1")
