@@ -22,8 +22,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from ._labels import ChannelLabels
 from ..layers import ChannelSplit
+from ._labels import ChannelLabels
 from ._rules import CONV_TYPES, channels_of
 from .units import patched_forwards
 

@@ -17,7 +17,7 @@ from ._attention import AttentionPruner, HeadPruning, attention_groups, attentio
 from ._barriers import LabelledGraph, check_ops
 from ._coupled import channel_units
 from ._fx import normalize_model
-from ._params import ParamUse, parameter_uses
+from ._params import ParamUse, drop_derived_caches, parameter_uses
 from ._rules import (
     CHANNELWISE_TYPES,
     TP_DUMMY_OPS,
@@ -377,6 +377,7 @@ class PruningGraph:
                 self.__dict__.update(self._build(self.model).__dict__)
                 rebuilt = True
         if any(ids.numel() for _, ids in plan):
+            drop_derived_caches(self.model)
             self._version, self._groups = version, None
 
     def _shrink_splits(self, group: tp.dependency.Group) -> None:
@@ -452,6 +453,7 @@ def build_graph(
     finally:
         for m, training in modes.items():
             m.training = training
+        drop_derived_caches(model)
     constant_nodes, barriers = check_ops(dg, recorder)
     matmuls = {a: (a.qkv, a.proj, recorder.attention_units[a]) for a in attention}
     graph = PruningGraph(
