@@ -361,21 +361,23 @@ class PruningGraph:
         if self.masks.active:
             raise AutopruneError("remove the active channel masks before pruning")
         version = self._version + 1
-        rebuilt = False
+        # Every removal is resolved against the model as it is now, then each layer is cut
+        # once with the union of its indices: no mapping goes stale halfway through a plan.
+        removals: list[tp.dependency.Group] = []
         for g, ids in plan:
             if not ids.numel():
                 continue
-            current = self.group(g.name) if rebuilt else g
-            module, handler = current.root
+            module, handler = g.root
             if isinstance(handler, HeadPruning):
                 handler(module, ids.tolist())
                 continue
-            group = self._dg.get_pruning_group(module, handler, current.root_channels(ids))
-            self._shrink_splits(group)
-            _prune(group)
+            removals.append(self._dg.get_pruning_group(module, handler, g.root_channels(ids)))
+        if removals:
+            merged = _merge(removals)
+            self._shrink_splits(merged)
+            merged.prune()
             if self._dg.remapped:  # split and concat mappings hold the old widths
                 self.__dict__.update(self._build(self.model).__dict__)
-                rebuilt = True
         if any(ids.numel() for _, ids in plan):
             drop_derived_caches(self.model)
             self._version, self._groups = version, None
@@ -474,13 +476,21 @@ def build_graph(
     return graph
 
 
-def _prune(group: tp.dependency.Group) -> None:
-    """Prune a Torch-Pruning group, each layer's indices once: a reshape maps a block of root
-    channels (a Linear's rows viewed as one channel) to the same channel, and Torch-Pruning
+def _merge(groups: Sequence[tp.dependency.Group]) -> tp.dependency.Group:
+    """One Torch-Pruning group cutting each layer once, with every index it loses in any of
+    ``groups`` (all resolved against the same model) listed once: a reshape maps a block of
+    root channels (a Linear's rows viewed as one channel) to one channel, and Torch-Pruning
     would subtract every repeat from the layer's width."""
-    for i, (dep, idxs) in enumerate(group.items):
-        group._group[i] = tp._helpers.GroupItem(dep, list(dict.fromkeys(idxs)))
-    group.prune()
+    cuts: dict[tuple, tuple[tp.dependency.Dependency, dict[int, None]]] = {}
+    for group in groups:
+        for dep, idxs in group.items:
+            key = (dep.target, dep.handler)
+            cuts.setdefault(key, (dep, {}))[1].update(dict.fromkeys(idxs))
+    merged = tp.dependency.Group()
+    merged._DG = groups[0]._DG
+    for dep, idxs in cuts.values():
+        merged.add_dep(dep, sorted(idxs))
+    return merged
 
 
 def _resolve_ignored(model: nn.Module, layers: Iterable[str | nn.Module]) -> frozenset[nn.Module]:
