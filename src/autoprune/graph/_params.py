@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch_pruning as tp
 from torch import nn
 
@@ -85,3 +86,15 @@ def _problem(
         if shape.count(width) > 1:
             return f"more than one of its dims {shape} could be the {width} channels"
     return None
+
+
+def drop_derived_caches(model: nn.Module) -> None:
+    """Empty the dicts in which layers cache tensors computed from their parameters (timm's
+    LeViT keeps ``attention_biases[:, idxs]`` per device in eval mode). Filled while tracing,
+    they hold autograd history (no deepcopy) and, after pruning, tensors of the old shape."""
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, dict) and any(
+                isinstance(v, torch.Tensor) and v.grad_fn is not None for v in value.values()
+            ):
+                value.clear()

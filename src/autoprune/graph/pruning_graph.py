@@ -17,7 +17,7 @@ from ._attention import AttentionPruner, HeadPruning, attention_groups, attentio
 from ._barriers import LabelledGraph, check_ops
 from ._coupled import channel_units
 from ._fx import normalize_model
-from ._params import ParamUse, parameter_uses
+from ._params import ParamUse, drop_derived_caches, parameter_uses
 from ._rules import (
     CHANNELWISE_TYPES,
     TP_DUMMY_OPS,
@@ -360,6 +360,10 @@ class PruningGraph:
         plan = self.resolve(group, idxs)
         if self.masks.active:
             raise AutopruneError("remove the active channel masks before pruning")
+        version = self._version + 1
+        # Every removal is resolved against the model as it is now, then each layer is cut
+        # once with the union of its indices: no mapping goes stale halfway through a plan.
+        removals: list[tp.dependency.Group] = []
         for g, ids in plan:
             if not ids.numel():
                 continue
@@ -367,12 +371,14 @@ class PruningGraph:
             if isinstance(handler, HeadPruning):
                 handler(module, ids.tolist())
                 continue
-            group = self._dg.get_pruning_group(module, handler, g.root_channels(ids))
-            self._dg.shrink_pieces(group)
-            _prune(group)
+            removals.append(self._dg.get_pruning_group(module, handler, g.root_channels(ids)))
+        if removals:
+            merged = _merge(removals)
+            self._dg.shrink_pieces(merged)  # splits, concats and shuffles lose the channels
+            merged.prune()
         if any(ids.numel() for _, ids in plan):
-            self._version += 1
-            self._groups = None
+            drop_derived_caches(self.model)
+            self._version, self._groups = version, None
 
     def remove_modules(self, paths: Sequence[str]) -> None:
         """Replace whole blocks or layers by the identity (:mod:`.units`), for good.
@@ -436,6 +442,7 @@ def build_graph(
     finally:
         for m, training in modes.items():
             m.training = training
+        drop_derived_caches(model)
     constant_nodes, barriers = check_ops(dg, recorder)
     matmuls = {a: (a.qkv, a.proj, recorder.attention_units[a]) for a in attention}
     modelled = MacTable(recorder.mac_units, matmuls).total()
@@ -458,13 +465,21 @@ def build_graph(
     return graph
 
 
-def _prune(group: tp.dependency.Group) -> None:
-    """Prune a Torch-Pruning group, each layer's indices once: a reshape maps a block of root
-    channels (a Linear's rows viewed as one channel) to the same channel, and Torch-Pruning
+def _merge(groups: Sequence[tp.dependency.Group]) -> tp.dependency.Group:
+    """One Torch-Pruning group cutting each layer once, with every index it loses in any of
+    ``groups`` (all resolved against the same model) listed once: a reshape maps a block of
+    root channels (a Linear's rows viewed as one channel) to one channel, and Torch-Pruning
     would subtract every repeat from the layer's width."""
-    for i, (dep, idxs) in enumerate(group.items):
-        group._group[i] = tp._helpers.GroupItem(dep, list(dict.fromkeys(idxs)))
-    group.prune()
+    cuts: dict[tuple, tuple[tp.dependency.Dependency, dict[int, None]]] = {}
+    for group in groups:
+        for dep, idxs in group.items:
+            key = (dep.target, dep.handler)
+            cuts.setdefault(key, (dep, {}))[1].update(dict.fromkeys(idxs))
+    merged = tp.dependency.Group()
+    merged._DG = groups[0]._DG
+    for dep, idxs in cuts.values():
+        merged.add_dep(dep, sorted(idxs))
+    return merged
 
 
 def _resolve_ignored(model: nn.Module, layers: Iterable[str | nn.Module]) -> frozenset[nn.Module]:
