@@ -4,11 +4,14 @@ Torch-Pruning guesses how a reshape maps channels from the widths around it (and
 zero on a channel shuffle). Our labels (:mod:`._labels`) know: a reshape that keeps channels
 whole needs no mapping, a flattened feature map read by a linear layer gets Torch-Pruning's
 flatten mapping, and anything else is a *barrier*: the groups through it are frozen with the
-reason, and the rest of the model still prunes.
+reason, and the rest of the model still prunes. A plan of removals is cut in one go
+(:meth:`LabelledGraph.cut`), after the splits, concats and shuffles it runs through have
+shrunk their widths.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch_pruning as tp
@@ -55,13 +58,32 @@ class LabelledGraph(tp.DependencyGraph):
         map_splits_and_concats(module2node, self._labels)
         map_orders(module2node, self._labels.orders)
 
-    def shrink_pieces(self, group: tp.dependency.Group) -> None:
-        """Before pruning ``group``: splits, concats (ours and the model's) and permuted reads
-        lose its channels."""
-        shrink_orders(group, self._labels.orders)
-        for fn, idxs in shrink_pieces(group, self._labels).items():
+    def cut(self, removals: Sequence[tp.dependency.Group]) -> None:
+        """Prune ``removals`` (all resolved against the model as it is) as one cut. Splits,
+        concats (ours and the model's) and permuted reads first lose the channels cut."""
+        merged = _merge(removals)
+        shrink_orders(merged, self._labels.orders)
+        for fn, idxs in shrink_pieces(merged, self._labels).items():
             if fn in self.split_layers:
                 self.split_layers[fn].remove(idxs)
+        merged.prune()
+
+
+def _merge(groups: Sequence[tp.dependency.Group]) -> tp.dependency.Group:
+    """One Torch-Pruning group cutting each layer once, with every index it loses in any of
+    ``groups`` (all resolved against the same model) listed once: a reshape maps a block of
+    root channels (a Linear's rows viewed as one channel) to one channel, and Torch-Pruning
+    would subtract every repeat from the layer's width."""
+    cuts: dict[tuple, tuple[tp.dependency.Dependency, dict[int, None]]] = {}
+    for group in groups:
+        for dep, idxs in group.items:
+            key = (dep.target, dep.handler)
+            cuts.setdefault(key, (dep, {}))[1].update(dict.fromkeys(idxs))
+    merged = tp.dependency.Group()
+    merged._DG = groups[0]._DG
+    for dep, idxs in cuts.values():
+        merged.add_dep(dep, sorted(idxs))
+    return merged
 
 
 def _set_flatten(

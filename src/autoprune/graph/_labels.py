@@ -9,8 +9,9 @@ are replayed through the same ops as the activations (a permute of a label is th
 the activation's channels), stored compressed (one entry along every dim they do not vary
 in) and checked where a layer reads channels: there the label must be ``0, 1, ..., C-1``
 along the layer's channel dim and constant along the others (or, feeding a linear from a
-flattened map, each channel repeated ``s`` times in a row: Torch-Pruning's flatten rule).
-Anything else is a *break*: the groups around it are frozen by the graph.
+flattened map, each channel repeated ``s`` times in a row: Torch-Pruning's flatten rule; or
+any permutation of them, a channel shuffle: see ``._shuffle``). Anything else is a *break*:
+the groups around it are frozen by the graph.
 """
 
 from __future__ import annotations
