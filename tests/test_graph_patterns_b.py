@@ -102,6 +102,23 @@ class SplitCat(nn.Module):
         return self.head(self.mix(torch.cat([y1, y2, p3], dim=1)))
 
 
+class SliceAdd(nn.Module):
+    """ReXNet: the first channels of the expanded map add the shortcut, selected by bounds
+    written in the code (``y[:, :8]``): pruning would shift what they select."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.expand = conv_bn(8, 12, 1)
+        self.mix = conv_bn(12, 10, 1)
+        self.head = Head(10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.expand(x)
+        return self.head(self.mix(torch.cat([y[:, :8] + x, y[:, 8:]], dim=1)))
+
+
 class LayerNorm2d(nn.LayerNorm):
     """timm's channels-first LayerNorm: permute, normalise the last dim, permute back."""
 
@@ -340,6 +357,7 @@ PATTERNS = {
     "shuffle": (ShuffleNet, 16, ("stem.0", "branch.0.0")),
     "chunk_cat": (ChunkCat, 16, ("stem.0", "left.0", "right.0")),
     "split_cat": (SplitCat, 16, ("stem.0", "b2.0")),
+    "slice_add": (SliceAdd, 16, ("mix.0",)),
     "layernorm2d": (ConvNeXtish, 16, ("stem", "fc1", "down")),
     "window_attention": (Swinish, 16, ("patch", "block.mlp.1")),
     "einops_mobilevit": (EinopsMobileViT, 32, ("conv1.0", "mvit.conv1.0", "conv2.0")),
@@ -378,6 +396,12 @@ def test_channel_shuffle_couples_the_channels_it_interleaves() -> None:
     assert mix.idxs[torch.isin(mix.group_idxs, torch.tensor([3]))].tolist() == [6, 7]
     graph.prune("stem.0", [3, 12])
     assert graph.model.mix[0].in_channels == 14 and graph.model.branch[0][0].in_channels == 7
+
+
+def test_channels_selected_by_fixed_bounds_freeze_their_group() -> None:
+    graph = build_graph(SliceAdd().eval(), torch.randn(1, 3, 16, 16))
+    assert "selects channels by position" in graph.frozen["stem.0"]
+    assert [g.name for g in graph.groups()] == ["mix.0"]
 
 
 def test_attention_written_by_hand_is_frozen_with_the_reason() -> None:

@@ -69,6 +69,8 @@ MOVES = {
     "float",
     "to",
     "type_as",
+    "index_select",
+    "select",
 }
 # Layers that read channels along dim 1 (``FIRST``) or the last dim (``LAST``) and write new
 # ones there: the label is checked at their input and starts afresh at their output.
@@ -78,6 +80,8 @@ MIXES_LAST = {"linear", "embedding"}
 PER_CHANNEL_FIRST = {"batch_norm", "group_norm", "instance_norm", "prelu"}
 PER_CHANNEL_LAST = {"layer_norm", "rms_norm"}
 # Ops Torch-Pruning maps itself (concat and split offsets, slices): a fresh label after them.
+# Moves that may select a part of the channels (by bounds fixed in the code).
+SELECTS = {"__getitem__", "narrow", "index_select", "select"}
 # Same-shape ops that mix entries along one dim: a break when that dim holds the channels.
 ALONG_DIM = {"softmax", "log_softmax", "cumsum", "cumprod", "normalize", "logsumexp"}
 MAPPED = {"cat", "concat", "concatenate", "split", "chunk", "split_with_sizes", "tensor_split"}
@@ -132,6 +136,11 @@ def reading(label: torch.Tensor, dim: int) -> tuple[str, int] | None:
         if values[s - 1] != 0:
             break
     return None
+
+
+def _fewer(selected: torch.Tensor, label: torch.Tensor) -> bool:
+    """Whether a selection dropped some of the channels the label holds."""
+    return compress(selected).unique().numel() < compress(label).unique().numel()
 
 
 def _varying(label: torch.Tensor) -> list[int]:
@@ -270,6 +279,10 @@ class ChannelLabels:
             return
         results = [r for r in tree_flatten(replayed)[0] if isinstance(r, torch.Tensor)]
         source, label = labelled[0]
+        if name in SELECTS and results and _fewer(results[0], label):
+            # x[:, a:b] keeps bounds written in the code; pruning would shift what it selects
+            self.breaks.append(Break(outs[0].grad_fn, name, "it selects channels by position"))
+            return
         factored = self.factored.get((source.grad_fn, source.output_nr))
         for t, r in zip(outs, results, strict=False):
             if r.shape == t.shape:
