@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import re
-
 import copy
 import io
+import re
 import warnings
 from collections.abc import Callable
 

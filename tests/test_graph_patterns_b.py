@@ -5,6 +5,7 @@ forward at another batch size, masked == pruned, MACs as predicted, save/load ex
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import autoprune
+from autoprune.data.synthetic import load_synthetic
 from autoprune.graph import build_graph, mask_channels
 from autoprune.io.model_io import load, save
 from autoprune.measure.complexity import count_macs
+from autoprune.models import create_model
 
 einops = pytest.importorskip("einops")
 rearrange = einops.rearrange
@@ -50,7 +54,9 @@ class ShuffleNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = conv_bn(3, 16)
-        self.branch = nn.Sequential(conv_bn(8, 12, 1), conv_bn(12, 12, 3, groups=12), conv_bn(12, 8, 1))
+        self.branch = nn.Sequential(
+            conv_bn(8, 12, 1), conv_bn(12, 12, 3, groups=12), conv_bn(12, 8, 1)
+        )
         self.mix = conv_bn(16, 16, 1)
         self.head = Head(16)
 
@@ -138,7 +144,9 @@ class WindowAttention(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
         b, h, w, c = x.shape
@@ -224,8 +232,10 @@ class MV2Block(nn.Module):
         hidden = cin * expansion
         self.use_res = stride == 1 and cin == cout
         self.conv = nn.Sequential(
-            conv_bn(cin, hidden, 1), conv_bn(hidden, hidden, 3, stride, groups=hidden),
-            nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout),
+            conv_bn(cin, hidden, 1),
+            conv_bn(hidden, hidden, 3, stride, groups=hidden),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -249,8 +259,12 @@ class MobileViTBlock(nn.Module):
         x = rearrange(x, "b d (h ph) (w pw) -> b (ph pw) (h w) d", ph=self.ph, pw=self.pw)
         x = self.transformer(x)
         x = rearrange(
-            x, "b (ph pw) (h w) d -> b d (h ph) (w pw)", h=h // self.ph, w=w // self.pw,
-            ph=self.ph, pw=self.pw,
+            x,
+            "b (ph pw) (h w) d -> b d (h ph) (w pw)",
+            h=h // self.ph,
+            w=w // self.pw,
+            ph=self.ph,
+            pw=self.pw,
         )
         x = self.conv3(x)
         return self.conv4(torch.cat((x, y), 1))
@@ -277,13 +291,22 @@ def _selection(graph, fraction: float) -> dict[str, torch.Tensor]:
     for g in graph.groups():
         n = min(int(g.channels * fraction), g.channels - 1)
         if n:
-            picked[g.name] = torch.randperm(g.channels, generator=torch.Generator().manual_seed(0))[:n]
+            order = torch.randperm(g.channels, generator=torch.Generator().manual_seed(0))
+            picked[g.name] = order[:n]
     return picked
 
 
 def check_prunes(
-    model: nn.Module, size: int, tmp_path: Path, *, scope: str = "all", expect: tuple[str, ...] = ()
+    model: nn.Module,
+    size: int,
+    tmp_path: Path,
+    *,
+    scope: str = "all",
+    expect: tuple[str, ...] = (),
+    factory: str | None = None,
 ) -> None:
+    """Every group loses 40 % of its channels at once: masked == pruned, MACs as predicted
+    (and as FlopCounterMode counts them), forward at batch 3, save/load exact."""
     torch.manual_seed(0)
     model.eval()
     x = torch.randn(1, 3, size, size)
@@ -307,7 +330,6 @@ def check_prunes(
     assert graph.macs() == predicted
     if scope == "all":
         assert count_macs(graph.model, x) == total_before - removed_in_scope
-    factory = f"{__file__}:{type(model).__name__}"
     path = save(graph.model, tmp_path / "m", factory=factory, input_size=(3, size, size))
     loaded = load(path, trust_factory=True).eval()
     with torch.no_grad():
@@ -315,7 +337,7 @@ def check_prunes(
 
 
 PATTERNS = {
-    "shuffle": (ShuffleNet, 16, ("branch.0.0",)),
+    "shuffle": (ShuffleNet, 16, ("stem.0", "branch.0.0")),
     "chunk_cat": (ChunkCat, 16, ("stem.0", "left.0", "right.0")),
     "split_cat": (SplitCat, 16, ("stem.0", "b2.0")),
     "layernorm2d": (ConvNeXtish, 16, ("stem", "fc1", "down")),
@@ -327,13 +349,35 @@ PATTERNS = {
 @pytest.mark.parametrize("pattern", list(PATTERNS))
 def test_pattern_prunes_exactly(pattern: str, tmp_path: Path) -> None:
     cls, size, expect = PATTERNS[pattern]
-    check_prunes(cls(), size, tmp_path, expect=expect)
+    check_prunes(cls(), size, tmp_path, expect=expect, factory=f"{__file__}:{cls.__name__}")
 
 
 @pytest.mark.parametrize("scope", ["stem", "conv", "all"])
 def test_einops_mobilevit_prunes_in_every_scope(scope: str, tmp_path: Path) -> None:
-    expect = {"stem": ("conv1.0",), "conv": ("mvit.conv1.0",), "all": ("mvit.transformer.layers.0.1.fn.0",)}
-    check_prunes(EinopsMobileViT(), 32, tmp_path, scope=scope, expect=expect[scope])
+    expect = {
+        "stem": ("conv1.0",),
+        "conv": ("mvit.conv1.0",),
+        "all": ("mvit.transformer.layers.0.1.fn.0",),
+    }
+    factory = f"{__file__}:EinopsMobileViT"
+    check_prunes(
+        EinopsMobileViT(), 32, tmp_path, scope=scope, expect=expect[scope], factory=factory
+    )
+
+
+def test_channel_shuffle_couples_the_channels_it_interleaves() -> None:
+    """Stem channel c and the branch's output channel c sit side by side after the shuffle:
+    they go together (so the shuffle of what is left is the old one, restricted), and the
+    stem's other half (the branch's input) is pruned in the same group."""
+    graph = build_graph(ShuffleNet().eval(), torch.randn(1, 3, 16, 16))
+    assert list(graph.frozen) == ["head.fc"]
+    stem = graph.group("stem.0")
+    members = {m.layer: m for m in stem.members}
+    assert {"branch.0.0", "branch.2.0", "mix.0"} <= set(members)
+    mix = members["mix.0"]
+    assert mix.idxs[torch.isin(mix.group_idxs, torch.tensor([3]))].tolist() == [6, 7]
+    graph.prune("stem.0", [3, 12])
+    assert graph.model.mix[0].in_channels == 14 and graph.model.branch[0][0].in_channels == 7
 
 
 def test_attention_written_by_hand_is_frozen_with_the_reason() -> None:
@@ -342,3 +386,60 @@ def test_attention_written_by_hand_is_frozen_with_the_reason() -> None:
     graph = build_graph(EinopsMobileViT().eval(), torch.randn(1, 3, 32, 32))
     assert "to_qkv" in graph.frozen["mvit.transformer.layers.0.0.fn.to_qkv"]
     assert "mvit.conv2.0" in [g.name for g in graph.groups()]
+
+
+# --- timm, where it is installed ------------------------------------------------------------------
+def timm_model(name: str) -> nn.Module:
+    pytest.importorskip("timm", reason="timm is not installed")
+    torch.manual_seed(0)
+    return create_model(name, num_classes=10).eval()
+
+
+@pytest.mark.parametrize("scope", ["stem", "conv", "all"])
+@pytest.mark.parametrize("name", ["timm:mobilevit_xxs", "timm:mobilevitv2_050"])
+def test_timm_mobilevit_prunes_in_every_scope(name: str, scope: str, tmp_path: Path) -> None:
+    check_prunes(timm_model(name), 64, tmp_path, scope=scope, expect=("stem.conv",))
+
+
+@pytest.mark.parametrize(
+    "name", ["timm:swin_tiny_patch4_window7_224", "timm:maxvit_rmlp_pico_rw_256"]
+)
+def test_window_attention_graphs_build_quickly_and_prune(name: str) -> None:
+    """Hundreds of window reshapes: labels, not Torch-Pruning's recursive shape inference."""
+    model = timm_model(name)
+    size = 256 if name.endswith("256") else 224
+    x = torch.randn(1, 3, size, size)
+    start = time.perf_counter()
+    graph = build_graph(model, x)
+    assert time.perf_counter() - start < 30
+    groups = {g.name: g for g in graph.groups()}
+    mlp = next(n for n in groups if "mlp.fc1" in n)  # inside a block, past the windows
+    idxs = torch.arange(0, groups[mlp].channels, 3)
+    predicted = graph.macs(mlp, idxs)
+    with torch.no_grad(), mask_channels(graph, mlp, idxs):
+        masked = graph.model(x)
+    graph.prune(mlp, idxs)
+    with torch.no_grad():
+        torch.testing.assert_close(graph.model(x), masked, atol=1e-4, rtol=1e-4)
+    assert graph.macs() == predicted == count_macs(graph.model, x)
+
+
+@pytest.mark.slow
+def test_efficientformer_loss_aware_search_runs_two_iterations() -> None:
+    """The fast scorer replays EfficientFormer's modules (a tuple once reached a conv)."""
+    model = timm_model("timm:efficientformer_l1")
+    data = load_synthetic(Path("."), "train", False, 10, 3, 224, size=16)
+    result = autoprune.prune(
+        model,
+        example_inputs=torch.zeros(1, 3, 224, 224),
+        train_data=data,
+        criteria=("l1",),
+        target_macs_reduction=0.1,
+        step=0.05,
+        recover_steps=0,
+        distill=False,
+        calib_size=8,
+        progress=False,
+    )
+    assert len(result.history) >= 2
+    assert abs(result.summary["macs_reduction"] - 0.1) <= 0.005

@@ -72,13 +72,18 @@ class ChannelSplit(nn.Module):
 
     def remove(self, idxs: list[int]) -> None:
         """Input channels ``idxs`` are gone: each piece loses those that were in it."""
-        bounds = torch.tensor(self.sizes).cumsum(0)
-        piece = torch.bucketize(torch.as_tensor(idxs, dtype=torch.long), bounds, right=True)
-        lost = torch.bincount(piece, minlength=len(self.sizes))
-        self.sizes = [s - int(n) for s, n in zip(self.sizes, lost, strict=True)]
+        self.sizes = shrink_sizes(self.sizes, idxs)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return torch.split(x, self.sizes, dim=1)
 
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}"
+
+
+def shrink_sizes(sizes: list[int], idxs: list[int]) -> list[int]:
+    """Sizes of consecutive pieces after channels ``idxs`` of their concatenation are gone."""
+    bounds = torch.tensor(sizes).cumsum(0)
+    piece = torch.bucketize(torch.as_tensor(idxs, dtype=torch.long), bounds, right=True)
+    lost = torch.bincount(piece, minlength=len(sizes))
+    return [s - int(n) for s, n in zip(sizes, lost, strict=True)]

@@ -16,19 +16,29 @@ from torch import nn
 from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
 from ._labels import ChannelLabels
-from ._split import map_splits_and_concats
+from ._shuffle import map_orders, shrink_orders
+from ._split import map_splits_and_concats, shrink_pieces
 from ._trace import TraceRecorder, meets_constant
 
 
 class LabelledGraph(tp.DependencyGraph):
     """A dependency graph whose reshapes are mapped by channel labels, not by guesses."""
 
-    def __init__(self, labels: ChannelLabels, split_layers: dict[Any, nn.Module]) -> None:
+    def __init__(
+        self, labels: ChannelLabels, split_layers: dict[Any, nn.Module], ops: dict[Any, Any]
+    ) -> None:
         super().__init__()
         self._labels = labels
         self.split_layers = split_layers  # grad_fn of a ChannelSplit's pieces -> the layer
+        self._ops = ops  # every traced op by autograd node, in the order they ran
 
     def _build_dependency(self, module2node: dict[Any, tp.dependency.Node]) -> None:
+        # Layers in the order they ran: groups are rooted at the first layer they reach (a
+        # stem whose channels a shuffle spreads over two branches, not one of the branches).
+        position = {fn: k for k, fn in enumerate(self._ops)}
+        ordered = sorted(module2node.items(), key=lambda kv: position.get(kv[1].grad_fn, -1))
+        module2node.clear()
+        module2node.update(ordered)
         super()._build_dependency(module2node)
         by_grad_fn = {n.grad_fn: n for n in module2node.values()}
         for node in module2node.values():
@@ -43,12 +53,15 @@ class LabelledGraph(tp.DependencyGraph):
             if node is not None:
                 _set_flatten(node, stride, nn.modules.conv._ConvNd, reverse=True)
         map_splits_and_concats(module2node, self._labels)
+        map_orders(module2node, self._labels.orders)
 
-    @property
-    def remapped(self) -> bool:
-        """Whether mappings of ours depend on widths (splits, concats): after pruning, the
-        graph must be traced again."""
-        return bool(self._labels.splits or self._labels.concats)
+    def shrink_pieces(self, group: tp.dependency.Group) -> None:
+        """Before pruning ``group``: splits, concats (ours and the model's) and permuted reads
+        lose its channels."""
+        shrink_orders(group, self._labels.orders)
+        for fn, idxs in shrink_pieces(group, self._labels).items():
+            if fn in self.split_layers:
+                self.split_layers[fn].remove(idxs)
 
 
 def _set_flatten(

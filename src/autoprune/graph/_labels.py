@@ -22,16 +22,52 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ._shuffle import Permuted
+
 Key = tuple[Any, int]  # (grad_fn, output_nr): one traced tensor
 
 # Ops whose output entries are entries of their input, rearranged: replayed on the label.
 MOVES = {
-    "view", "reshape", "_reshape_alias", "flatten", "unflatten", "permute", "transpose",
-    "swapaxes", "swapdims", "movedim", "moveaxis", "contiguous", "clone", "squeeze",
-    "unsqueeze", "t", "T", "mT", "expand", "expand_as", "repeat", "roll", "flip",
-    "adaptive_avg_pool2d", "avg_pool2d", "max_pool2d", "adaptive_max_pool2d", "mean",
-    "amax", "interpolate", "pad", "pixel_shuffle", "pixel_unshuffle", "narrow", "__getitem__",
-    "dropout", "identity", "float", "to", "type_as",
+    "view",
+    "reshape",
+    "_reshape_alias",
+    "flatten",
+    "unflatten",
+    "permute",
+    "transpose",
+    "swapaxes",
+    "swapdims",
+    "movedim",
+    "moveaxis",
+    "contiguous",
+    "clone",
+    "squeeze",
+    "unsqueeze",
+    "t",
+    "T",
+    "mT",
+    "expand",
+    "expand_as",
+    "repeat",
+    "roll",
+    "flip",
+    "adaptive_avg_pool2d",
+    "avg_pool2d",
+    "max_pool2d",
+    "adaptive_max_pool2d",
+    "mean",
+    "amax",
+    "interpolate",
+    "pad",
+    "pixel_shuffle",
+    "pixel_unshuffle",
+    "narrow",
+    "__getitem__",
+    "dropout",
+    "identity",
+    "float",
+    "to",
+    "type_as",
 }
 # Layers that read channels along dim 1 (``FIRST``) or the last dim (``LAST``) and write new
 # ones there: the label is checked at their input and starts afresh at their output.
@@ -97,6 +133,23 @@ def reading(label: torch.Tensor, dim: int) -> tuple[str, int] | None:
     return None
 
 
+def _varying(label: torch.Tensor) -> list[int]:
+    """The dims a compressed label varies along."""
+    return [d for d in range(label.dim()) if label.shape[d] > 1]
+
+
+def _permutation(label: torch.Tensor, dim: int) -> torch.Tensor | None:
+    """The channel order a layer reading ``dim`` sees, when it is a permutation (a shuffle)."""
+    if _varying(label) != [dim % label.dim()]:
+        return None
+    values = label.flatten()
+    order = values.long()
+    ids = torch.arange(values.numel())
+    if not torch.equal(order.to(values), values) or not torch.equal(order.sort().values, ids):
+        return None
+    return order
+
+
 def _unflatten(label: torch.Tensor, dim: int) -> tuple[str, int] | None:
     values = label.movedim(dim, 0).flatten()
     if label.shape[dim] < 2 or not torch.equal(values, torch.arange(values.numel()).to(values)):
@@ -114,8 +167,12 @@ class ChannelLabels:
         self.flattens: dict[Any, int] = {}  # grad_fn of a linear's input -> repeat factor
         self.unflattens: dict[Any, int] = {}  # grad_fn of a conv's input -> rows per channel
         self.splits: dict[Any, list[int]] = {}  # channel splits: grad_fn -> piece sizes
-        # channel concats: grad_fn -> (input grad_fn, output_nr, width) per input, in order
-        self.concats: dict[Any, list[tuple[Any, int, int]]] = {}
+        self.orders: dict[Any, Permuted] = {}  # permuted reads (shuffles): grad_fn -> order
+        # tensors whose channels a reshape split into rows: (that reshape, row length)
+        self.factored: dict[Key, tuple[Any, int]] = {}
+        # channel concats: grad_fn -> (input grad_fn, output_nr) per input, in order; widths
+        self.concats: dict[Any, list[tuple[Any, int]]] = {}
+        self.concat_widths: dict[Any, list[int]] = {}
 
     # --------------------------------------------------------------------------- lookups
     def get(self, t: Any) -> torch.Tensor | None:
@@ -186,6 +243,10 @@ class ChannelLabels:
         if label is None:
             return False
         how = reading(compress(label), dim)
+        if how is None and (order := _permutation(compress(label), dim)) is not None:
+            split_by, inner = self.factored.get((t.grad_fn, t.output_nr), (None, len(order)))
+            self.orders[t.grad_fn] = Permuted(order, len(order) // inner, split_by)
+            return True
         if how is None:
             culprit = self.made_by.get(t.grad_fn, op)
             self.breaks.append(Break(t.grad_fn, culprit, f"{op!r} reads them moved or mixed"))
@@ -207,9 +268,16 @@ class ChannelLabels:
             self._elementwise(name, outs, labelled)
             return
         results = [r for r in tree_flatten(replayed)[0] if isinstance(r, torch.Tensor)]
+        source, label = labelled[0]
+        factored = self.factored.get((source.grad_fn, source.output_nr))
         for t, r in zip(outs, results, strict=False):
             if r.shape == t.shape:
                 self.set(t, r.to(torch.float64), name)
+                rows = _varying(compress(r))
+                if len(rows) > 1 and len(_varying(compress(label))) == 1:
+                    factored = (t.grad_fn, int(r.shape[rows[-1]]))  # channels split into rows
+                if factored is not None and rows:
+                    self.factored[(t.grad_fn, t.output_nr)] = factored
 
     def _mapped(
         self, func: Callable, name: str, args: tuple, kwargs: dict, outs: list, labelled: list
@@ -225,9 +293,8 @@ class ChannelLabels:
             for t, lab in labelled:  # Torch-Pruning maps offsets of channels kept in order
                 self._check(t, lab, dim, name)
             if name in ("cat", "concat", "concatenate"):
-                self.concats[outs[0].grad_fn] = [
-                    (t.grad_fn, t.output_nr, t.shape[dim]) for t in tensors
-                ]
+                self.concats[outs[0].grad_fn] = [(t.grad_fn, t.output_nr) for t in tensors]
+                self.concat_widths[outs[0].grad_fn] = [t.shape[dim] for t in tensors]
             else:
                 self.splits[outs[0].grad_fn] = [t.shape[dim] for t in outs]
             for t in outs:
@@ -245,7 +312,7 @@ class ChannelLabels:
         """An op that keeps every entry where it is: its operands' channels must agree."""
         out = outs[0]
         matching = []
-        for t, lab in labelled:
+        for _, lab in labelled:
             try:
                 matching.append(lab.expand(out.shape))
             except RuntimeError:

@@ -14,13 +14,15 @@ are frozen.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch_pruning as tp
 from torch_pruning import _helpers
 
+from ..layers import shrink_sizes
 from ._labels import ChannelLabels
 
 Range = tuple[int, int, int]  # (start in the source, width, start in the target)
@@ -28,15 +30,19 @@ Range = tuple[int, int, int]  # (start in the source, width, start in the target
 
 @dataclass(frozen=True)
 class PiecewiseMapping:
-    """Index ``i`` of the source maps to ``i - src + dst`` for every range holding it."""
+    """Index ``i`` of the source maps to ``i - src + dst`` for every range holding it.
 
-    ranges: tuple[Range, ...]
+    The ranges are read when the mapping is applied: pruning changes the widths
+    (:func:`shrink_pieces`), not the mapping."""
+
+    ranges: Callable[[], list[Range]]
     reverse: bool = False
 
     def __call__(self, idxs: Sequence[_helpers._HybridIndex]) -> list[_helpers._HybridIndex]:
         out = []
+        ranges = self.ranges()
         for i in idxs:
-            for src, width, dst in self.ranges:
+            for src, width, dst in ranges:
                 a, b = (dst, src) if self.reverse else (src, dst)
                 if a <= i.idx < a + width:
                     out.append(_helpers._HybridIndex(idx=i.idx - a + b, root_idx=i.root_idx))
@@ -58,37 +64,53 @@ def _reads(node: tp.dependency.Node, grad_fn: Any) -> list[int]:
 
 def _edge_ranges(
     source: tp.dependency.Node, target: tp.dependency.Node, labels: ChannelLabels
-) -> list[Range] | None:
-    """How channels of ``source`` land in ``target``; None: not an edge of ours."""
+) -> list[Range]:
+    """How channels of ``source`` land in ``target`` (one of them a split or a concat)."""
     pieces = labels.splits.get(source.grad_fn)
-    inputs = labels.concats.get(target.grad_fn)
-    if pieces is None and inputs is None:
-        return None
     starts = _offsets(pieces) if pieces is not None else [0]
+    inputs = labels.concats.get(target.grad_fn)
     if inputs is not None:
-        at = _offsets([w for _, _, w in inputs])
+        widths = labels.concat_widths[target.grad_fn]
+        at = _offsets(widths)
         return [
-            (starts[nr] if pieces is not None else 0, width, at[j])
-            for j, (fn, nr, width) in enumerate(inputs)
+            (starts[nr] if pieces is not None else 0, widths[j], at[j])
+            for j, (fn, nr) in enumerate(inputs)
             if fn is source.grad_fn
         ]
     assert pieces is not None
     return [(starts[nr], pieces[nr], 0) for nr in _reads(target, source.grad_fn)]
 
 
-def map_splits_and_concats(module2node: dict[Any, tp.dependency.Node], labels: ChannelLabels) -> None:
+def map_splits_and_concats(
+    module2node: dict[Any, tp.dependency.Node], labels: ChannelLabels
+) -> None:
     """Replace Torch-Pruning's split and concat index mappings by ours (see the module doc)."""
+    ours = {fn for fn in (*labels.splits, *labels.concats)}
     for node in module2node.values():
-        if node.grad_fn in labels.splits or node.grad_fn in labels.concats:
+        if node.grad_fn in ours:
             node.enable_index_mapping = False  # Torch-Pruning leaves its mappings alone
     for node in module2node.values():
         for target in node.outputs:
-            ranges = _edge_ranges(node, target, labels)
-            if ranges is None:
+            if node.grad_fn not in labels.splits and target.grad_fn not in labels.concats:
                 continue
+            ranges = functools.partial(_edge_ranges, node, target, labels)
             for dep in node.dependencies:
                 if dep.target is target:
-                    dep.index_mapping = [PiecewiseMapping(tuple(ranges)), None]
+                    dep.index_mapping = [PiecewiseMapping(ranges), None]
             for dep in target.dependencies:
                 if dep.target is node:
-                    dep.index_mapping = [PiecewiseMapping(tuple(ranges), reverse=True), None]
+                    dep.index_mapping = [PiecewiseMapping(ranges, reverse=True), None]
+
+
+def shrink_pieces(group: tp.dependency.Group, labels: ChannelLabels) -> dict[Any, list[int]]:
+    """Before ``group`` is pruned: the widths of the splits and concats it runs through lose
+    its channels. Returns the channels each split loses (its input's), by autograd node."""
+    gone: dict[Any, set[int]] = {}
+    for item in group.items:
+        fn = item.dep.target.grad_fn
+        if fn in labels.splits or fn in labels.concats:
+            gone.setdefault(fn, set()).update(item.idxs)
+    for fn, idxs in gone.items():
+        sizes = labels.splits[fn] if fn in labels.splits else labels.concat_widths[fn]
+        sizes[:] = shrink_sizes(sizes, sorted(idxs))
+    return {fn: sorted(idxs) for fn, idxs in gone.items() if fn in labels.splits}

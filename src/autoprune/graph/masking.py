@@ -86,13 +86,10 @@ class MaskState:
     def _layernorm_hook(
         self, module: nn.LayerNorm, args: tuple, output: torch.Tensor
     ) -> torch.Tensor:
-        # A LayerNorm subclass with a forward of its own may be a channels-first LayerNorm2d
-        # (timm, ConvNeXt ports: it permutes dim 1 to the end and back) or a channels-last one
-        # (timm's fast LayerNorm): the input's width tells, the class only when both dims fit.
-        width = module.normalized_shape[0]
+        # A channels-first LayerNorm2d (timm, ConvNeXt ports) normalises dim 1 of its input.
         x = args[0]
-        own = type(module).forward is not nn.LayerNorm.forward
-        dim = 1 if x.shape[1] == width and (own or x.shape[-1] != width) else -1
+        width = module.normalized_shape[0]
+        dim = 1 if x.dim() > 2 and x.shape[-1] != width and x.shape[1] == width else -1
         x = x.movedim(dim, -1)
         keep = torch.ones(x.shape[-1], dtype=torch.bool, device=x.device)
         keep[self._merged[module, "layernorm"]] = False

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..errors import AutopruneError
 from ..layers import ChannelPadShortcut
-from ..measure.complexity import as_inputs
+from ..measure.complexity import as_inputs, count_macs
 from ._attention import AttentionPruner, HeadPruning, attention_groups, attention_modules
 from ._barriers import LabelledGraph, check_ops
 from ._coupled import channel_units
@@ -360,10 +360,6 @@ class PruningGraph:
         plan = self.resolve(group, idxs)
         if self.masks.active:
             raise AutopruneError("remove the active channel masks before pruning")
-        version = self._version + 1
-        # Every removal is resolved against the model as it is now, then each layer is cut
-        # once with the union of its indices: no mapping goes stale halfway through a plan.
-        removals: list[tp.dependency.Group] = []
         for g, ids in plan:
             if not ids.numel():
                 continue
@@ -371,26 +367,13 @@ class PruningGraph:
             if isinstance(handler, HeadPruning):
                 handler(module, ids.tolist())
                 continue
-            removals.append(self._dg.get_pruning_group(module, handler, g.root_channels(ids)))
-        if removals:
-            merged = _merge(removals)
-            self._shrink_splits(merged)
-            merged.prune()
-            if self._dg.remapped:  # split and concat mappings hold the old widths
-                self.__dict__.update(self._build(self.model).__dict__)
+            group = self._dg.get_pruning_group(module, handler, g.root_channels(ids))
+            self._dg.shrink_pieces(group)
+            _prune(group)
         if any(ids.numel() for _, ids in plan):
             drop_derived_caches(self.model)
-            self._version, self._groups = version, None
-
-    def _shrink_splits(self, group: tp.dependency.Group) -> None:
-        """Tell every :class:`ChannelSplit` in ``group`` which of its input channels go."""
-        gone: dict[nn.Module, set[int]] = {}
-        for item in group.items:
-            layer = self._dg.split_layers.get(item.dep.target.grad_fn)
-            if layer is not None:
-                gone.setdefault(layer, set()).update(item.idxs)
-        for layer, idxs in gone.items():
-            layer.remove(sorted(idxs))
+            self._version += 1
+            self._groups = None
 
     def remove_modules(self, paths: Sequence[str]) -> None:
         """Replace whole blocks or layers by the identity (:mod:`.units`), for good.
@@ -449,20 +432,21 @@ def build_graph(
     modes = {m: m.training for m in model.modules()}  # tp's trace leaves the model in eval
     try:
         with torch.enable_grad(), recorder, sealed([*attention, *channelwise]):
-            dg = LabelledGraph(recorder.labels, recorder.split_layers).build_dependency(
-                model, inputs, customized_pruners=pruners, verbose=False
-            )
+            dg = LabelledGraph(recorder.labels, recorder.split_layers, recorder.ops)
+            dg.build_dependency(model, inputs, customized_pruners=pruners, verbose=False)
     finally:
         for m, training in modes.items():
             m.training = training
         drop_derived_caches(model)
     constant_nodes, barriers = check_ops(dg, recorder)
     matmuls = {a: (a.qkv, a.proj, recorder.attention_units[a]) for a in attention}
+    modelled = MacTable(recorder.mac_units, matmuls).total()
+    other = max(0, count_macs(model, inputs) - modelled)  # e.g. matmuls of hand-written attention
     graph = PruningGraph(
         model,
         inputs,
         dg,
-        MacTable(recorder.mac_units, matmuls),
+        MacTable(recorder.mac_units, matmuls, other),
         ignored=ignored,
         root_types=tuple(prunable_types),
         output_nodes={n for n in dg.module2node.values() if n.grad_fn in recorder.outputs},
@@ -476,21 +460,13 @@ def build_graph(
     return graph
 
 
-def _merge(groups: Sequence[tp.dependency.Group]) -> tp.dependency.Group:
-    """One Torch-Pruning group cutting each layer once, with every index it loses in any of
-    ``groups`` (all resolved against the same model) listed once: a reshape maps a block of
-    root channels (a Linear's rows viewed as one channel) to one channel, and Torch-Pruning
+def _prune(group: tp.dependency.Group) -> None:
+    """Prune a Torch-Pruning group, each layer's indices once: a reshape maps a block of root
+    channels (a Linear's rows viewed as one channel) to the same channel, and Torch-Pruning
     would subtract every repeat from the layer's width."""
-    cuts: dict[tuple, tuple[tp.dependency.Dependency, dict[int, None]]] = {}
-    for group in groups:
-        for dep, idxs in group.items:
-            key = (dep.target, dep.handler)
-            cuts.setdefault(key, (dep, {}))[1].update(dict.fromkeys(idxs))
-    merged = tp.dependency.Group()
-    merged._DG = groups[0]._DG
-    for dep, idxs in cuts.values():
-        merged.add_dep(dep, sorted(idxs))
-    return merged
+    for i, (dep, idxs) in enumerate(group.items):
+        group._group[i] = tp._helpers.GroupItem(dep, list(dict.fromkeys(idxs)))
+    group.prune()
 
 
 def _resolve_ignored(model: nn.Module, layers: Iterable[str | nn.Module]) -> frozenset[nn.Module]:

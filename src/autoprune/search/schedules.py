@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._registry import Registry
-from ..criteria import CRITERIA, list_criteria, score, select
+from ..criteria import CRITERIA, list_criteria, score
 from ..errors import AutopruneError
 from ..graph import PruningGraph, mask_channels
 from .candidates import OBJECTIVES, Candidate, criteria_state, make_candidates, removable
@@ -226,12 +226,14 @@ class Fixed(Schedule):
         if ctx.next_recovery is not None:
             goal = min(goal, ctx.next_recovery)
         state = criteria_state(ctx.graph, cfg.criteria, ctx.calib, cfg.seed, cfg.taylor_size)
-        counts = _choose(ctx, ALLOCATIONS.get(cfg.allocation)(ctx, criterion, state), goal)
-        removal = {
-            name: select(ctx.graph.group(name), criterion, n, **state)
-            for name, n in counts.items()
-            if n
-        }
+        ranked = Ranked(
+            {
+                g.name: torch.argsort(score(g, criterion, **state), stable=True)
+                for g in ctx.graph.groups()
+            }
+        )
+        plans = ALLOCATIONS.get(cfg.allocation)(ctx, criterion, state)
+        removal = ranked.removal(_choose(ctx, plans, goal, ranked))
         loss = None
         if ctx.calib is not None:
             with mask_channels(ctx.graph, removal):
@@ -239,15 +241,26 @@ class Fixed(Schedule):
         return Step(removal, cfg.criteria, loss, 1)
 
 
-def _choose(ctx: SearchContext, plans: Plans, goal: float) -> dict[str, int]:
+@dataclass(frozen=True)
+class Ranked:
+    """Each group's channels in the order the criterion removes them: the MACs of a plan are
+    those of the channels it will remove (in a group whose channels cost unequal MACs, a split
+    feeding branches of different widths, any other ``k`` channels would mislead)."""
+
+    order: Mapping[str, torch.Tensor]
+
+    def removal(self, counts: Mapping[str, int]) -> dict[str, torch.Tensor]:
+        return {g: self.order[g][:k].sort().values for g, k in counts.items() if k}
+
+
+def _choose(ctx: SearchContext, plans: Plans, goal: float, ranked: Ranked) -> dict[str, int]:
     """The first plan reaching ``goal``, or the one before it when that lands closer (within
     the tolerance) and still removes something; the last plan if none reaches it."""
     n, plan = plans
     now = ctx.reduction
 
     def reduction(i: int) -> float:
-        counts = plan(i)
-        removal = {g: torch.arange(k) for g, k in counts.items() if k}
+        removal = ranked.removal(plan(i))
         return 1.0 - ctx.graph.macs(removal) / ctx.original_macs if removal else now
 
     lo, hi = 0, n - 1
@@ -261,12 +274,12 @@ def _choose(ctx: SearchContext, plans: Plans, goal: float) -> dict[str, int]:
     if reduction(lo) <= now:
         raise AutopruneError("every group is at its cap: nothing is left to prune")
     if lo > 0 and reduction(lo) - goal > TOLERANCE:
-        return _trim(ctx, plan(lo - 1), plan(lo), goal)
+        return _trim(ctx, plan(lo - 1), plan(lo), goal, ranked)
     return plan(lo)
 
 
 def _trim(
-    ctx: SearchContext, below: dict[str, int], above: dict[str, int], goal: float
+    ctx: SearchContext, below: dict[str, int], above: dict[str, int], goal: float, ranked: Ranked
 ) -> dict[str, int]:
     """Between two plans a step apart (one ratio can move many groups at once: a jump past
     the tolerance), the channels of ``above`` taken one at a time, costliest first, skipping
@@ -274,11 +287,10 @@ def _trim(
     counts = dict(below)
 
     def reduction(c: dict[str, int]) -> float:
-        removal = {g: torch.arange(k) for g, k in c.items() if k}
-        return 1.0 - ctx.graph.macs(removal) / ctx.original_macs
+        return 1.0 - ctx.graph.macs(ranked.removal(c)) / ctx.original_macs
 
     extra = [g for g in above for _ in range(above[g] - below[g])]
-    saved = {g: ctx.graph.group(g).macs_per_channel for g in set(extra)}
+    saved = {g: ctx.graph.group(g).macs_saved(ranked.order[g][:1]) for g in set(extra)}
     for g in sorted(extra, key=lambda g: -saved[g]):
         if reduction(counts) >= goal - TOLERANCE:
             break
