@@ -82,9 +82,8 @@ _SPLIT_FUNCTIONS = (torch.split, torch.chunk, torch.Tensor.split, torch.Tensor.c
 
 def _channel_split(node: fx.Node) -> bool:
     """Whether ``node`` splits (or chunks) dim 1: its sizes are fixed in the code."""
-    if node.op == "call_method" and node.target in _SPLITS:
-        pass
-    elif not (node.op == "call_function" and node.target in _SPLIT_FUNCTIONS):
+    method = node.op == "call_method" and node.target in _SPLITS
+    if not method and not (node.op == "call_function" and node.target in _SPLIT_FUNCTIONS):
         return False
     dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
     return dim == 1
