@@ -253,10 +253,25 @@ def main() -> None:
 
 
 def interleaved(specs: list[str]) -> list[str]:
-    """torchvision and timm models taken in turn, so a sweep cut short covers both."""
-    tv = [s for s in specs if s.startswith("tv:")]
-    other = [s for s in specs if not s.startswith("tv:")]
+    """torchvision and timm models taken in turn, smallest first, so that a sweep cut short
+    covers both and as many models as it can."""
+    tv = sorted((s for s in specs if s.startswith("tv:")), key=_params)
+    other = sorted((s for s in specs if not s.startswith("tv:")), key=_params)
     return [s for pair in zip_longest(tv, other) for s in pair if s is not None]
+
+
+def _params(spec: str) -> int:
+    """Parameter count of a model built on the meta device (no memory, no weights)."""
+    import torch
+
+    from autoprune.models import create_model
+
+    try:
+        with torch.device("meta"):
+            net = create_model(spec.partition("|")[0], num_classes=10)
+    except Exception:  # built for real later, where the failure is recorded
+        return 0
+    return sum(p.numel() for p in net.parameters())
 
 
 if __name__ == "__main__":

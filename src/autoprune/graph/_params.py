@@ -77,7 +77,7 @@ def _problem(
         if isinstance(op.module, tp.ops._ReshapeOp) or name in _PASS_THROUGH:
             stack.extend(op.outputs)
             continue
-        if name not in _ELEMENTWISE or rec is None:
+        if name not in _ELEMENTWISE or rec is None or len(rec.output) < 2:
             return f"it is used in {name!r}, not element-wise with the channels"
         width = rec.output[channel_dim(len(rec.output), tokens_last)]
         shape = tuple(param.shape)

@@ -279,25 +279,46 @@ def _choose(ctx: SearchContext, plans: Plans, goal: float, ranked: Ranked) -> di
 
 
 def _trim(
-    ctx: SearchContext, below: dict[str, int], above: dict[str, int], goal: float, ranked: Ranked
+    ctx: SearchContext,
+    below: dict[str, int],
+    above: dict[str, int],
+    goal: float,
+    ranked: Ranked,
 ) -> dict[str, int]:
     """Between two plans a step apart (one ratio can move many groups at once: a jump past
-    the tolerance), the channels of ``above`` taken one at a time, costliest first, skipping
-    any that would overshoot, until the reduction is within the tolerance of ``goal``."""
-    counts = dict(below)
+    the tolerance), channels taken group by group, costliest first, each group giving as many
+    as keep the reduction under ``goal`` plus the tolerance, until it is within the tolerance:
+    first from the groups the step moved, then (a small model's channels are coarse) from any
+    group up to its cap. ``above`` when neither lands."""
 
     def reduction(c: dict[str, int]) -> float:
         return 1.0 - ctx.graph.macs(ranked.removal(c)) / ctx.original_macs
 
-    extra = [g for g in above for _ in range(above[g] - below[g])]
-    saved = {g: ctx.graph.group(g).macs_saved(ranked.order[g][:1]) for g in set(extra)}
-    for g in sorted(extra, key=lambda g: -saved[g]):
-        if reduction(counts) >= goal - TOLERANCE:
-            break
-        counts[g] += 1
-        if reduction(counts) > goal + TOLERANCE:
-            counts[g] -= 1
-    return counts if abs(reduction(counts) - goal) <= TOLERANCE else above
+    def fill(ceiling: dict[str, int]) -> dict[str, int]:
+        counts = dict(below)
+        order = sorted(ceiling, key=lambda g: -ctx.graph.group(g).macs_per_channel)
+        for g in order:
+            if reduction(counts) >= goal - TOLERANCE:
+                break
+            lo, hi = counts[g], max(counts[g], ceiling[g])
+            while lo < hi:  # the most channels of g that do not overshoot
+                mid = (lo + hi + 1) // 2
+                lo, hi = (
+                    (mid, hi)
+                    if reduction({**counts, g: mid}) <= goal + TOLERANCE
+                    else (
+                        lo,
+                        mid - 1,
+                    )
+                )
+            counts[g] = lo
+        return counts
+
+    for ceiling in (above, ctx.limits()):
+        counts = fill(ceiling)
+        if abs(reduction(counts) - goal) <= TOLERANCE:
+            return counts
+    return above
 
 
 @ALLOCATIONS.register("uniform", description="the same fraction of every group's channels")
