@@ -32,6 +32,7 @@ SCRIPTS = (
     "multigrain.py",
     "mobilevit.py",
     "transfer.py",
+    "zoo_sweep.py",
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 import warnings
 from collections.abc import Callable
 
@@ -380,7 +381,7 @@ def test_a_pad_in_the_models_own_forward_makes_a_new_module():
 
 
 class Scale(nn.Module):
-    """A layer Torch-Pruning cannot prune: its own per-channel parameter."""
+    """A layer with its own per-channel parameter, applied element-wise."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -396,9 +397,11 @@ def scale_net() -> nn.Sequential:
     )
 
 
-def test_unsupported_layer_is_named_with_the_ignored_layers_remedy():
-    with pytest.raises(AutopruneError, match=r"layer '1' \(Scale\).*ignored_layers=\['1'\]"):
-        build_graph(scale_net(), torch.randn(1, 3, 9, 9))
+def test_a_layer_with_its_own_per_channel_parameter_prunes_or_can_be_ignored():
+    graph = build_graph(scale_net(), torch.randn(1, 3, 9, 9))
+    assert [g.name for g in graph.groups()] == ["0", "2"]
+    graph.prune("0", [0, 1])
+    assert graph.model[1].gain.shape == (1, 6, 1, 1)
     graph = build_graph(scale_net(), torch.randn(1, 3, 9, 9), ignored_layers=["1"])
     assert [g.name for g in graph.groups()] == ["2"]  # the channels around the Scale stay
     assert graph.frozen["0"] == "ignored layer '1'"
@@ -420,12 +423,12 @@ class Untraceable(nn.Module):
         return self.head(self.conv2(y) + y)
 
 
-def test_an_op_that_breaks_channel_coupling_is_named_with_the_remedy():
+def test_an_op_that_breaks_channel_coupling_freezes_the_groups_through_it():
     x = torch.randn(1, 3, 6, 6)
-    with pytest.raises(AutopruneError, match=r"'pad' \(4 -> 8 channels\) after layer 'conv'"):
-        build_graph(Untraceable(), x)
-    graph = build_graph(Untraceable(), x, ignored_layers=["conv"])
+    graph = build_graph(Untraceable(), x)
     assert graph.groups() == []  # the pad ties conv, conv2 and head's inputs into one group
+    assert re.search(r"after layer 'conv' cannot be followed through 'pad'", graph.frozen["conv"])
+    graph = build_graph(Untraceable(), x, ignored_layers=["conv"])
     assert graph.frozen["conv"] == "ignored layer 'conv'"
 
 

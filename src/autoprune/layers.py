@@ -4,7 +4,8 @@
 channels) written as a gather with zero fill. A plain ``F.pad`` can only say "p zeros on each
 side", so pruning either stage would have to drag the other along; an explicit channel map
 lets the engine prune the channels before and after the shortcut independently, and the map
-shrinks with them.
+shrinks with them. :class:`ChannelSplit` is a channel split whose piece sizes shrink with
+the channels pruned from each piece.
 """
 
 from __future__ import annotations
@@ -55,3 +56,34 @@ class ChannelPadShortcut(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
+
+
+class ChannelSplit(nn.Module):
+    """``torch.split(x, sizes, dim=1)`` whose sizes follow pruning.
+
+    A split written in a model's code (``x.chunk(2, 1)``, ``x.split(self.width, 1)``) keeps its
+    sizes when channels are pruned; the pruning graph rewrites it into this layer, which the
+    graph tells which input channels are gone.
+    """
+
+    def __init__(self, sizes: list[int]) -> None:
+        super().__init__()
+        self.sizes = list(sizes)
+
+    def remove(self, idxs: list[int]) -> None:
+        """Input channels ``idxs`` are gone: each piece loses those that were in it."""
+        self.sizes = shrink_sizes(self.sizes, idxs)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.split(x, self.sizes, dim=1)
+
+    def extra_repr(self) -> str:
+        return f"sizes={self.sizes}"
+
+
+def shrink_sizes(sizes: list[int], idxs: list[int]) -> list[int]:
+    """Sizes of consecutive pieces after channels ``idxs`` of their concatenation are gone."""
+    bounds = torch.tensor(sizes).cumsum(0)
+    piece = torch.bucketize(torch.as_tensor(idxs, dtype=torch.long), bounds, right=True)
+    lost = torch.bincount(piece, minlength=len(sizes))
+    return [s - int(n) for s, n in zip(sizes, lost, strict=True)]

@@ -7,9 +7,10 @@ accounting and exact masking.
 """
 
 from ._fx import NORMALIZED_ATTR, normalize_model
+from .build import build_graph
 from .groups import ChannelGroup, Member
 from .masking import ChannelMask, mask_channels
-from .pruning_graph import DEFAULT_PRUNABLE_TYPES, PruningGraph, build_graph
+from .pruning_graph import DEFAULT_PRUNABLE_TYPES, PruningGraph
 from .scopes import SCOPES, list_scopes, scope_report
 
 __all__ = [

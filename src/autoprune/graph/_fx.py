@@ -7,6 +7,8 @@ directly in ``forward``; either way the layer whose own code contains the pad is
 torch.fx (its children stay opaque), the pad and the strided subsample before it become one
 ``ChannelPadShortcut`` submodule, and the traced layer replaces the original in its parent.
 Only layers that contain such a pad change; their children keep their names and objects.
+Channel splits in a layer's own code (``x.chunk(2, 1)``, ``torch.split(x, self.width, 1)``)
+are rewritten the same way, into :class:`ChannelSplit` layers whose sizes follow pruning.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import AutopruneError
-from ..layers import ChannelPadShortcut
+from ..layers import ChannelPadShortcut, ChannelSplit
 from ..measure.complexity import as_inputs
 from ._foreign import adapt_foreign_layers
 
@@ -74,15 +76,30 @@ def _subsample(node: Any) -> tuple[fx.Node, int]:
     return node, 1
 
 
+_SPLITS = {"split", "chunk", "split_with_sizes"}
+_SPLIT_FUNCTIONS = (torch.split, torch.chunk, torch.Tensor.split, torch.Tensor.chunk)
+
+
+def _channel_split(node: fx.Node) -> bool:
+    """Whether ``node`` splits (or chunks) dim 1: its sizes are fixed in the code."""
+    method = node.op == "call_method" and node.target in _SPLITS
+    if not method and not (node.op == "call_function" and node.target in _SPLIT_FUNCTIONS):
+        return False
+    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+    return dim == 1
+
+
 def _find_pads(module: nn.Module) -> fx.GraphModule | None:
-    """The module traced shallowly, when its own code pads channels; None otherwise."""
-    if type(module).__module__.startswith("torch.") or isinstance(module, ChannelPadShortcut):
+    """The module traced shallowly, when its own code pads or splits channels; else None."""
+    if type(module).__module__.startswith("torch.") or isinstance(
+        module, (ChannelPadShortcut, ChannelSplit)
+    ):
         return None
     try:
         graph = _ShallowTracer().trace(module)
     except Exception:  # not traceable (data-dependent control flow): the graph check reports it
         return None
-    if not any(_channel_pad(n) for n in graph.nodes):
+    if not any(_channel_pad(n) or _channel_split(n) for n in graph.nodes):
         return None
     for node in graph.nodes:  # annotations become mangled names TorchScript cannot resolve
         node.type = None
@@ -134,8 +151,24 @@ def _rewrite(gm: fx.GraphModule, args: tuple) -> None:
         gm.graph.erase_node(node)
         if sliced is not source and not sliced.users:
             gm.graph.erase_node(sliced)
+    _rewrite_splits(gm)
     gm.graph.lint()
     gm.recompile()
+
+
+def _rewrite_splits(gm: fx.GraphModule) -> None:
+    """Channel splits of 4-D maps become :class:`ChannelSplit` layers (shape-propagated)."""
+    splits = [n for n in gm.graph.nodes if _channel_split(n)]
+    for k, node in enumerate(n for n in splits if len(n.args[0].meta["tensor_meta"].shape) == 4):
+        sizes = [int(m.shape[1]) for m in node.meta["tensor_meta"]]
+        name = "channel_split" if k == 0 else f"channel_split{k}"
+        while hasattr(gm, name):
+            name += "_"
+        gm.add_submodule(name, ChannelSplit(sizes))
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, (node.args[0],))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
 
 
 # Attributes that autoprune.io reads from a model; they move with a rewritten top-level module.

@@ -22,6 +22,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from ..layers import ChannelSplit
+from ._labels import ChannelLabels
 from ._rules import CONV_TYPES, channels_of
 from .units import patched_forwards
 
@@ -64,11 +66,15 @@ class TraceRecorder(TorchFunctionMode):
         self.widths: dict[nn.Module, tuple[int, int]] = {}
         self.channels: dict[nn.Module, int] = {}  # traced widths of channel-wise layers
         self.outputs: set[Any] = set()  # grad_fns of the model's outputs
+        self.labels = ChannelLabels()  # where every traced tensor's channels come from
+        self.split_layers: dict[Any, nn.Module] = {}  # grad_fn of its pieces -> ChannelSplit
         self._depth = 0
         self._handles = [model.register_forward_hook(self._model_output)]
         for m in model.modules():
             if isinstance(m, (*CONV_TYPES, nn.Linear)):
                 self._handles.append(m.register_forward_hook(self._count_macs))
+            if isinstance(m, ChannelSplit):
+                self._handles.append(m.register_forward_hook(self._split))
         for m in attention:
             self._handles.append(m.register_forward_hook(self._count_attention))
         for m in channelwise:
@@ -85,6 +91,7 @@ class TraceRecorder(TorchFunctionMode):
     def __torch_function__(
         self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None
     ) -> Any:
+        before = self.labels.snapshot(args, kwargs or {}) if self._depth == 0 else []
         out = func(*args, **(kwargs or {}))
         grad_fn = getattr(out, "grad_fn", None) if isinstance(out, torch.Tensor) else None
         if grad_fn is not None and grad_fn not in self.ops:
@@ -96,12 +103,18 @@ class TraceRecorder(TorchFunctionMode):
                 output=out.shape,
                 internal=self._depth > 0,
             )
+        if self._depth == 0:
+            name = getattr(func, "__name__", str(func))
+            self.labels.record(func, name, args, kwargs or {}, out, before)
         return out
 
     def _model_output(self, module: nn.Module, args: tuple, output: Any) -> None:
         self.outputs.update(
             t.grad_fn for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.grad_fn
         )
+
+    def _split(self, module: nn.Module, args: tuple, output: tuple) -> None:
+        self.split_layers[output[0].grad_fn] = module
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
         self._depth += 1
@@ -112,14 +125,17 @@ class TraceRecorder(TorchFunctionMode):
         first_out = next((t for t in tree_leaves(output) if isinstance(t, torch.Tensor)), None)
         if first_in is not None and first_out is not None and first_in.dim() > 1:
             self.widths[module] = (first_in.shape[1], first_out.shape[1])
+            self.labels.start(first_out, 1)
 
     def _count_attention(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self.order.setdefault(module, len(self.order))
         batch, tokens = args[0].shape[:2]
         self.attention_units[module] += batch * tokens * tokens
+        self.labels.start(output, -1)
 
     def _channelwise(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self.channels.setdefault(module, channels_of(output))
+        self.labels.start(output, -1 if output.dim() == 3 else 1)
 
     def _count_macs(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self.order.setdefault(module, len(self.order))
@@ -135,19 +151,6 @@ class TraceRecorder(TorchFunctionMode):
 def channel_dim(ndim: int, tokens_last: bool) -> int:
     """Torch-Pruning's convention: channels are dim 1, except in (batch, tokens, dim) tensors."""
     return -1 if ndim == 3 and tokens_last else 1
-
-
-def breaks_channels(rec: OpRecord, tokens_last: bool) -> tuple[int, int] | None:
-    """(in, out) widths when an op Torch-Pruning treats as element-wise changes the width."""
-    if len(rec.output) < 2:
-        return None
-    width = rec.output[channel_dim(len(rec.output), tokens_last)]
-    for shape in rec.operands:
-        if len(shape) >= 2:
-            w_in = shape[channel_dim(len(shape), tokens_last)]
-            if w_in not in (1, width):
-                return w_in, width
-    return None
 
 
 def meets_constant(rec: OpRecord, tokens_last: bool) -> bool:

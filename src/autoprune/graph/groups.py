@@ -64,24 +64,28 @@ class MacTable:
     are removed, so predictions stay exact after any number of pruning steps. An attention
     layer's ``q @ k^T`` and ``attn @ v`` cost ``tokens^2`` MACs per query/key and per value
     feature; with ``qkv`` rows = 2 x query + value features and ``proj`` inputs = value
-    features, that is ``unit * (qkv rows + proj inputs) / 2`` (``matmuls``).
+    features, that is ``unit * (qkv rows + proj inputs) / 2`` (``matmuls``). ``other``: MACs
+    no layer owns (the matmuls of an attention written by hand); they do not change, since the
+    graph freezes the channels such ops read, and count only when the table is the model's.
     """
 
     def __init__(
         self,
         units: Mapping[nn.Module, int],
         matmuls: Mapping[nn.Module, tuple[nn.Module, nn.Module, int]] | None = None,
+        other: int = 0,
     ) -> None:
         self.units = dict(units)
         self.matmuls = dict(matmuls or {})  # attention -> (qkv, proj, unit)
+        self.other = other
         self._readers = {layer: a for a, (q, p, _) in self.matmuls.items() for layer in (q, p)}
 
     def restrict(self, layers: frozenset[nn.Module]) -> MacTable:
         """The table of ``layers`` only (a scope): its MACs are theirs alone."""
-        return MacTable(
-            {m: u for m, u in self.units.items() if m in layers},
-            {a: t for a, t in self.matmuls.items() if a in layers},
-        )
+        units = {m: u for m, u in self.units.items() if m in layers}
+        matmuls = {a: t for a, t in self.matmuls.items() if a in layers}
+        whole = len(units) == len(self.units) and len(matmuls) == len(self.matmuls)
+        return MacTable(units, matmuls, self.other if whole else 0)
 
     def matmul_macs(self, attention: nn.Module, removed: Removed) -> int:
         qkv, proj, unit = self.matmuls[attention]
@@ -105,7 +109,7 @@ class MacTable:
     def total(self, removed: Removed | None = None) -> int:
         removed = removed or {}
         layers = sum(self.layer_macs(m, *removed.get(m, (0, 0))) for m in self.units)
-        return layers + sum(self.matmul_macs(a, removed) for a in self.matmuls)
+        return layers + sum(self.matmul_macs(a, removed) for a in self.matmuls) + self.other
 
     def saved(self, removed: Removed) -> int:
         pairs = [(m, r) for m, r in removed.items() if m in self.units]
@@ -118,8 +122,10 @@ class ChannelGroup:
     """Channels that must be removed together, and what removing them costs and saves.
 
     ``channels`` counts group channels; removing group channel ``c`` removes every member
-    channel whose ``group_idxs`` entry is ``c``. A group is valid until the graph is pruned:
-    ask :meth:`PruningGraph.groups` (or ``graph.group(name)``) again after every prune.
+    channel whose ``group_idxs`` entry is ``c``. ``units`` maps the root layer's channels to
+    group channels where several root channels can only go together (see ``._coupled``).
+    A group is valid until the graph is pruned: ask :meth:`PruningGraph.groups` (or
+    ``graph.group(name)``) again after every prune.
     """
 
     def __init__(
@@ -130,6 +136,7 @@ class ChannelGroup:
         macs: MacTable,
         root: tuple[nn.Module, Any],
         version: int,
+        units: torch.Tensor | None = None,
     ) -> None:
         self.name = name
         self.members = tuple(members)
@@ -137,6 +144,7 @@ class ChannelGroup:
         self.root = root  # (module, Torch-Pruning handler) the group is rebuilt from
         self.version = version
         self.cache: dict[Any, Any] = {}  # per-group derived data (criteria), dropped with it
+        self._units = units  # root channel -> group channel, where several go together
         self._macs = macs
         self._multiplicity = {m: _multiplicity(m, channels) for m in self.members}
 
@@ -145,6 +153,12 @@ class ChannelGroup:
             f"ChannelGroup({self.name!r}, channels={self.channels}, "
             f"members={len(self.members)}, macs_per_channel={self.macs_per_channel})"
         )
+
+    def root_channels(self, idxs: torch.Tensor) -> list[int]:
+        """The root layer's channels that removing group channels ``idxs`` removes."""
+        if self._units is None:
+            return idxs.tolist()
+        return torch.isin(self._units, idxs).nonzero().flatten().tolist()
 
     @property
     def macs_per_channel(self) -> int:

@@ -86,13 +86,24 @@ class MaskState:
     def _layernorm_hook(
         self, module: nn.LayerNorm, args: tuple, output: torch.Tensor
     ) -> torch.Tensor:
+        # A channels-first LayerNorm2d (timm, ConvNeXt ports) normalises dim 1 of its input.
         x = args[0]
+        width = module.normalized_shape[0]
+        first = x.dim() > 2 and x.shape[1] == width
+        if first and x.shape[-1] == width:  # both fit (16 channels of 16 x 16): the class tells
+            first = "2d" in type(module).__name__.lower()
+        dim = 1 if first else -1
+        x = x.movedim(dim, -1)
         keep = torch.ones(x.shape[-1], dtype=torch.bool, device=x.device)
         keep[self._merged[module, "layernorm"]] = False
         w = module.weight[keep] if module.weight is not None else None
         b = module.bias[keep] if module.bias is not None else None
-        y = F.layer_norm(x[..., keep], (int(keep.sum()),), w, b, module.eps)
-        return output.new_zeros(output.shape).index_copy(-1, keep.nonzero().flatten(), y)
+        y = F.layer_norm(x[..., keep], (int(keep.sum()),), w, b, module.eps).movedim(-1, dim)
+        for after in ("drop", "act"):  # timm's LayerNormAct2d: norm, dropout, activation
+            layer = getattr(module, after, None)
+            if isinstance(layer, nn.Module):
+                y = layer(y)
+        return output.new_zeros(output.shape).index_copy(dim, keep.nonzero().flatten(), y)
 
 
 class ChannelMask:

@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from ..errors import AutopruneError
-from ..layers import ChannelPadShortcut
-from ..measure.complexity import as_inputs
-from ._attention import AttentionPruner, HeadPruning, attention_groups, attention_modules
-from ._fx import normalize_model
+from ._attention import HeadPruning, attention_groups
+from ._coupled import channel_units
+from ._params import ParamUse, drop_derived_caches
 from ._rules import (
-    CHANNELWISE_TYPES,
     TP_DUMMY_OPS,
-    TP_PARAM_TYPES,
-    ChannelPadPruner,
-    ChannelwisePruner,
-    OpaquePruner,
-    matches,
     member_kind,
 )
-from ._trace import TraceRecorder, breaks_channels, meets_constant, sealed
 from .groups import ChannelGroup, MacTable, Member, Removed
 from .masking import MaskState
 from .scopes import ScopeContext, list_scopes, scope_layers
@@ -60,6 +53,7 @@ class PruningGraph:
         barriers: dict[tp.dependency.Node, str],
         scope: str,
         scope_context: ScopeContext,
+        params: dict[str, ParamUse],
     ) -> None:
         self.model = model
         self.example_inputs = example_inputs
@@ -75,6 +69,8 @@ class PruningGraph:
         self._output_nodes = output_nodes
         self._constant_nodes = constant_nodes
         self._barriers = barriers
+        self._params = params
+        self._rank = {node: k for k, node in enumerate(barriers)}
         self._version = 0
         self._groups: dict[str, ChannelGroup] | None = None
         self._frozen: dict[str, str] = {}
@@ -88,6 +84,8 @@ class PruningGraph:
 
     def _build(self, model: nn.Module) -> PruningGraph:
         """A graph of ``model`` (this one's, or a copy) with this graph's options."""
+        from .build import build_graph  # the builder makes graphs of this class
+
         names = {m: n for n, m in self.model.named_modules()}
         return build_graph(
             model,
@@ -148,20 +146,25 @@ class PruningGraph:
             members, reason, barrier = self._members(tp_group, names)
             outs = [m for m in members if m.out_channels] or members
             name = min(outs, key=lambda m: order[m.module]).layer
-            if barrier and not any(m.module in self._ignored for m in members):
-                raise AutopruneError(barrier)
+            reason = reason or barrier
             if reason:
                 self._frozen[name] = reason
                 continue
             root = tp_group[0].dep
+            channels = len(tp_group[0].idxs)
+            units = channel_units(self._dg, root.target.module, root.handler, channels)
+            if units is not None:
+                members = [replace(m, group_idxs=units[m.group_idxs]) for m in members]
+                channels = int(units.max()) + 1
             groups.append(
                 ChannelGroup(
                     name,
                     sorted(members, key=lambda m: order[m.module]),
-                    len(tp_group[0].idxs),
+                    channels,
                     self._macs,
                     (root.target.module, root.handler),
                     self._version,
+                    units,
                 )
             )
         position = {g.name: (order[self.model.get_submodule(g.name)], 0) for g in groups}
@@ -192,7 +195,7 @@ class PruningGraph:
     ) -> tuple[list[Member], str | None, str | None]:
         members: list[Member] = []
         reason: str | None = None
-        barrier: str | None = None
+        first: tp.dependency.Node | None = None
         for item in tp_group.items:
             node, handler = item.dep.target, item.dep.handler
             module = node.module
@@ -200,19 +203,25 @@ class PruningGraph:
                 node in self._output_nodes and self._dg.is_out_channel_pruning_fn(handler)
             ):
                 reason = reason or "its channels are the model's output"
+            if node in self._barriers and (first is None or self._rank[node] < self._rank[first]):
+                first = node  # the first break the trace met names the reason
             if isinstance(module, TP_DUMMY_OPS):
                 if node in self._constant_nodes:
                     reason = reason or "its channels meet the model input or a constant tensor"
-                barrier = barrier or self._barriers.get(node)
                 continue
             if isinstance(module, tp.ops._OutputOp):
                 continue
             if module in self._all_macs.matmuls:  # attention: its qkv reads, its proj writes
                 members.append(self._attention_member(module, item, names[module]))
                 continue
+            if isinstance(module, nn.Parameter):
+                member, why = self._param_member(module, item)
+                reason = reason or why
+                members.append(member)
+                continue
             name = names.get(module) if isinstance(module, nn.Module) else None
-            if name is None:  # an nn.Parameter used outside its layer
-                reason = reason or "it includes a parameter used outside its layer"
+            if name is None:
+                reason = reason or f"its channels run through {type(module).__name__}"
                 continue
             kind = member_kind(module)
             if module in self._ignored:
@@ -230,7 +239,26 @@ class PruningGraph:
                     group_idxs=torch.as_tensor(item.root_idxs, dtype=torch.long),
                 )
             )
-        return members, reason, barrier
+        return members, reason, self._barriers[first] if first is not None else None
+
+    def _param_member(
+        self, param: nn.Parameter, item: tp.dependency.group.GroupItem
+    ) -> tuple[Member, str | None]:
+        """A parameter outside a layer (see ``._params``): it holds channels but no MACs."""
+        use = self._params[self._dg._param_to_name[param]]
+        why = f"parameter {use.name!r} cannot lose channels: {use.problem}" if use.problem else None
+        if use.owner in self._ignored:
+            why = f"ignored layer holding parameter {use.name!r}"
+        member = Member(
+            layer=use.name,
+            kind="parameter",
+            in_channels=False,
+            out_channels=False,
+            module=use.owner,
+            idxs=torch.as_tensor(item.idxs, dtype=torch.long),
+            group_idxs=torch.as_tensor(item.root_idxs, dtype=torch.long),
+        )
+        return member, why
 
     def _attention_member(
         self, module: nn.Module, item: tp.dependency.group.GroupItem, name: str
@@ -323,16 +351,23 @@ class PruningGraph:
         plan = self.resolve(group, idxs)
         if self.masks.active:
             raise AutopruneError("remove the active channel masks before pruning")
+        version = self._version + 1
+        # Every removal is resolved against the model as it is now, then each layer is cut
+        # once with the union of its indices: no mapping goes stale halfway through a plan.
+        removals: list[tp.dependency.Group] = []
         for g, ids in plan:
-            if ids.numel():
-                module, handler = g.root
-                if isinstance(handler, HeadPruning):
-                    handler(module, ids.tolist())
-                else:
-                    self._dg.get_pruning_group(module, handler, ids.tolist()).prune()
+            if not ids.numel():
+                continue
+            module, handler = g.root
+            if isinstance(handler, HeadPruning):
+                handler(module, ids.tolist())
+                continue
+            removals.append(self._dg.get_pruning_group(module, handler, g.root_channels(ids)))
+        if removals:
+            self._dg.cut(removals)
         if any(ids.numel() for _, ids in plan):
-            self._version += 1
-            self._groups = None
+            drop_derived_caches(self.model)
+            self._version, self._groups = version, None
 
     def remove_modules(self, paths: Sequence[str]) -> None:
         """Replace whole blocks or layers by the identity (:mod:`.units`), for good.
@@ -354,143 +389,3 @@ class PruningGraph:
         layers = sum(self._macs.layer_macs(m) for m in self._macs.units if m in inside)
         matmuls = sum(self._macs.matmul_macs(a, {}) for a in self._macs.matmuls if a in inside)
         return layers + matmuls
-
-
-def build_graph(
-    model: nn.Module,
-    example_inputs: Inputs,
-    *,
-    ignored_layers: Iterable[str | nn.Module] = (),
-    prunable_types: tuple[type[nn.Module], ...] = DEFAULT_PRUNABLE_TYPES,
-    scope: str = "all",
-) -> PruningGraph:
-    """Trace ``model`` once and find its groups of coupled channels.
-
-    ``model`` is first passed through :func:`normalize_model` (channel-dim ``F.pad``
-    shortcuts become :class:`ChannelPadShortcut` layers); use ``graph.model`` afterwards.
-    ``ignored_layers`` (names or modules; a container means all its layers) keep their shape:
-    every group touching them is frozen. Groups are rooted at ``prunable_types`` outputs. The
-    classifier's outputs and the model input's channels are never pruned. ``scope`` (a name
-    from :data:`~autoprune.graph.scopes.SCOPES`) limits the groups and the MACs counted.
-    """
-    inputs = as_inputs(example_inputs)
-    model = normalize_model(model, inputs)
-    ignored = _resolve_ignored(model, ignored_layers)
-    attention = attention_modules(model)
-    channelwise = [m for m in model.modules() if matches(m, CHANNELWISE_TYPES)]
-    black_boxes = _black_boxes(model, ignored, {*attention, *channelwise})
-    opaque, per_channel = OpaquePruner(), ChannelwisePruner()
-    pruners: dict[type, tp.pruner.BasePruningFunc] = {ChannelPadShortcut: ChannelPadPruner()}
-    pruners.update({type(m): opaque for m in black_boxes})
-    pruners.update({type(m): AttentionPruner() for m in attention})
-    pruners.update({type(m): per_channel for m in channelwise})
-    shortcuts = [m for m in model.modules() if isinstance(m, ChannelPadShortcut)]
-    recorder = TraceRecorder(model, [*black_boxes, *shortcuts], attention, channelwise)
-    opaque.channels = recorder.widths  # filled by the forward, read by tp's shape inference
-    per_channel.channels = recorder.channels
-    modes = {m: m.training for m in model.modules()}  # tp's trace leaves the model in eval
-    try:
-        with torch.enable_grad(), recorder, sealed([*attention, *channelwise]):
-            dg = tp.DependencyGraph().build_dependency(
-                model, inputs, customized_pruners=pruners, verbose=False
-            )
-    finally:
-        for m, training in modes.items():
-            m.training = training
-    constant_nodes, barriers = _check_ops(dg, recorder)
-    matmuls = {a: (a.qkv, a.proj, recorder.attention_units[a]) for a in attention}
-    graph = PruningGraph(
-        model,
-        inputs,
-        dg,
-        MacTable(recorder.mac_units, matmuls),
-        ignored=ignored,
-        root_types=tuple(prunable_types),
-        output_nodes={n for n in dg.module2node.values() if n.grad_fn in recorder.outputs},
-        constant_nodes=constant_nodes,
-        barriers=barriers,
-        scope=scope,
-        scope_context=ScopeContext(model, dict(recorder.order), frozenset(attention)),
-    )
-    graph.groups()  # surface coupling errors now, not at the first use
-    return graph
-
-
-def _resolve_ignored(model: nn.Module, layers: Iterable[str | nn.Module]) -> frozenset[nn.Module]:
-    modules = dict(model.named_modules())
-    found: set[nn.Module] = set()
-    present = set(modules.values())
-    for layer in layers:
-        if isinstance(layer, str):
-            if layer not in modules:
-                raise AutopruneError(f"ignored_layers: the model has no layer named {layer!r}")
-            layer = modules[layer]
-        elif layer not in present:
-            raise AutopruneError(f"ignored_layers: {type(layer).__name__} is not part of the model")
-        found.update(layer.modules())
-    return frozenset(found)
-
-
-def _black_boxes(
-    model: nn.Module, ignored: frozenset[nn.Module], known: set[nn.Module]
-) -> list[nn.Module]:
-    """Ignored layers Torch-Pruning cannot handle; any other such layer is an error.
-
-    ``known``: layers with pruners of ours (attention, channel-wise), never black boxes.
-    """
-    boxes = []
-    for name, m in model.named_modules():
-        if isinstance(m, (*TP_PARAM_TYPES, ChannelPadShortcut)) or m in known:
-            continue
-        if next(m.parameters(recurse=False), None) is None:
-            continue
-        if m in ignored:
-            boxes.append(m)
-            continue
-        label = name or type(m).__name__
-        raise AutopruneError(
-            f"layer {label!r} ({type(m).__name__}) has parameters autoprune cannot prune; "
-            f"pass ignored_layers=[{label!r}] to keep it and the channels around it unchanged"
-        )
-    return boxes
-
-
-def _check_ops(
-    dg: tp.DependencyGraph, recorder: TraceRecorder
-) -> tuple[set[tp.dependency.Node], dict[tp.dependency.Node, str]]:
-    """Element-wise ops that meet a constant, and ops that do not carry channels one to one."""
-    tokens_last = not dg._2d_4d
-    constants: set[tp.dependency.Node] = set()
-    barriers: dict[tp.dependency.Node, str] = {}
-    for node in dg.module2node.values():
-        if not isinstance(node.module, tp.ops._ElementWiseOp):
-            continue
-        rec = recorder.ops.get(node.grad_fn)
-        if rec is None or rec.internal:
-            continue
-        widths = breaks_channels(rec, tokens_last)
-        if widths:
-            layer = _layer_before(node, dg)
-            barriers[node] = (
-                f"cannot follow channels through {rec.name!r} ({widths[0]} -> {widths[1]} "
-                f"channels) after layer {layer!r}; pass ignored_layers=[{layer!r}] to leave "
-                "them unpruned, or write the op with a layer autoprune understands"
-            )
-        elif meets_constant(rec, tokens_last):
-            constants.add(node)
-    return constants, barriers
-
-
-def _layer_before(node: tp.dependency.Node, dg: tp.DependencyGraph) -> str:
-    """Name of the nearest named layer feeding ``node`` (for error messages)."""
-    stack, seen = list(node.inputs), set()
-    while stack:
-        n = stack.pop(0)
-        if n in seen:
-            continue
-        seen.add(n)
-        name = dg._module2name.get(n.module) if isinstance(n.module, nn.Module) else None
-        if name is not None:
-            return name
-        stack.extend(n.inputs)
-    return "<input>"

@@ -18,8 +18,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..graph._attention import attention_adapter
-from ..graph._rules import CHANNELWISE_TYPES, matches
-from ..layers import ChannelPadShortcut
+from ..layers import ChannelPadShortcut, ChannelSplit
 
 LayerRecord = dict[str, Any]
 Recorder = Callable[[Any], LayerRecord]
@@ -46,14 +45,15 @@ def register_layer_shape(*types: type[nn.Module]) -> Callable[[R], R]:
 
 def recorder_for(module: nn.Module) -> Recorder | None:
     """The registered recorder; else, for layers the pruning graph changes by rules of its own
-    (attention heads, channel-wise scales), one that keeps what those rules change."""
+    (attention heads), one that keeps what those rules change; for any other module owning
+    tensors (a layer scale, a ViT's ``cls_token``), their shapes alone."""
     found = next((LAYER_SHAPES[t] for t in type(module).__mro__ if t in LAYER_SHAPES), None)
     if found is not None:
         return found
     adapter = attention_adapter(module)
     if adapter is not None:
         return lambda m: {a: getattr(m, a) for a in adapter.attributes}
-    if matches(module, CHANNELWISE_TYPES) and _own_tensors(module):
+    if _own_tensors(module):  # layer scales, cls tokens, ...: only their tensors' shapes
         return lambda m: {}
     return None
 
@@ -86,6 +86,11 @@ def _group_norm(m: nn.GroupNorm) -> LayerRecord:
 @register_layer_shape(ChannelPadShortcut)
 def _channel_pad(m: ChannelPadShortcut) -> LayerRecord:
     return {"in_channels": m.in_channels, "index": m.index.tolist()}
+
+
+@register_layer_shape(ChannelSplit)
+def _channel_split(m: ChannelSplit) -> LayerRecord:
+    return {"sizes": list(m.sizes)}
 
 
 def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -36,10 +36,20 @@ def count_macs(model: nn.Module, example_inputs: Inputs) -> int:
     """MACs of one forward pass on ``example_inputs`` (per image when the batch is 1).
 
     Runs in eval mode so BatchNorm statistics are not touched; the model's mode is restored.
+    Parameters are counted as constants: the counter's module tracker hooks the gradients of
+    any module input that requires them, and fails on a parameter fed to a module as it is
+    (CaiT's class token).
     """
+    needs_grad = [p for p in model.parameters() if p.requires_grad]
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
-    with eval_mode(model), counter:
-        model(*as_inputs(example_inputs))
+    try:
+        for p in needs_grad:
+            p.requires_grad_(False)
+        with eval_mode(model), counter:
+            model(*as_inputs(example_inputs))
+    finally:
+        for p in needs_grad:
+            p.requires_grad_(True)
     return counter.get_total_flops() // 2
 
 

@@ -32,6 +32,7 @@ from ..errors import AutopruneError
 from ..graph import build_graph
 from ..graph.sparsity import restore_weights
 from ..task import Task
+from ._reach import refuse_unreachable
 from .calibration import CalibrationSet
 from .candidates import OBJECTIVES, Candidate
 from .config import PruneConfig
@@ -284,16 +285,16 @@ class Pruner:
         )
 
     def _check_reachable(self) -> None:
-        """Refuse a target the caps make unreachable, with the highest one they allow."""
-        at_cap = {name: torch.arange(n) for name, n in self.context().limits().items()}
-        best = 1.0 - self.graph.macs(at_cap) / self.original_macs
-        target, cap = self.config.target_macs_reduction, self.config.cap
-        if target > best:
-            raise AutopruneError(
-                f"a {100 * target:.1f} % MACs reduction is out of reach: with every group at its "
-                f"cap ({100 * cap:.0f} % of its channels) the most is {100 * best:.2f} %; lower "
-                "the target or raise the cap"
-            )
+        """Refuse a target the caps make unreachable, with advice that can work."""
+        cfg = self.config
+        refuse_unreachable(
+            self.graph,
+            self.original_macs,
+            self.original_channels,
+            cfg.target_macs_reduction,
+            cfg.cap,
+            cfg.channel_multiple,
+        )
 
     # ---------------------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:

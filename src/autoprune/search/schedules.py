@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._registry import Registry
-from ..criteria import CRITERIA, list_criteria, score, select
+from ..criteria import CRITERIA, list_criteria, score
 from ..errors import AutopruneError
 from ..graph import PruningGraph, mask_channels
 from .candidates import OBJECTIVES, Candidate, criteria_state, make_candidates, removable
@@ -237,12 +237,14 @@ class Fixed(Schedule):
         if ctx.next_recovery is not None:
             goal = min(goal, ctx.next_recovery)
         state = criteria_state(ctx.graph, cfg.criteria, ctx.calib, cfg.seed, cfg.taylor_size)
-        counts = _choose(ctx, ALLOCATIONS.get(cfg.allocation)(ctx, criterion, state), goal)
-        removal = {
-            name: select(ctx.graph.group(name), criterion, n, **state)
-            for name, n in counts.items()
-            if n
-        }
+        ranked = Ranked(
+            {
+                g.name: torch.argsort(score(g, criterion, **state), stable=True)
+                for g in ctx.graph.groups()
+            }
+        )
+        plans = ALLOCATIONS.get(cfg.allocation)(ctx, criterion, state)
+        removal = ranked.removal(_choose(ctx, plans, goal, ranked))
         loss = None
         if ctx.calib is not None:
             with mask_channels(ctx.graph, removal):
@@ -250,15 +252,26 @@ class Fixed(Schedule):
         return Step(removal, cfg.criteria, loss, 1)
 
 
-def _choose(ctx: SearchContext, plans: Plans, goal: float) -> dict[str, int]:
+@dataclass(frozen=True)
+class Ranked:
+    """Each group's channels in the order the criterion removes them: the MACs of a plan are
+    those of the channels it will remove (in a group whose channels cost unequal MACs, a split
+    feeding branches of different widths, any other ``k`` channels would mislead)."""
+
+    order: Mapping[str, torch.Tensor]
+
+    def removal(self, counts: Mapping[str, int]) -> dict[str, torch.Tensor]:
+        return {g: self.order[g][:k].sort().values for g, k in counts.items() if k}
+
+
+def _choose(ctx: SearchContext, plans: Plans, goal: float, ranked: Ranked) -> dict[str, int]:
     """The first plan reaching ``goal``, or the one before it when that lands closer (within
     the tolerance) and still removes something; the last plan if none reaches it."""
     n, plan = plans
     now = ctx.reduction
 
     def reduction(i: int) -> float:
-        counts = plan(i)
-        removal = {g: torch.arange(k) for g, k in counts.items() if k}
+        removal = ranked.removal(plan(i))
         return 1.0 - ctx.graph.macs(removal) / ctx.original_macs if removal else now
 
     lo, hi = 0, n - 1
@@ -271,7 +284,52 @@ def _choose(ctx: SearchContext, plans: Plans, goal: float) -> dict[str, int]:
             lo -= 1
     if reduction(lo) <= now:
         raise AutopruneError("every group is at its cap: nothing is left to prune")
+    if lo > 0 and reduction(lo) - goal > TOLERANCE:
+        return _trim(ctx, plan(lo - 1), plan(lo), goal, ranked)
     return plan(lo)
+
+
+def _trim(
+    ctx: SearchContext,
+    below: dict[str, int],
+    above: dict[str, int],
+    goal: float,
+    ranked: Ranked,
+) -> dict[str, int]:
+    """Between two plans a step apart (one ratio can move many groups at once: a jump past
+    the tolerance), channels taken group by group, costliest first, each group giving as many
+    as keep the reduction under ``goal`` plus the tolerance, until it is within the tolerance:
+    first from the groups the step moved, then (a small model's channels are coarse) from any
+    group up to its cap. ``above`` when neither lands."""
+
+    def reduction(c: dict[str, int]) -> float:
+        return 1.0 - ctx.graph.macs(ranked.removal(c)) / ctx.original_macs
+
+    def fill(ceiling: dict[str, int]) -> dict[str, int]:
+        counts = dict(below)
+        order = sorted(ceiling, key=lambda g: -ctx.graph.group(g).macs_per_channel)
+        for g in order:
+            if reduction(counts) >= goal - TOLERANCE:
+                break
+            lo, hi = counts[g], max(counts[g], ceiling[g])
+            while lo < hi:  # the most channels of g that do not overshoot
+                mid = (lo + hi + 1) // 2
+                lo, hi = (
+                    (mid, hi)
+                    if reduction({**counts, g: mid}) <= goal + TOLERANCE
+                    else (
+                        lo,
+                        mid - 1,
+                    )
+                )
+            counts[g] = lo
+        return counts
+
+    for ceiling in (above, ctx.limits()):
+        counts = fill(ceiling)
+        if abs(reduction(counts) - goal) <= TOLERANCE:
+            return counts
+    return above
 
 
 @ALLOCATIONS.register("uniform", description="the same fraction of every group's channels")

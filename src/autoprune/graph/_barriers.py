@@ -1,0 +1,151 @@
+"""Torch-Pruning's graph with our channel labels: where it may follow channels, and where not.
+
+Torch-Pruning guesses how a reshape maps channels from the widths around it (and divides by
+zero on a channel shuffle). Our labels (:mod:`._labels`) know: a reshape that keeps channels
+whole needs no mapping, a flattened feature map read by a linear layer gets Torch-Pruning's
+flatten mapping, and anything else is a *barrier*: the groups through it are frozen with the
+reason, and the rest of the model still prunes. A plan of removals is cut in one go
+(:meth:`LabelledGraph.cut`), after the splits, concats and shuffles it runs through have
+shrunk their widths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch_pruning as tp
+from torch import nn
+from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
+
+from ._labels import ChannelLabels
+from ._shuffle import map_orders, shrink_orders
+from ._split import map_splits_and_concats, shrink_pieces
+from ._trace import TraceRecorder, meets_constant
+
+
+class LabelledGraph(tp.DependencyGraph):
+    """A dependency graph whose reshapes are mapped by channel labels, not by guesses."""
+
+    def __init__(
+        self, labels: ChannelLabels, split_layers: dict[Any, nn.Module], ops: dict[Any, Any]
+    ) -> None:
+        super().__init__()
+        self._labels = labels
+        self.split_layers = split_layers  # grad_fn of a ChannelSplit's pieces -> the layer
+        self._ops = ops  # every traced op by autograd node, in the order they ran
+
+    def _build_dependency(self, module2node: dict[Any, tp.dependency.Node]) -> None:
+        # Layers in the order they ran: groups are rooted at the first layer they reach (a
+        # stem whose channels a shuffle spreads over two branches, not one of the branches).
+        position = {fn: k for k, fn in enumerate(self._ops)}
+        ordered = sorted(module2node.items(), key=lambda kv: position.get(kv[1].grad_fn, -1))
+        module2node.clear()
+        module2node.update(ordered)
+        super()._build_dependency(module2node)
+        by_grad_fn = {n.grad_fn: n for n in module2node.values()}
+        for node in module2node.values():
+            if node.type == tp.ops.OPTYPE.RESHAPE:
+                node.type = tp.ops.OPTYPE.ELEMENTWISE  # labels say where its channels go
+        for grad_fn, stride in self._labels.flattens.items():
+            node = by_grad_fn.get(grad_fn)
+            if node is not None:
+                _set_flatten(node, stride, nn.Linear, reverse=False)
+        for grad_fn, stride in self._labels.unflattens.items():
+            node = by_grad_fn.get(grad_fn)
+            if node is not None:
+                _set_flatten(node, stride, nn.modules.conv._ConvNd, reverse=True)
+        map_splits_and_concats(module2node, self._labels)
+        map_orders(module2node, self._labels.orders)
+
+    def cut(self, removals: Sequence[tp.dependency.Group]) -> None:
+        """Prune ``removals`` (all resolved against the model as it is) as one cut. Splits,
+        concats (ours and the model's) and permuted reads first lose the channels cut."""
+        merged = _merge(removals)
+        shrink_orders(merged, self._labels.orders)
+        for fn, idxs in shrink_pieces(merged, self._labels).items():
+            if fn in self.split_layers:
+                self.split_layers[fn].remove(idxs)
+        merged.prune()
+
+
+def _merge(groups: Sequence[tp.dependency.Group]) -> tp.dependency.Group:
+    """One Torch-Pruning group cutting each layer once, with every index it loses in any of
+    ``groups`` (all resolved against the same model) listed once: a reshape maps a block of
+    root channels (a Linear's rows viewed as one channel) to one channel, and Torch-Pruning
+    would subtract every repeat from the layer's width."""
+    cuts: dict[tuple, tuple[tp.dependency.Dependency, dict[int, None]]] = {}
+    for group in groups:
+        for dep, idxs in group.items:
+            key = (dep.target, dep.handler)
+            cuts.setdefault(key, (dep, {}))[1].update(dict.fromkeys(idxs))
+    merged = tp.dependency.Group()
+    merged._DG = groups[0]._DG
+    for dep, idxs in cuts.values():
+        merged.add_dep(dep, sorted(idxs))
+    return merged
+
+
+def _set_flatten(
+    node: tp.dependency.Node, stride: int, reader: type[nn.Module], *, reverse: bool
+) -> None:
+    """Channel ``c`` of ``node`` is inputs ``c*s .. c*s+s-1`` of the ``reader`` layers it
+    feeds (a flattened map into a linear); ``reverse``: channels ``c*s .. c*s+s-1`` of
+    ``node`` are input ``c`` of them (a linear's rows viewed as a map into a conv)."""
+    for out in node.outputs:
+        if not isinstance(out.module, reader):
+            continue
+        for dep in node.dependencies:
+            if dep.target is out:
+                dep.index_mapping[0] = _FlattenIndexMapping(stride=stride, reverse=reverse)
+        for dep in out.dependencies:
+            if dep.target is node:
+                dep.index_mapping[0] = _FlattenIndexMapping(stride=stride, reverse=not reverse)
+
+
+def check_ops(
+    dg: tp.DependencyGraph, recorder: TraceRecorder
+) -> tuple[set[tp.dependency.Node], dict[tp.dependency.Node, str]]:
+    """Element-wise ops that meet a constant, and nodes where channels are not carried one to
+    one (each with the reason a group through it is frozen)."""
+    tokens_last = not dg._2d_4d
+    by_grad_fn = {n.grad_fn: n for n in dg.module2node.values()}
+    constants: set[tp.dependency.Node] = set()
+    for node in dg.module2node.values():
+        if not isinstance(node.module, tp.ops._ElementWiseOp):
+            continue
+        rec = recorder.ops.get(node.grad_fn)
+        if rec is not None and not rec.internal and meets_constant(rec, tokens_last):
+            constants.add(node)
+    barriers: dict[tp.dependency.Node, str] = {}
+    for brk in recorder.labels.breaks:
+        node = by_grad_fn.get(brk.grad_fn)
+        if node is not None and node not in barriers:
+            layer = layer_before(node, dg)
+            barriers[node] = (
+                f"channels after layer {layer!r} cannot be followed through {brk.op!r} "
+                f"({brk.detail})"
+            )
+    for grad_fn in recorder.labels.splits:
+        node = by_grad_fn.get(grad_fn)
+        if node is not None and grad_fn not in recorder.split_layers and node not in barriers:
+            barriers[node] = (
+                f"the split of channels after layer {layer_before(node, dg)!r} has sizes "
+                "fixed in the model's code (torch.fx could not rewrite it)"
+            )
+    return constants, barriers
+
+
+def layer_before(node: tp.dependency.Node, dg: tp.DependencyGraph) -> str:
+    """Name of the nearest named layer feeding ``node`` (for reasons and errors)."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        name = dg._module2name.get(n.module) if isinstance(n.module, nn.Module) else None
+        if name is not None:
+            return name
+        stack.extend(n.inputs)
+    return "<input>"
