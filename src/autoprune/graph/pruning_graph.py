@@ -226,7 +226,7 @@ class PruningGraph:
             if isinstance(module, nn.Parameter):
                 member, why = self._param_member(module, item)
                 reason = reason or why
-                members.append(member)
+                members += [member] if member is not None else []
                 continue
             name = names.get(module) if isinstance(module, nn.Module) else None
             if name is None:
@@ -252,12 +252,16 @@ class PruningGraph:
 
     def _param_member(
         self, param: nn.Parameter, item: tp.dependency.group.GroupItem
-    ) -> tuple[Member, str | None]:
-        """A parameter outside a layer (see ``._params``): it holds channels but no MACs."""
+    ) -> tuple[Member | None, str | None]:
+        """A parameter outside a layer (see ``._params``): it holds channels but no MACs.
+        None, with the reason, for one that cannot lose channels (its group is frozen)."""
         use = self._params[self._dg._param_to_name[param]]
-        why = f"parameter {use.name!r} cannot lose channels: {use.problem}" if use.problem else None
+        if use.problem:
+            return None, f"parameter {use.name!r} cannot lose channels: {use.problem}"
         if use.owner in self._ignored:
-            why = f"ignored layer holding parameter {use.name!r}"
+            return None, f"ignored layer holding parameter {use.name!r}"
+        if None in item.idxs or None in item.root_idxs:
+            return None, f"parameter {use.name!r} cannot lose channels: they are not traced"
         member = Member(
             layer=use.name,
             kind="parameter",
@@ -267,7 +271,7 @@ class PruningGraph:
             idxs=torch.as_tensor(item.idxs, dtype=torch.long),
             group_idxs=torch.as_tensor(item.root_idxs, dtype=torch.long),
         )
-        return member, why
+        return member, None
 
     def _attention_member(
         self, module: nn.Module, item: tp.dependency.group.GroupItem, name: str
