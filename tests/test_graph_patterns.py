@@ -182,6 +182,29 @@ class LinearToConv(nn.Module):
         return self.head(F.relu(self.conv(x)).flatten(1))
 
 
+class GainConv(nn.Conv2d):
+    """A conv subclass scaling its filters by a parameter of its own (timm's ScaledStdConv2d)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(cin, cout, 3, padding=1)
+        self.gain = nn.Parameter(torch.rand(cout, 1, 1, 1) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight * self.gain, self.bias, padding=1)
+
+
+def gain_net(num_classes: int = 10) -> nn.Module:
+    return nn.Sequential(
+        GainConv(3, 16),
+        nn.ReLU(),
+        GainConv(16, 24),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(24, num_classes),
+    )
+
+
 IMAGE = torch.zeros(1, 3, 16, 16)
 VECTOR = torch.zeros(1, 16)
 
@@ -230,6 +253,12 @@ def test_vit_cls_token_and_pos_embed_follow_the_embedding(tmp_path: Path) -> Non
 def test_custom_per_channel_parameters_need_no_registration(tmp_path: Path) -> None:
     graph = prune_and_check("scale_bias_net", VECTOR, tmp_path)
     assert graph.model[1].scale.shape == graph.model[1].bias.shape == (22,)
+
+
+def test_conv_subclass_gain_is_pruned_with_its_filters(tmp_path: Path) -> None:
+    graph = prune_and_check("gain_net", IMAGE, tmp_path)
+    assert graph.model[0].gain.shape == (11, 1, 1, 1)
+    assert graph.model[2].gain.shape == (16, 1, 1, 1)
 
 
 def test_unused_root_parameter_is_ignored(tmp_path: Path) -> None:

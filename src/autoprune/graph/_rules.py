@@ -193,3 +193,35 @@ class ChannelwisePruner(tp.pruner.BasePruningFunc):
         return own[0] if own else self.channels.get(layer)
 
     get_in_channels = get_out_channels
+
+
+class ScaledConvPruner(tp.pruner.function.ConvPruner):
+    """Prunes a conv subclass with parameters of its own along its output channels (timm's
+    ``ScaledStdConv2d`` and its ``gain``): Torch-Pruning slices ``weight`` and ``bias`` only,
+    which would leave the others a size too big for the forward."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        out = layer.out_channels
+        keep = torch.ones(out, dtype=torch.bool)
+        keep[list(idxs)] = False
+        super().prune_out_channels(layer, idxs)
+        for name, p in list(layer.named_parameters(recurse=False)):
+            if name not in ("weight", "bias") and p.dim() and p.shape[0] == out:
+                sliced = p.detach()[keep.to(p.device)].clone()
+                setattr(layer, name, nn.Parameter(sliced, requires_grad=p.requires_grad))
+        return layer
+
+
+def scaled_convs(model: nn.Module) -> set[type[nn.Module]]:
+    """Conv subclasses with per-output-channel parameters of their own, for
+    :class:`ScaledConvPruner`; not those with a depthwise instance (Torch-Pruning couples a
+    depthwise conv's sides by its own pruner)."""
+    found, depthwise = set(), set()
+    for m in model.modules():
+        if isinstance(m, CONV_TYPES) and not m.transposed:
+            own = [n for n, _ in m.named_parameters(recurse=False) if n not in ("weight", "bias")]
+            if own:
+                found.add(type(m))
+            if m.groups == m.out_channels > 1:
+                depthwise.add(type(m))
+    return found - depthwise

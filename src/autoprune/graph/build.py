@@ -22,7 +22,9 @@ from ._rules import (
     ChannelPadPruner,
     ChannelwisePruner,
     OpaquePruner,
+    ScaledConvPruner,
     matches,
+    scaled_convs,
 )
 from ._trace import TraceRecorder, sealed
 from .groups import MacTable
@@ -58,6 +60,7 @@ def build_graph(
     pruners.update({type(m): opaque for m in black_boxes})
     pruners.update({type(m): AttentionPruner() for m in attention})
     pruners.update({type(m): per_channel for m in channelwise})
+    pruners.update(dict.fromkeys(scaled_convs(model), ScaledConvPruner()))
     shortcuts = [m for m in model.modules() if isinstance(m, ChannelPadShortcut)]
     recorder = TraceRecorder(model, [*black_boxes, *shortcuts], attention, channelwise)
     opaque.channels = recorder.widths  # filled by the forward, read by tp's shape inference
