@@ -11,7 +11,7 @@ on the first iterations only (``--before-iterations``); its ratio is taken on th
 
     python bench/search_speed.py                 # CPU: ResNet-56 and ResNet-20, -50 % MACs
     python bench/search_speed.py --smoke         # a tiny run on synthetic data, < 30 s
-    python bench/search_speed.py --gpu --data-root R --out $OUT/search_speed   # the GPU rows
+    python bench/search_speed.py --device cuda --gpu-rows --data-root R   # the GPU section
     python bench/search_speed.py --merge FILE.json   # add a GPU run's rows, rewrite the table
 
 Writes docs/benchmarks/search_speed.json and .md (the tables are generated from the JSON).
@@ -20,9 +20,11 @@ Writes docs/benchmarks/search_speed.json and .md (the tables are generated from 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from typing import Any
 import torch
 from _common import (
     DOCS,
+    SHARED,
     SMOKE,
     accuracy,
     adapted_weights,
@@ -73,6 +76,7 @@ class PairedScorer:
     variants: dict[str, dict[str, Any]]
     before_iterations: int | None = None
     deadline: float | None = None  # time.perf_counter() after which the search stops
+    max_iterations: int | None = None  # the search stops after this many
     exhaustive_sample: int = 0  # also time the exhaustive scorer on this many candidates, once
     last_stats: dict[str, Any] = field(default_factory=dict, init=False)
 
@@ -80,9 +84,12 @@ class PairedScorer:
         self.scorers = {name: create_scorer("fast", **o) for name, o in self.variants.items()}
 
     def __call__(self, graph, candidates, calib, objective) -> list[float]:
-        if self.deadline is not None and time.perf_counter() > self.deadline:
+        now = time.perf_counter()
+        if (self.deadline is not None and now > self.deadline) or len(LOG) >= (
+            self.max_iterations or math.inf
+        ):
             raise OutOfTime
-        record: dict[str, Any] = {"candidates": len(candidates), "variants": {}}
+        record: dict[str, Any] = {"started": now, "candidates": len(candidates), "variants": {}}
         results: dict[str, list[float]] = {}
         for name, scorer in self.scorers.items():
             if name == BEFORE and len(LOG) >= (self.before_iterations or math.inf):
@@ -106,6 +113,12 @@ class PairedScorer:
             seconds, _ = timed(lambda: create_scorer("exhaustive")(graph, sample, calib, objective))
             record["exhaustive_s_per_candidate"] = seconds / len(sample)
         LOG.append(record)
+        best = record["variants"][LEAD]["winner"]
+        record["decision"] = {
+            "group": candidates[best].group,
+            "channels": len(candidates[best].idxs),
+            "loss": results[LEAD][best],
+        }
         self.last_stats = self.scorers[LEAD].last_stats
         return results[LEAD]
 
@@ -131,9 +144,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--calib", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--before-iterations", type=int, default=None)
-    p.add_argument("--gpu", action="store_true", help="the GPU rows (device cuda)")
+    p.add_argument("--max-iterations", type=int, default=None, help="stop the searches there")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the GPU section)")
+    p.add_argument("--gpu-rows", action="store_true", help="also the pipeline and ResNet-50")
     p.add_argument("--data-root", type=Path, default=None, help="holds cifar-10-batches-py")
     p.add_argument("--r50-seconds", type=float, default=150, help="time cap of the ResNet-50 row")
+    p.add_argument("--r50-size", type=int, default=224, help="ResNet-50 image side")
+    p.add_argument("--r50-calib", type=int, default=512, help="ResNet-50 calibration images")
     p.add_argument("--merge", type=Path, nargs="*", default=(), help="runs' JSON files to add")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     p.add_argument("--out", type=Path, default=DOCS / "search_speed")
@@ -153,20 +170,19 @@ def main() -> None:
         write(out, results)
         return
     torch.set_num_threads(args.threads)
-    device = "cuda" if args.gpu else "cpu"
-    section: dict[str, Any] = {"machine": machine(), "rows": [], "notes": []}
-    if args.gpu:
+    device = args.device
+    section: dict[str, Any] = {"machine": machine(), "rows": []}
+    if device == "cuda":
         section["machine"]["gpu"] = torch.cuda.get_device_name()
-    key = "gpu" if args.gpu else "cpu"
-    results[key] = section
+    results["gpu" if device == "cuda" else "cpu"] = section
     train, test = data(args)
     for name in args.models.split(","):
         section["rows"].append(paired_row(args, name, train, device))
         write(out, results)
-    if args.gpu:
-        section["pipeline"] = pipeline_row(args, train, test)
+    if args.gpu_rows:
+        section["pipeline"] = pipeline_row(args, train, test, device)
         write(out, results)
-        section["resnet50"] = resnet50_row(args)
+        section["resnet50"] = resnet50_row(args, device)
         write(out, results)
 
 
@@ -187,34 +203,40 @@ def paired_row(args: argparse.Namespace, name: str, train: Any, device: str) -> 
     dense = autoprune.create_model(name, weights=adapted_weights(name))
     target, calib = (0.05, 32) if args.smoke else (args.target, args.calib)
     start = time.perf_counter()
-    result = autoprune.prune(
-        dense,
-        train_data=train,
-        target_macs_reduction=target,
-        scorer="bench-paired",
-        scorer_options={"variants": VARIANTS, "before_iterations": args.before_iterations},
-        calib_size=calib,
-        recover_steps=0,
-        finetune_epochs=0,
-        progress=False,
-        device=device,
-    )
+    options = {
+        "variants": VARIANTS,
+        "before_iterations": args.before_iterations,
+        "max_iterations": args.max_iterations,
+    }
+    try:
+        autoprune.prune(
+            dense,
+            train_data=train,
+            target_macs_reduction=target,
+            scorer="bench-paired",
+            scorer_options=options,
+            calib_size=calib,
+            recover_steps=0,
+            finetune_epochs=0,
+            progress=False,
+            device=device,
+        )
+        stopped = False
+    except OutOfTime:
+        stopped = True
     wall = time.perf_counter() - start
-    history = result.history
-    search_s = sum(h["seconds"] for h in history)
-    scoring_s = sum(v["seconds"] for r in LOG for v in r["variants"].values())
-    decisions = [
-        {"group": h["group"], "channels": h["channels"], "loss": h["loss"]} for h in history
-    ]
+    other_s = outside_scoring(LOG)
+    decisions = [r["decision"] for r in LOG]
     return {
         "model": name,
         "device": device,
         "calib_images": calib,
         "target_macs_reduction": target,
-        "iterations": len(history),
+        "iterations": len(LOG),
+        "stopped_at_iteration_cap": stopped,
         "wall_s": round(wall, 1),
-        "other_s": round(search_s - scoring_s, 2),  # the iterations' time outside scoring
-        "variants": summarise(LOG, search_s - scoring_s),
+        "other_s": round(other_s, 2),  # the iterations' time outside scoring
+        "variants": summarise(LOG, other_s),
         "max_loss_diff_default_vs_before": max(
             (r["max_loss_diff"] for r in LOG if "max_loss_diff" in r), default=None
         ),
@@ -222,6 +244,16 @@ def paired_row(args: argparse.Namespace, name: str, train: Any, device: str) -> 
         "same_decisions_as_today": agreement(name, decisions) if not args.smoke else None,
         "decisions": decisions,
     }
+
+
+def outside_scoring(log: list[dict[str, Any]]) -> float:
+    """The iterations' time outside the scorers, from the gaps between scorer calls (the last
+    iteration's taken as the mean of the others)."""
+    gaps = [
+        b["started"] - a["started"] - sum(v["seconds"] for v in a["variants"].values())
+        for a, b in itertools.pairwise(log)
+    ]
+    return sum(gaps) * len(log) / len(gaps) if gaps else 0.0
 
 
 def summarise(log: list[dict[str, Any]], other_s: float) -> dict[str, dict[str, Any]]:
@@ -268,18 +300,19 @@ def agreement(model: str, decisions: list[dict[str, Any]]) -> str | None:
     return f"{same}/{len(reference)}"
 
 
-def pipeline_row(args: argparse.Namespace, train: Any, test: Any) -> dict[str, Any]:
+def pipeline_row(args: argparse.Namespace, train: Any, test: Any, device: str) -> dict[str, Any]:
     """The default pipeline on ResNet-56: search, default recovery, a 1-epoch fine-tune."""
     dense = autoprune.create_model("resnet56", weights=adapted_weights("resnet56"))
     start = time.perf_counter()
     result = autoprune.prune(
         dense,
         train_data=train,
-        target_macs_reduction=args.target,
+        target_macs_reduction=0.05 if args.smoke else args.target,
         calib_size=args.calib,
+        recover_steps=2 if args.smoke else None,  # None: the default recovery
         finetune_epochs=1,
         progress=False,
-        device="cuda",
+        device=device,
     )
     total = time.perf_counter() - start
     return {
@@ -289,25 +322,24 @@ def pipeline_row(args: argparse.Namespace, train: Any, test: Any) -> dict[str, A
         "total_s": round(total, 1),
         "search_iterations_s": round(sum(h["seconds"] for h in result.history), 1),
         "accuracy": accuracy(result.model, test),
-        "dense_accuracy": accuracy(dense.cuda(), test),
+        "dense_accuracy": accuracy(dense.to(device), test),
     }
 
 
-def resnet50_row(args: argparse.Namespace) -> dict[str, Any]:
+def resnet50_row(args: argparse.Namespace, device: str) -> dict[str, Any]:
     """torchvision ResNet-50 at 224 px to -50 % MACs, search only, 512 synthetic images; the
     search stops at ``--r50-seconds`` and the iterations done are what is reported."""
-    import torchvision  # the GPU machine has it; the package never needs it
-
+    torchvision = import_torchvision()
     LOG.clear()
-    options = {"num_classes": 1000, "image_size": 224}
-    calib = load_dataset("synthetic", "train", size=512, **options)
+    options = {"num_classes": 1000, "image_size": args.r50_size}
+    calib = load_dataset("synthetic", "train", size=args.r50_calib, **options)
     model = torchvision.models.resnet50(weights=None)
     start = time.perf_counter()
     stopped = False
     try:
         autoprune.prune(
             model,
-            example_inputs=torch.zeros(1, 3, 224, 224),
+            example_inputs=torch.zeros(1, 3, args.r50_size, args.r50_size),
             train_data=calib,
             target_macs_reduction=args.target,
             scorer="bench-paired",
@@ -316,18 +348,18 @@ def resnet50_row(args: argparse.Namespace) -> dict[str, Any]:
                 "deadline": start + args.r50_seconds,
                 "exhaustive_sample": 8,
             },
-            calib_size=512,
+            calib_size=args.r50_calib,
             recover_steps=0,
             finetune_epochs=0,
             progress=False,
-            device="cuda",
+            device=device,
         )
     except OutOfTime:
         stopped = True
     first = LOG[0] if LOG else {}
     return {
-        "model": "torchvision resnet50, 224 px, random weights",
-        "calib_images": 512,
+        "model": f"torchvision resnet50, {args.r50_size} px, random weights",
+        "calib_images": args.r50_calib,
         "stopped_at_time_cap": stopped,
         "wall_s": round(time.perf_counter() - start, 1),
         "iterations": len(LOG),
@@ -349,6 +381,20 @@ def merge(results: dict[str, Any], other: dict[str, Any]) -> None:
         rows = [r for r in mine.get("rows", []) if r["model"] not in models]
         mine.update({k: v for k, v in section.items() if k != "rows"})
         mine["rows"] = rows + section.get("rows", [])
+
+
+def import_torchvision() -> Any:
+    """torchvision, through the shared CPU shim where there is one (the package never needs
+    it; the GPU machine has it as is)."""
+    shim = SHARED / "tools"
+    if (shim / "torchvision_cpu_shim.py").exists():
+        sys.path.insert(0, str(shim))
+        import torchvision_cpu_shim
+
+        torchvision_cpu_shim.install()
+    import torchvision
+
+    return torchvision
 
 
 def load(out: Path) -> dict[str, Any]:
@@ -386,17 +432,19 @@ def write(out: Path, results: dict[str, Any]) -> None:
 
 
 PROTOCOL = (
-    "Each search follows the stacked fp32 variant; at every iteration every variant scores the same "
-    "candidates in the same process and thread, so the speed-ups are ratios under the same "
-    "load. Search time: the variant's scoring time plus the iterations' time outside scoring. "
-    "Same winner: iterations at which the variant picked the stacked fp32 variant's candidate."
+    "Each search follows the stacked fp32 variant; at every iteration every variant scores "
+    "the same candidates in the same process and thread, so the speed-ups are ratios under "
+    "the same load. Search time: the variant's scoring time plus the iterations' time outside "
+    "scoring. Same winner: iterations at which the variant picked the stacked fp32 variant's "
+    "candidate."
 )
 
 
 def paired_table(row: dict[str, Any]) -> list[str]:
     lines = [
         f"### {row['model']}, -{row['target_macs_reduction']:.0%} MACs, "
-        f"{row['calib_images']} calibration images, {row['iterations']} iterations",
+        f"{row['calib_images']} calibration images, {row['iterations']} iterations"
+        + (" (the first ones: stopped there)" if row.get("stopped_at_iteration_cap") else ""),
         "",
         "| variant | search time (s) | scoring (s) | median s / iteration | speed-up vs before "
         "| same winner as stacked fp32 | images scored |",

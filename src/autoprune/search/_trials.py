@@ -26,10 +26,6 @@ from ..graph.masking import Piece
 from ._prefix import CutPoint, PrefixCache
 from .candidates import Candidate, GrainCandidate
 
-# A stacked pass's budget for its largest activation, when the scorer is given none: on CPU
-# the throughput per image does not grow past a few hundred images, on a GPU it does.
-DEFAULT_STACK_BYTES = {"cpu": 64 << 20, "cuda": 2 << 30}
-
 # Scoring precisions: (autocast dtype while halving ranks, dtype of the round that ends on the
 # whole set). A final round in another dtype than the ranking rounds re-scores its survivors on
 # every image, so the losses the search compares are all of the final dtype.
@@ -38,6 +34,17 @@ PRECISIONS: dict[str, tuple[torch.dtype | None, torch.dtype | None]] = {
     "bf16": (torch.bfloat16, torch.bfloat16),
     "bf16-ranking": (torch.bfloat16, None),
 }
+
+
+def default_stack_bytes(device: torch.device) -> int:
+    """A stacked pass's budget for its largest activation when the scorer is given none.
+
+    On a CPU the throughput per image does not grow past a few hundred images, so 64 MiB; on a
+    GPU it does up to thousands, so a sixteenth of the card's memory (a pass holds a few
+    activations of that size at once)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 16
+    return 64 << 20
 
 
 def loss_sum(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -79,7 +86,7 @@ class TrialPlan:
                     found = mask_pieces(graph, c.group, c.idxs)
                     if stackable(found):
                         pieces[i] = found
-        budget = stack_bytes or DEFAULT_STACK_BYTES.get(sample.device.type, 64 << 20)
+        budget = stack_bytes or default_stack_bytes(sample.device)
         image_bytes = _largest_activation(graph.model, sample) if pieces else 1
         return cls(graph, candidates, pieces, image_bytes, budget)
 
