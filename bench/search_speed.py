@@ -145,7 +145,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--before-iterations", type=int, default=None)
     p.add_argument("--max-iterations", type=int, default=None, help="stop the searches there")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the GPU section)")
-    p.add_argument("--gpu-rows", action="store_true", help="also the pipeline and ResNet-50")
+    p.add_argument("--gpu-rows", default="", help="also these: pipeline, resnet50 (comma list)")
     p.add_argument("--data-root", type=Path, default=None, help="holds cifar-10-batches-py")
     p.add_argument("--r50-seconds", type=float, default=150, help="ResNet-50 search time cap")
     p.add_argument("--r50-size", type=int, default=224, help="ResNet-50 image side")
@@ -175,12 +175,13 @@ def main() -> None:
         section["machine"]["gpu"] = torch.cuda.get_device_name()
     results["gpu" if device == "cuda" else "cpu"] = section
     train, test = data(args)
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):
         section["rows"].append(paired_row(args, name, train, device))
         write(out, results)
-    if args.gpu_rows:
+    if "pipeline" in args.gpu_rows:
         section["pipeline"] = pipeline_row(args, train, test, device)
         write(out, results)
+    if "resnet50" in args.gpu_rows:
         section["resnet50"] = resnet50_row(args, device)
         write(out, results)
 
@@ -240,7 +241,9 @@ def paired_row(args: argparse.Namespace, name: str, train: Any, device: str) -> 
             (r["max_loss_diff"] for r in LOG if "max_loss_diff" in r), default=None
         ),
         "final_loss": decisions[-1]["loss"] if decisions else None,
-        "same_decisions_as_today": agreement(name, decisions) if not args.smoke else None,
+        "same_decisions_as_today": (
+            agreement(name, decisions) if device == "cpu" and not args.smoke else None
+        ),
         "decisions": decisions,
     }
 
@@ -340,7 +343,7 @@ def resnet50_row(args: argparse.Namespace, device: str) -> dict[str, Any]:
     try:
         autoprune.prune(
             model,
-            example_inputs=torch.zeros(1, 3, args.r50_size, args.r50_size),
+            example_inputs=torch.zeros(1, 3, args.r50_size, args.r50_size, device=device),
             train_data=calib,
             target_macs_reduction=args.target,
             scorer="bench-paired",
@@ -460,10 +463,12 @@ def paired_table(row: dict[str, Any]) -> list[str]:
         )
     lines += projection(row)
     diff = row["max_loss_diff_default_vs_before"]
+    today = row["same_decisions_as_today"] if row["device"] == "cpu" else None
     lines += [
         "",
         f"Final calibration loss {row['final_loss']:.4f}; decisions equal to today's recorded "
-        f"search: {row['same_decisions_as_today'] or '-'}; largest loss difference, default vs "
+        f"CPU search: {today or 'not compared (other device or data)'}; largest loss "
+        "difference, default vs "
         f"before: {'-' if diff is None else f'{diff:.1e}'}; time outside scoring "
         f"{row['other_s']} s.",
         "",
