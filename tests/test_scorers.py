@@ -12,7 +12,7 @@ from torch import nn
 from autoprune.criteria import select
 from autoprune.data import DatasetInfo, ImageData
 from autoprune.errors import AutopruneError, UnknownNameError
-from autoprune.graph import PruningGraph, build_graph
+from autoprune.graph import PruningGraph, StackedMask, build_graph, mask_pieces
 from autoprune.models import create_model
 from autoprune.search._prefix import CallProfile, PrefixCache, plan_cuts
 from autoprune.search._trials import TrialPlan
@@ -218,6 +218,14 @@ def test_bf16_scoring_is_close_and_ranks_like_fp32(reference):
     assert min(range(len(losses)), key=losses.__getitem__) == min(
         range(len(expected)), key=expected.__getitem__
     )
+
+
+def test_stacked_mask_refuses_a_batch_that_is_not_its_copies():
+    graph = make_graph("padnet")
+    removals = [mask_pieces(graph, c.group, c.idxs) for c in candidates_of(graph)[:2]]
+    with torch.no_grad(), StackedMask(removals), pytest.raises(AutopruneError, match="stack=False"):
+        graph.model(torch.randn(3, 3, SIZE, SIZE))
+    assert_untouched(graph, snapshot(graph.model))
 
 
 def test_stacks_follow_the_memory_budget():
