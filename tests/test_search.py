@@ -19,6 +19,7 @@ from autoprune.io.state import load_state
 from autoprune.measure import count_macs
 from autoprune.models import create_model
 from autoprune.search import OBJECTIVES, SCHEDULES, PruneConfig, make_candidates
+from autoprune.search import _trials as search_trials
 from autoprune.search import loop as search_loop
 from autoprune.search import scorers as search_scorers
 from autoprune.search.candidates import criteria_state, removable
@@ -214,14 +215,14 @@ def kill_at_call(target: object, name: str, k: int, monkeypatch) -> None:
     ("where", "k"),
     [
         ("fit", 2),  # inside the second recovery
-        ("mask_channels", 40),  # while scoring the candidates of a later iteration
+        ("StackedMask", 12),  # while scoring the candidates of a later iteration
     ],
 )
 def test_interrupted_run_resumes_to_the_uninterrupted_result(
     smallcnn, finished, tmp_path, monkeypatch, where, k
 ):
     result, _ = finished
-    target = {"fit": search_loop, "mask_channels": search_scorers}[where]
+    target = {"fit": search_loop, "StackedMask": search_trials}[where]
     kill_at_call(target, where, k, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         small_prune(smallcnn, out_dir=tmp_path)
