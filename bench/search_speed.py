@@ -201,7 +201,7 @@ def paired_row(args: argparse.Namespace, name: str, train: Any, device: str) -> 
     """One paired search of ``name``, every variant at every iteration (see the docstring)."""
     LOG.clear()
     dense = autoprune.create_model(name, weights=adapted_weights(name))
-    target, calib = (0.05, 32) if args.smoke else (args.target, args.calib)
+    target, calib = (0.03, 32) if args.smoke else (args.target, args.calib)
     start = time.perf_counter()
     options = {
         "variants": VARIANTS,
