@@ -172,7 +172,7 @@ def reference(request: pytest.FixtureRequest) -> tuple[PruningGraph, list, list[
         {"halving": False, "stack": False},  # one forward per candidate
         {"halving": False, "stack_bytes": 1},  # stacks of one
         {"halving": False, "prefix_cache": False, "stack_bytes": 600_000},  # stacks of a few
-        {"min_images": 4, "keep": 1.0, "precision": "bf16-ranking"},  # fp32 final round
+        {"min_images": 4, "keep": 1.0, "precision": "bf16-ranking", "stack_bytes": 1 << 30},
     ],
     ids=[
         "masking",
@@ -197,7 +197,14 @@ def test_fast_losses_equal_the_exhaustive_reference(reference, options: dict):
         assert scorer.last_stats["cut_points"] > 3
 
 
-@pytest.mark.parametrize("options", [{}, {"prefix_cache": False}, {"stack_bytes": 600_000}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"stack_bytes": 1 << 30},
+        {"prefix_cache": False, "stack_bytes": 1 << 30},
+        {"stack_bytes": 600_000},
+    ],
+)
 def test_stacked_losses_equal_one_forward_per_candidate(reference, options: dict):
     graph, candidates, _ = reference
     calib = random_calib()
@@ -232,12 +239,13 @@ def test_stacks_follow_the_memory_budget():
     graph = make_graph("resnet20")
     candidates = candidates_of(graph)
     x = torch.randn(2, 3, SIZE, SIZE)
-    plan = TrialPlan.build(graph, candidates, x, stack=True, stack_bytes=None)
+    assert not TrialPlan.build(graph, candidates, x, stack=True, stack_bytes=None).pieces  # CPU
+    plan = TrialPlan.build(graph, candidates, x, stack=True, stack_bytes=1 << 30)
     assert plan.image_bytes == 16 * SIZE * SIZE * 4  # the widest activation, fp32
     plan.stack_bytes = 3 * 10 * plan.image_bytes  # three candidates of ten images
     assert [len(s) for s in plan.stacks(range(8), 10)] == [3, 3, 2]
     assert [len(s) for s in plan.stacks(range(2), 1000)] == [1, 1]  # never fewer than one
-    assert not TrialPlan.build(graph, candidates, x, stack=False, stack_bytes=None).pieces
+    assert not TrialPlan.build(graph, candidates, x, stack=False, stack_bytes=1 << 30).pieces
 
 
 def test_prefix_frontier_is_the_outermost_layers_done_before_the_cut():

@@ -215,14 +215,14 @@ def kill_at_call(target: object, name: str, k: int, monkeypatch) -> None:
     ("where", "k"),
     [
         ("fit", 2),  # inside the second recovery
-        ("StackedMask", 12),  # while scoring the candidates of a later iteration
+        ("mask_channels", 40),  # while scoring the candidates of a later iteration
     ],
 )
 def test_interrupted_run_resumes_to_the_uninterrupted_result(
     smallcnn, finished, tmp_path, monkeypatch, where, k
 ):
     result, _ = finished
-    target = {"fit": search_loop, "StackedMask": search_trials}[where]
+    target = {"fit": search_loop, "mask_channels": search_trials}[where]
     kill_at_call(target, where, k, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         small_prune(smallcnn, out_dir=tmp_path)

@@ -37,14 +37,16 @@ PRECISIONS: dict[str, tuple[torch.dtype | None, torch.dtype | None]] = {
 
 
 def default_stack_bytes(device: torch.device) -> int:
-    """A stacked pass's budget for its largest activation when the scorer is given none.
+    """A stacked pass's budget for its largest activation when the scorer is given none; 0:
+    no stacking.
 
-    On a CPU the throughput per image does not grow past a few hundred images, so 64 MiB; on a
-    GPU it does up to thousands, so a sixteenth of the card's memory (a pass holds a few
-    activations of that size at once)."""
+    On a GPU a sixteenth of the card's memory (a pass holds a few activations of that size at
+    once). On a CPU none: a core's throughput per image does not grow with the batch, and
+    stacked scoring measured no faster there than one forward per candidate
+    (docs/benchmarks/search_speed.md)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory // 16
-    return 64 << 20
+    return 0
 
 
 def loss_sum(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -78,15 +80,16 @@ class TrialPlan:
         stack: bool,
         stack_bytes: int | None,
     ) -> TrialPlan:
-        """Stack every channel candidate that can be (``stack``), sized for ``sample``'s images."""
+        """Stack every channel candidate that can be (``stack`` and a budget above 0), in
+        passes sized for ``sample``'s images."""
         pieces: dict[int, list[Piece]] = {}
-        if stack:
+        budget = default_stack_bytes(sample.device) if stack_bytes is None else stack_bytes
+        if stack and budget > 0:
             for i, c in enumerate(candidates):
                 if not isinstance(c, GrainCandidate):
                     found = mask_pieces(graph, c.group, c.idxs)
                     if stackable(found):
                         pieces[i] = found
-        budget = stack_bytes or default_stack_bytes(sample.device)
         image_bytes = _largest_activation(graph.model, sample) if pieces else 1
         return cls(graph, candidates, pieces, image_bytes, budget)
 

@@ -143,8 +143,8 @@ class FastScorer:
     model's loss (one extra pass over the set; the reordered copy is held during the call).
     ``max_batch`` splits calibration batches into forwards of at most that many images
     (memory: the cached prefix of a batch is held while its candidates run). ``stack_bytes``
-    caps a stacked pass's largest activation (default:
-    :func:`._trials.default_stack_bytes`). ``precision`` is a key of
+    caps a stacked pass's largest activation (default :func:`._trials.default_stack_bytes`:
+    a share of a GPU's memory; no stacking on a CPU). ``precision`` is a key of
     :data:`._trials.PRECISIONS`: ``fp32``, ``bf16`` or ``bf16-ranking`` (bf16 while halving
     ranks, survivors re-scored in fp32 on the whole set).
     ``channels_last`` runs 4-D inputs in that memory format: CPU convolutions are several
