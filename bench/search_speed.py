@@ -13,6 +13,7 @@ on the first iterations only (``--before-iterations``); its ratio is taken on th
     python bench/search_speed.py --smoke         # a tiny run on synthetic data, < 30 s
     python bench/search_speed.py --device cuda --gpu-rows --data-root R   # the GPU section
     python bench/search_speed.py --merge FILE.json   # add a GPU run's rows, rewrite the table
+    python bench/search_speed.py --render            # only rewrite the tables from the JSON
 
 Writes docs/benchmarks/search_speed.json and .md (the tables are generated from the JSON).
 """
@@ -167,7 +168,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--r50-seconds", type=float, default=150, help="ResNet-50 search time cap")
     p.add_argument("--r50-size", type=int, default=224, help="ResNet-50 image side")
     p.add_argument("--r50-calib", type=int, default=512, help="ResNet-50 calibration images")
-    p.add_argument("--merge", type=Path, nargs="*", default=(), help="runs' JSON files to add")
+    p.add_argument("--merge", type=Path, nargs="+", default=(), help="runs' JSON files to add")
+    p.add_argument("--render", action="store_true", help="only rewrite the tables from the JSON")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     p.add_argument("--out", type=Path, default=DOCS / "search_speed")
     args = p.parse_args()
@@ -180,7 +182,7 @@ def main() -> None:
     args = parse_args()
     out = args.out
     results = load(out)
-    if args.merge:
+    if args.merge or args.render:
         for path in args.merge:
             merge(results, json.loads(path.read_text()))
         write(out, results)
@@ -439,7 +441,7 @@ def write(out: Path, results: dict[str, Any]) -> None:
             continue
         facts = section["machine"]
         lines += ["", f"## {key.upper()}" + (f": {facts['gpu']}" if "gpu" in facts else ""), ""]
-        lines += [machine_line(facts), ""]
+        lines += [machine_line(facts), "", SECTION_NOTES[key], ""]
         for row in section["rows"]:
             lines += paired_table(row)
         if "pipeline" in section:
@@ -455,6 +457,19 @@ def write(out: Path, results: dict[str, Any]) -> None:
             lines += resnet50_lines(section["resnet50"])
     write_results(out, results, "\n".join(lines) + "\n")
 
+
+SECTION_NOTES = {
+    "cpu": (
+        "The stacked CPU variants stack with a 64 MiB budget for the widest activation. The "
+        "library does not stack on a CPU by default: these rows found it no faster there. "
+        "The load average is the one at the start; other agents' jobs shared the 2 cores."
+    ),
+    "gpu": (
+        "Data: the 30,000-image training subset and the 10,000 test images of "
+        "../shared/device, so the calibration images differ from the CPU rows'. The stacked "
+        "variants use the default budget, a sixteenth of the GPU's memory."
+    ),
+}
 
 PROTOCOL = (
     "Each search follows the stacked fp32 variant; at every iteration every variant scores "
