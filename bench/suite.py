@@ -27,6 +27,7 @@ SCRIPTS = (
     "search_cost.py",
     "speed.py",
     "scorer_tricks.py",
+    "search_speed.py",
     "objective_distill.py",
     "distributed_scoring.py",
     "multigrain.py",

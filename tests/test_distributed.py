@@ -30,7 +30,7 @@ from autoprune.graph import build_graph
 from autoprune.io import load
 from autoprune.models import create_model
 from autoprune.search import OBJECTIVES, SCORERS, CalibrationSet, RunDir, create_scorer
-from autoprune.search import scorers as search_scorers
+from autoprune.search import _trials as trials
 from autoprune.search import training as search_training
 from autoprune.search.candidates import criteria_state, make_candidates, removable
 
@@ -75,14 +75,20 @@ def score_one_step() -> dict[str, list[float]]:
 
 
 def count_masks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Count the candidate forwards (one mask per candidate and batch) from now on."""
-    calls, real = [0], search_scorers.mask_channels
+    """Count the candidate trials (one masked copy per candidate and batch) from now on, alone
+    (a mask) or stacked (a stacked mask of one copy per candidate)."""
+    calls, real, real_stacked = [0], trials.mask_channels, trials.StackedMask
 
     def counted(*args, **kwargs):
         calls[0] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(search_scorers, "mask_channels", counted)
+    def stacked(removals):
+        calls[0] += len(removals)
+        return real_stacked(removals)
+
+    monkeypatch.setattr(trials, "mask_channels", counted)
+    monkeypatch.setattr(trials, "StackedMask", stacked)
     return calls
 
 

@@ -15,7 +15,14 @@ from autoprune import api
 from autoprune.attention import MultiHeadAttention, PatchFold, PatchUnfold
 from autoprune.data import DatasetInfo, ImageData
 from autoprune.errors import UnknownNameError
-from autoprune.graph import PruningGraph, build_graph, mask_channels
+from autoprune.graph import (
+    PruningGraph,
+    StackedMask,
+    build_graph,
+    mask_channels,
+    mask_pieces,
+    stackable,
+)
 from autoprune.io import load, save
 from autoprune.io.export import export_onnx, run_onnx
 from autoprune.measure import count_macs
@@ -247,6 +254,23 @@ def test_head_masks_stack_on_one_attention_layer(xxs: nn.Module) -> None:
     attn = graph.model.mvit[1].transformer[2].attn
     assert (attn.num_heads, attn.head_dim, attn.value_dim) == (3, 6, 6)
     assert (attn.qkv.in_features, attn.proj.out_features) == (78, 78)
+
+
+def test_stacked_masks_equal_one_mask_at_a_time(xxs: nn.Module) -> None:
+    """Copy j of a stacked batch computes what removal j alone computes, attention included;
+    removals that reach a LayerNorm are the ones that do not stack."""
+    x = inputs(32)
+    graph = build_graph(xxs, x[:1])
+    removals = {name: third(graph.group(name).channels, seed) for seed, name in enumerate(GROUPS)}
+    pieces = {name: mask_pieces(graph, name, idxs) for name, idxs in removals.items()}
+    stacked = [name for name in GROUPS if stackable(pieces[name])]
+    assert set(GROUPS) - set(stacked) == {"mvit.0.conv2.conv"}  # the embedding width
+    with torch.no_grad():
+        with StackedMask([pieces[name] for name in stacked]):
+            outputs = graph.model(torch.cat([x] * len(stacked))).chunk(len(stacked))
+        for name, out in zip(stacked, outputs, strict=True):
+            with mask_channels(graph, name, removals[name]):
+                torch.testing.assert_close(out, graph.model(x), rtol=0, atol=1e-5, msg=name)
 
 
 def test_scope_is_checked_and_cnns_keep_their_groups() -> None:

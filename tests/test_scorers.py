@@ -12,9 +12,10 @@ from torch import nn
 from autoprune.criteria import select
 from autoprune.data import DatasetInfo, ImageData
 from autoprune.errors import AutopruneError, UnknownNameError
-from autoprune.graph import PruningGraph, build_graph
+from autoprune.graph import PruningGraph, StackedMask, build_graph, mask_pieces
 from autoprune.models import create_model
 from autoprune.search._prefix import CallProfile, PrefixCache, plan_cuts
+from autoprune.search._trials import TrialPlan
 from autoprune.search.calibration import CalibrationSet, stratified_order
 from autoprune.search.candidates import Candidate
 from autoprune.search.scorers import SCORERS, create_scorer, list_scorers
@@ -141,6 +142,8 @@ def test_registry_lists_both_scorers_and_checks_options():
         create_scorer("fast", halvng=False)
     with pytest.raises(AutopruneError, match="keep"):
         create_scorer("fast", keep=0.0)
+    with pytest.raises(AutopruneError, match="precision 'fp8' is not one of fp32, bf16"):
+        create_scorer("fast", precision="fp8")
 
 
 # ------------------------------------------------------------------------------ exactness
@@ -166,8 +169,22 @@ def reference(request: pytest.FixtureRequest) -> tuple[PruningGraph, list, list[
         {"halving": False, "max_batch": 5},
         {"halving": False},
         {"min_images": 4, "keep": 1.0},  # rounds of halving, nobody dropped
+        {"halving": False, "stack": False},  # one forward per candidate
+        {"halving": False, "stack_bytes": 1},  # stacks of one
+        {"halving": False, "prefix_cache": False, "stack_bytes": 600_000},  # stacks of a few
+        {"min_images": 4, "keep": 1.0, "precision": "bf16-ranking", "stack_bytes": 1 << 30},
     ],
-    ids=["masking", "prefix", "prefix-split-batches", "prefix-channels-last", "halving-keep-all"],
+    ids=[
+        "masking",
+        "prefix",
+        "prefix-split-batches",
+        "prefix-channels-last",
+        "halving-keep-all",
+        "one-by-one",
+        "stacks-of-one",
+        "stacks-of-a-few",
+        "bf16-ranking-fp32-final",
+    ],
 )
 def test_fast_losses_equal_the_exhaustive_reference(reference, options: dict):
     graph, candidates, expected = reference
@@ -178,6 +195,57 @@ def test_fast_losses_equal_the_exhaustive_reference(reference, options: dict):
     assert scorer.last_stats["fully_scored"] == len(candidates)
     if options.get("prefix_cache", True):  # candidates of different layers do not share a cut
         assert scorer.last_stats["cut_points"] > 3
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"stack_bytes": 1 << 30},
+        {"prefix_cache": False, "stack_bytes": 1 << 30},
+        {"stack_bytes": 600_000},
+    ],
+)
+def test_stacked_losses_equal_one_forward_per_candidate(reference, options: dict):
+    graph, candidates, _ = reference
+    calib = random_calib()
+    solo = create_scorer("fast", halving=False, stack=False)(graph, candidates, calib, by_loss)
+    scorer = create_scorer("fast", halving=False, **options)
+    stacked = scorer(graph, candidates, calib, by_loss)
+    assert scorer.last_stats["stacked"] == len(candidates)
+    assert max(abs(a - b) for a, b in zip(stacked, solo, strict=True)) <= 1e-5
+
+
+def test_bf16_scoring_is_close_and_ranks_like_fp32(reference):
+    graph, candidates, expected = reference
+    losses = create_scorer("fast", halving=False, precision="bf16")(
+        graph, candidates, random_calib(), by_loss
+    )
+    assert losses != expected  # it did run in bf16
+    assert max(abs(a - b) / b for a, b in zip(losses, expected, strict=True)) < 0.05
+    assert min(range(len(losses)), key=losses.__getitem__) == min(
+        range(len(expected)), key=expected.__getitem__
+    )
+
+
+def test_stacked_mask_refuses_a_batch_that_is_not_its_copies():
+    graph = make_graph("padnet")
+    removals = [mask_pieces(graph, c.group, c.idxs) for c in candidates_of(graph)[:2]]
+    with torch.no_grad(), StackedMask(removals), pytest.raises(AutopruneError, match="stack=False"):
+        graph.model(torch.randn(3, 3, SIZE, SIZE))
+    assert_untouched(graph, snapshot(graph.model))
+
+
+def test_stacks_follow_the_memory_budget():
+    graph = make_graph("resnet20")
+    candidates = candidates_of(graph)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    assert not TrialPlan.build(graph, candidates, x, stack=True, stack_bytes=None).pieces  # CPU
+    plan = TrialPlan.build(graph, candidates, x, stack=True, stack_bytes=1 << 30)
+    assert plan.image_bytes == 16 * SIZE * SIZE * 4  # the widest activation, fp32
+    plan.stack_bytes = 3 * 10 * plan.image_bytes  # three candidates of ten images
+    assert [len(s) for s in plan.stacks(range(8), 10)] == [3, 3, 2]
+    assert [len(s) for s in plan.stacks(range(2), 1000)] == [1, 1]  # never fewer than one
+    assert not TrialPlan.build(graph, candidates, x, stack=False, stack_bytes=1 << 30).pieces
 
 
 def test_prefix_frontier_is_the_outermost_layers_done_before_the_cut():

@@ -19,6 +19,7 @@ from autoprune.io.state import load_state
 from autoprune.measure import count_macs
 from autoprune.models import create_model
 from autoprune.search import OBJECTIVES, SCHEDULES, PruneConfig, make_candidates
+from autoprune.search import _trials as search_trials
 from autoprune.search import pruner as search_pruner
 from autoprune.search import scorers as search_scorers
 from autoprune.search import training as search_training
@@ -222,7 +223,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(
     smallcnn, finished, tmp_path, monkeypatch, where, k
 ):
     result, _ = finished
-    target = {"fit": search_training, "mask_channels": search_scorers}[where]
+    target = {"fit": search_training, "mask_channels": search_trials}[where]
     kill_at_call(target, where, k, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         small_prune(smallcnn, out_dir=tmp_path)

@@ -9,9 +9,10 @@ accounting and exact masking.
 from ._fx import NORMALIZED_ATTR, normalize_model
 from .build import build_graph
 from .groups import ChannelGroup, Member
-from .masking import ChannelMask, mask_channels
+from .masking import ChannelMask, mask_channels, mask_pieces
 from .pruning_graph import DEFAULT_PRUNABLE_TYPES, PruningGraph
 from .scopes import SCOPES, list_scopes, scope_report
+from .stacking import StackedMask, stackable
 
 __all__ = [
     "DEFAULT_PRUNABLE_TYPES",
@@ -21,9 +22,12 @@ __all__ = [
     "ChannelMask",
     "Member",
     "PruningGraph",
+    "StackedMask",
     "build_graph",
     "list_scopes",
     "mask_channels",
+    "mask_pieces",
     "normalize_model",
     "scope_report",
+    "stackable",
 ]

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 
 Site = tuple[nn.Module, str]  # (layer, where: "input", "output" or "layernorm")
+Piece = tuple[Site, torch.Tensor, str]  # (site, channel indices there, member kind)
 
 
 class MaskState:
@@ -109,7 +110,7 @@ class MaskState:
 class ChannelMask:
     """Handle of one trial removal: active from creation until :meth:`remove` (or ``with``)."""
 
-    def __init__(self, state: MaskState, pieces: list[tuple[Site, torch.Tensor, str]]) -> None:
+    def __init__(self, state: MaskState, pieces: list[Piece]) -> None:
         self._state = state
         self._pieces = pieces
         for site, idxs, kind in pieces:
@@ -138,7 +139,16 @@ def mask_channels(
     ``mask_channels(graph, group, idxs)`` or ``mask_channels(graph, {group: idxs, ...})``;
     use it as a context manager or call ``.remove()``. Validated like :meth:`PruningGraph.prune`.
     """
-    pieces: list[tuple[Site, torch.Tensor, str]] = []
+    return ChannelMask(graph.masks, mask_pieces(graph, group, idxs))
+
+
+def mask_pieces(
+    graph: PruningGraph,
+    group: ChannelGroup | str | Mapping[ChannelGroup | str, Sequence[int] | torch.Tensor],
+    idxs: Sequence[int] | torch.Tensor | None = None,
+) -> list[Piece]:
+    """Where a removal is masked: the channels to zero at each site, on the site's device."""
+    pieces: list[Piece] = []
     for g, ids in graph.resolve(group, idxs):
         for member in g.members:
             if member.mask_site is not None:
@@ -146,7 +156,7 @@ def mask_channels(
                 if hit.numel():
                     site = (member.module, member.mask_site)
                     pieces.append((site, hit.to(_device(member.module)), member.kind))
-    return ChannelMask(graph.masks, pieces)
+    return pieces
 
 
 def _device(module: nn.Module) -> torch.device:

@@ -155,31 +155,50 @@ class PrefixCache:
             self.outputs.update(recorded)
         self.outputs = {m: self.outputs[m] for m in cut.frontier}
 
-    def run(self, extra: Mapping[nn.Module, Forward] | None = None) -> Any:
+    def run(self, extra: Mapping[nn.Module, Forward] | None = None, copies: int = 1) -> Any:
         """``model(inputs)`` with the cached outputs replayed (and ``extra`` patches).
 
+        With ``copies`` > 1 the inputs and the replayed outputs are the batch repeated that
+        many times along dim 0 (a stacked pass, :class:`~autoprune.graph.StackedMask`).
         A failure is retried once with copies of the cached outputs: an in-place op on a
         replayed inference tensor is the failure copies fix; any other repeats and propagates.
         """
         try:
-            return self._run(extra)
+            return self._run(extra, copies)
         except RuntimeError:
-            if self.copy or not self.outputs:
+            if self.copy or not self.outputs or copies > 1:
                 raise
             self.copy = True
-            return self._run(extra)
+            return self._run(extra, copies)
 
-    def _run(self, extra: Mapping[nn.Module, Forward] | None) -> Any:
-        patches = {m: self._replay(out) for m, out in self.outputs.items()}
+    def _run(self, extra: Mapping[nn.Module, Forward] | None, copies: int) -> Any:
+        if copies == 1:
+            patches = {m: self._replay(out) for m, out in self.outputs.items()}
+            inputs = self.inputs
+        else:  # fresh tensors: in-place ops downstream are harmless
+            patches = {m: _constant(_repeat(out, copies)) for m, out in self.outputs.items()}
+            inputs = _repeat(self.inputs, copies)
         patches.update(extra or {})
         with patched_forwards(patches):
-            return self.model(self.inputs)
+            return self.model(inputs)
 
     def _replay(self, output: Any) -> Forward:
         def replay(*args: Any, **kwargs: Any) -> Any:
             return tree_map_only(torch.Tensor, torch.clone, output) if self.copy else output
 
         return replay
+
+
+def _repeat(value: Any, copies: int) -> Any:
+    """Every tensor in ``value`` repeated ``copies`` times along dim 0 (memory format kept)."""
+    return tree_map_only(torch.Tensor, lambda t: torch.cat([t] * copies), value)
+
+
+def _constant(value: Any) -> Forward:
+    def replay(*args: Any, **kwargs: Any) -> Any:
+        return value
+
+    return replay
 
 
 def _recorder(forward: Forward, module: nn.Module, store: dict[nn.Module, Any]) -> Forward:
