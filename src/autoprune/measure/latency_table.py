@@ -1,0 +1,168 @@
+"""Per-layer latency tables: each conv and linear layer timed alone at a few widths.
+
+The NetAdapt / HALP habit: a layer's latency on the target depends on its shape (kernel,
+stride, input size, batch) and its channel counts, so each distinct layer shape is rebuilt at
+a few output widths (at full input width) and a few input widths (at full output width), and
+timed in isolation on the backend, median of a few repeats. A layer at ``(cin, cout)`` is
+then predicted as ``dense * r_out(cout) * r_in(cin)``, each ratio interpolated in its table:
+cheap to build (two short sweeps per distinct shape) and fine enough to show the widths where
+a backend's kernels step.
+
+Timers are a registry: one per latency backend (``eager``, ``onnxruntime``, ...), each
+``(module, input shape without batch, batch size) -> median ms``; tests register a
+deterministic one.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .._registry import Registry
+from .latency import BACKENDS, measure_latency
+
+# (module, input shape without the batch dimension, batch size) -> milliseconds
+Timer = Callable[[nn.Module, tuple[int, ...], int], float]
+TIMERS: Registry[Timer] = Registry("latency timer")
+
+
+def _backend_timer(backend: str) -> Timer:
+    def timer(module: nn.Module, shape: tuple[int, ...], batch: int) -> float:
+        (lat,) = measure_latency(
+            module, shape, batch_sizes=(batch,), backend=backend, warmup=2, repeats=7
+        )
+        return lat.median_ms
+
+    return timer
+
+
+for _name in BACKENDS.names():
+    TIMERS.register(_name)(_backend_timer(_name))
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What decides a conv or linear layer's latency apart from its channel counts."""
+
+    kind: str  # "conv1d", "conv2d", "conv3d" or "linear"
+    in_channels: int
+    out_channels: int
+    input_shape: tuple[int, ...]  # without the batch; channels first (conv) or last (linear)
+    kernel_size: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] | str = ()
+    dilation: tuple[int, ...] = ()
+    depthwise: bool = False  # groups == in == out: one width moves both sides
+    bias: bool = True
+
+    @property
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def build(self, cin: int, cout: int) -> tuple[nn.Module, tuple[int, ...]]:
+        """A fresh layer of this shape at ``(cin, cout)`` and its input shape."""
+        if self.kind == "linear":
+            return nn.Linear(cin, cout, bias=self.bias), (*self.input_shape[:-1], cin)
+        conv = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}[self.kind]
+        if self.depthwise:
+            cin = cout
+        layer = conv(
+            cin,
+            cout,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=cout if self.depthwise else 1,
+            bias=self.bias,
+        )
+        return layer, (cin, *self.input_shape[1:])
+
+
+def layer_shape(module: nn.Module, input_shape: tuple[int, ...]) -> LayerShape | None:
+    """The shape record of a conv (not transposed, not grouped other than depthwise) or linear
+    layer fed ``input_shape`` (without batch); None for any other layer (not modelled)."""
+    if isinstance(module, nn.Linear):
+        features = (module.in_features, module.out_features)
+        return LayerShape("linear", *features, input_shape, bias=module.bias is not None)
+    if not isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        return None
+    depthwise = module.groups == module.in_channels == module.out_channels
+    if module.groups != 1 and not depthwise:
+        return None
+    return LayerShape(
+        f"conv{len(module.kernel_size)}d",
+        module.in_channels,
+        module.out_channels,
+        input_shape,
+        tuple(module.kernel_size),
+        tuple(module.stride),
+        module.padding if isinstance(module.padding, str) else tuple(module.padding),
+        tuple(module.dilation),
+        depthwise,
+        module.bias is not None,
+    )
+
+
+def probe_widths(full: int, points: int) -> list[int]:
+    """Up to ``points`` widths from ``full`` down, evenly spaced, every width when few."""
+    stride = max(1, -(-full // points))
+    return sorted({*range(full, 0, -stride), full})
+
+
+@dataclass
+class LayerTable:
+    """Measured latency of one layer shape: ``out_ms[i]`` at ``out_widths[i]`` output channels
+    (full input), ``in_ms[i]`` at ``in_widths[i]`` input channels (full output)."""
+
+    out_widths: list[int]
+    out_ms: list[float]
+    in_widths: list[int]
+    in_ms: list[float]
+
+    @property
+    def dense_ms(self) -> float:
+        return self.out_ms[-1]
+
+    def predict(self, cin: int, cout: int) -> float:
+        """Latency at ``(cin, cout)``: the dense one times the two interpolated ratios."""
+        ratio_out = _interpolate(self.out_widths, self.out_ms, cout) / self.dense_ms
+        if not self.in_widths:  # depthwise: one width
+            return self.dense_ms * ratio_out
+        ratio_in = _interpolate(self.in_widths, self.in_ms, cin) / self.in_ms[-1]
+        return self.dense_ms * ratio_out * ratio_in
+
+
+def measure_table(
+    shape: LayerShape, timer: Timer, batch: int, points: int, device: torch.device | str = "cpu"
+) -> LayerTable:
+    """Time ``shape`` on ``device`` at ``points`` output widths and ``points`` input widths
+    (one sweep for a depthwise conv, whose sides move together)."""
+
+    def at(cin: int, cout: int) -> float:
+        layer, input_shape = shape.build(cin, cout)
+        with torch.no_grad():
+            return max(1e-6, timer(layer.to(device).eval(), input_shape, batch))
+
+    outs = probe_widths(shape.out_channels, points)
+    out_ms = [at(shape.in_channels, w) for w in outs]
+    if shape.depthwise:
+        return LayerTable(outs, out_ms, [], [])
+    ins = probe_widths(shape.in_channels, points)
+    return LayerTable(outs, out_ms, ins, [at(w, shape.out_channels) for w in ins])
+
+
+def _interpolate(xs: list[int], ys: list[float], x: float) -> float:
+    """Piecewise-linear through the points, proportional to ``x`` below the first one."""
+    if x <= xs[0]:
+        return ys[0] * max(x, 0) / xs[0]
+    i = min(bisect.bisect_left(xs, x), len(xs) - 1)
+    if xs[i] == x or i == 0:
+        return ys[i]
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
