@@ -88,7 +88,7 @@ class LatencyModel:
         return self.scale * sum(self._layer_ms(m) - self._layer_ms(m, *r) for m, r in layers)
 
     def _layer_ms(self, module: nn.Module, out_removed: int = 0, in_removed: int = 0) -> float:
-        cin, cout = _widths(module)
+        cin, cout = channel_counts(module)
         return self.layers[module].predict(cin - in_removed, cout - out_removed)
 
 
@@ -124,7 +124,7 @@ def build_latency_model(
     with eval_mode(model), torch.no_grad():
         dense_ms = timer(model, input_shape, batch)
     layers = {m: tables[shapes[m].key] for m in shapes}
-    tables_ms = sum(table.predict(*_widths(m)) for m, table in layers.items())
+    tables_ms = sum(table.predict(*channel_counts(m)) for m, table in layers.items())
     return LatencyModel(backend, batch, layers, dense_ms, tables_ms, str(path))
 
 
@@ -195,7 +195,8 @@ def _save(path: Path, tables: dict[str, LayerTable], backend: str, batch: int) -
     write_text_atomic(path, json.dumps(data, indent=1))
 
 
-def _widths(module: nn.Module) -> tuple[int, int]:
+def channel_counts(module: nn.Module) -> tuple[int, int]:
+    """A conv's or linear layer's (input, output) channels as they are now."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     return module.in_channels, module.out_channels  # type: ignore[return-value]

@@ -4,9 +4,9 @@ The NetAdapt / HALP habit: a layer's latency on the target depends on its shape 
 stride, input size, batch) and its channel counts, so each distinct layer shape is rebuilt at
 a few output widths (at full input width) and a few input widths (at full output width), and
 timed in isolation on the backend, median of a few repeats. A layer at ``(cin, cout)`` is
-then predicted as ``dense * r_out(cout) * r_in(cin)``, each ratio interpolated in its table:
-cheap to build (two short sweeps per distinct shape) and fine enough to show the widths where
-a backend's kernels step.
+then predicted as ``dense * r_out(cout) * r_in(cin)``, each ratio read at the nearest
+measured width at or above: cheap to build (two short sweeps per distinct shape) and fine
+enough to show the widths where a backend's kernels step.
 
 Timers are a registry: one per latency backend (``eager``, ``onnxruntime``, ...), each
 ``(module, input shape without batch, batch size) -> median ms``; tests register a
@@ -130,11 +130,11 @@ class LayerTable:
         return self.out_ms[-1]
 
     def predict(self, cin: int, cout: int) -> float:
-        """Latency at ``(cin, cout)``: the dense one times the two interpolated ratios."""
-        ratio_out = _interpolate(self.out_widths, self.out_ms, cout) / self.dense_ms
+        """Latency at ``(cin, cout)``: the dense one times the two ratios read in the tables."""
+        ratio_out = _at_or_above(self.out_widths, self.out_ms, cout) / self.dense_ms
         if not self.in_widths:  # depthwise: one width
             return self.dense_ms * ratio_out
-        ratio_in = _interpolate(self.in_widths, self.in_ms, cin) / self.in_ms[-1]
+        ratio_in = _at_or_above(self.in_widths, self.in_ms, cin) / self.in_ms[-1]
         return self.dense_ms * ratio_out * ratio_in
 
 
@@ -157,12 +157,7 @@ def measure_table(
     return LayerTable(outs, out_ms, ins, [at(w, shape.out_channels) for w in ins])
 
 
-def _interpolate(xs: list[int], ys: list[float], x: float) -> float:
-    """Piecewise-linear through the points, proportional to ``x`` below the first one."""
-    if x <= xs[0]:
-        return ys[0] * max(x, 0) / xs[0]
-    i = min(bisect.bisect_left(xs, x), len(xs) - 1)
-    if xs[i] == x or i == 0:
-        return ys[i]
-    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+def _at_or_above(xs: list[int], ys: list[float], x: int) -> float:
+    """The latency of the nearest measured width at or above ``x``: a step function, so the
+    widths a search may snap to are the measured ones (a kernel's steps are not smoothed over)."""
+    return ys[min(bisect.bisect_left(xs, x), len(xs) - 1)]

@@ -9,6 +9,7 @@ from .._registry import Registry
 from ..criteria import CRITERIA, list_criteria
 from ..errors import AutopruneError
 from ..graph import SCOPES
+from ..measure.latency_table import TIMERS
 from ..train import TrainConfig
 from ..transfer import TRANSFER_ORDERS
 from .candidates import OBJECTIVES
@@ -102,6 +103,21 @@ class PruneConfig:
             option="--target-macs",
             aliases=("--target-flops",),
         ),
+    )
+    target_latency_reduction: float | None = field(
+        default=None,
+        metadata=_cli(
+            "Fraction of the predicted latency on --latency-backend at --latency-batch to "
+            "remove (0.5 = 2x faster), instead of --target-macs (0: a MACs target).",
+            option="--target-latency",
+        ),
+    )
+    latency_backend: str = field(
+        default="eager",
+        metadata=_cli("With --target-latency: the backend to be fast on.", choices=TIMERS),
+    )
+    latency_batch: int = field(
+        default=1, metadata=_cli("With --target-latency: the batch size to be fast at.")
     )
     criteria: tuple[str, ...] = field(
         default_factory=default_criteria,
@@ -261,12 +277,14 @@ class PruneConfig:
             (SCORERS, self.scorer),
             (TRANSFER_ORDERS, self.transfer_order),
             (SCOPES, self.scope),
+            (TIMERS, self.latency_backend),
         ):
             registry.entry(name)
         SCHEDULES.get(self.schedule).check(self)
         check_granularity(self)
         for name, low in (
             ("calib_size", 1),
+            ("latency_batch", 1),
             ("channel_multiple", 1),
             ("taylor_size", 1),
             ("recover_steps", 0),
@@ -280,6 +298,7 @@ class PruneConfig:
             raise AutopruneError(
                 f"weight_loss_limit must be > 1 (or None), got {self.weight_loss_limit}"
             )
+        _check_latency_target(self)
         if self.distill_temperature <= 0 or not 0.0 <= self.distill_weight <= 1.0:
             raise AutopruneError("distill_temperature must be > 0 and distill_weight in [0, 1]")
 
@@ -287,6 +306,22 @@ class PruneConfig:
         """These settings for a transfer run: its default schedule unless one was chosen."""
         schedule = self.schedule if schedule_chosen else default_schedule(True)
         return replace(self, transfer=True, schedule=schedule)
+
+
+def _check_latency_target(config: PruneConfig) -> None:
+    """A latency target works with a loss-aware schedule on channels alone; its objective
+    (``loss_per_latency``) needs one."""
+    if config.target_latency_reduction is None:
+        if config.objective == "loss_per_latency":
+            raise AutopruneError("objective 'loss_per_latency' needs target_latency_reduction")
+        return
+    _fraction("target_latency_reduction", config.target_latency_reduction, open_right=True)
+    if config.granularity != ("channel",) or config.schedule == "fixed":
+        raise AutopruneError(
+            "target_latency_reduction works with a loss-aware schedule (auto, "
+            "saliency-then-similarity) on granularity 'channel' alone; use "
+            "target_macs_reduction for the others"
+        )
 
 
 def _names(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
