@@ -8,6 +8,7 @@ fit through a thinner model must find).
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from _small import SMALL, TRAIN
 from torch import nn
 
+import autoprune
 from autoprune.errors import AutopruneError
 from autoprune.graph import build_graph
 from autoprune.measure.latency_model import build_latency_model, cache_key
@@ -87,7 +89,7 @@ def test_prediction_matches_the_backend_dense_and_after_pruning(model):
     for group in graph.groups():
         graph.prune(group.name, torch.arange(group.channels // 3))
     assert target.predicted_ms() == pytest.approx(fake_ms(graph.model, (1, 16, 16), 2))
-    report = target.report(EXAMPLE)
+    report = target.report()
     assert report["prediction_error"] == pytest.approx(0.0, abs=1e-9)
     assert report["speedup_measured"] == pytest.approx(report["speedup_predicted"])
 
@@ -182,3 +184,49 @@ def test_latency_settings_that_cannot_work_are_refused(settings):
 def test_loss_per_latency_needs_a_latency_target():
     with pytest.raises(AutopruneError, match="target_latency_reduction"):
         PruneConfig(objective="loss_per_latency")
+
+
+def test_a_latency_run_reports_predicted_and_measured_and_export_measures_again(
+    model, tmp_path, cli
+):
+    from autoprune.report import write_report
+
+    out = tmp_path / "run"
+    settings = {**SMALL, "recover_steps": 0, "distill": False, "step": 0.1}
+    settings.pop("target_macs_reduction")
+    result = autoprune.prune(
+        model,
+        train_data=TRAIN,
+        example_inputs=EXAMPLE,
+        out_dir=out,
+        progress=False,
+        target_latency_reduction=0.3,
+        latency_backend="fake8",
+        **settings,
+    )
+    latency = result.summary["latency"]
+    assert latency["backend"] == "fake8" and latency["batch"] == 1
+    assert latency["measured_ms"] == pytest.approx(fake_ms(result.model, (1, 16, 16), 1))
+    assert latency["prediction_error"] == pytest.approx(0.0, abs=1e-9)
+    assert latency["speedup_measured"] >= 1 / (1 - 0.3 + 0.005)
+    assert all("latency_predicted_ms" in h for h in result.history)
+    markdown, _ = write_report(out)
+    text = markdown.read_text()
+    assert "## Latency" in text and "latency predicted (ms)" in text
+    code, stdout, _ = cli(
+        "export",
+        str(out),
+        "-f",
+        "torchscript",
+        "--batch-sizes",
+        "1",
+        "--repeats",
+        "1",
+        "--input-size",
+        "16",
+        "--json",
+    )
+    assert code == 0
+    again = json.loads(stdout)["pruned_for"]
+    assert again["backend"] == "fake8"
+    assert again["measured_ms"] == pytest.approx(latency["measured_ms"])

@@ -34,8 +34,10 @@ THIN_KEEP = 0.5  # the thinner model the prediction is fitted through keeps this
 class LatencyTarget:
     """The latency goal of a run on ``graph``'s model (the one being pruned, bound now)."""
 
-    def __init__(self, model: LatencyModel, graph: PruningGraph, target: float) -> None:
-        self.model, self.graph, self.target = model, graph, target
+    def __init__(
+        self, model: LatencyModel, graph: PruningGraph, target: float, input_shape: tuple[int, ...]
+    ) -> None:
+        self.model, self.graph, self.target, self.input_shape = model, graph, target, input_shape
         self.dense_ms = model.predict()
 
     @classmethod
@@ -60,8 +62,9 @@ class LatencyTarget:
         thin_tables = sum(
             table.predict(*channel_counts(copies[names[m]])) for m, table in model.layers.items()
         )
-        model.fit(thin_tables, _measure(thin.model, example_inputs, backend, batch))
-        return cls(model, graph, target)
+        input_shape = tuple(example_inputs.shape[1:])
+        model.fit(thin_tables, _measure(thin.model, input_shape, backend, batch))
+        return cls(model, graph, target, input_shape)
 
     # ------------------------------------------------------------------------- progress
     def predicted_ms(self) -> float:
@@ -145,9 +148,10 @@ class LatencyTarget:
         return candidates
 
     # ------------------------------------------------------------------------ reporting
-    def report(self, example_inputs: torch.Tensor) -> dict[str, Any]:
+    def report(self) -> dict[str, Any]:
         """The pruned model measured on the backend beside what the model predicts."""
-        measured = _measure(self.graph.model, example_inputs, self.model.backend, self.model.batch)
+        lm = self.model
+        measured = _measure(self.graph.model, self.input_shape, lm.backend, lm.batch)
         predicted = self.predicted_ms()
         return {
             "backend": self.model.backend,
@@ -164,6 +168,6 @@ class LatencyTarget:
         }
 
 
-def _measure(model: torch.nn.Module, example: torch.Tensor, backend: str, batch: int) -> float:
+def _measure(model: torch.nn.Module, shape: tuple[int, ...], backend: str, batch: int) -> float:
     with eval_mode(model), torch.no_grad():
-        return TIMERS.get(backend)(model, tuple(example.shape[1:]), batch)
+        return TIMERS.get(backend)(model, shape, batch)
