@@ -27,7 +27,14 @@ from torch import nn
 from .._forward import eval_mode
 from ..errors import AutopruneError
 from ..io._atomic import write_text_atomic
-from .latency_table import TIMERS, LayerShape, LayerTable, layer_shape, measure_table
+from .latency_table import (
+    TIMERS,
+    LayerShape,
+    LayerTable,
+    layer_shape,
+    measure_table,
+    median_rounds,
+)
 
 # layer -> (output channels removed, input channels removed), as a channel group reports it
 Removed = Mapping[nn.Module, tuple[int, int]]
@@ -99,10 +106,12 @@ def build_latency_model(
     backend: str = "eager",
     batch: int = 1,
     points: int = 16,
+    rounds: int = 3,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> LatencyModel:
     """Measure (or load from the cache) the tables of ``model``'s layers on ``backend`` at
-    ``batch`` images, ``points`` widths per side, and time the whole model once."""
+    ``batch`` images, ``points`` widths per side, and time the whole model (each the median
+    of ``rounds`` rounds)."""
     if not isinstance(example_inputs, torch.Tensor):
         raise AutopruneError(
             "a latency target needs a model with one input tensor; use target_macs_reduction"
@@ -118,11 +127,11 @@ def build_latency_model(
     tables = _load(path)
     if tables is None or set(tables) != set(keys):
         by_key = {s.key: s for s in shapes.values()}
-        tables = {k: measure_table(by_key[k], timer, batch, points, device) for k in keys}
+        tables = {k: measure_table(by_key[k], timer, batch, points, device, rounds) for k in keys}
         _save(path, tables, backend, batch)
     input_shape = tuple(example_inputs.shape[1:])
-    with eval_mode(model), torch.no_grad():
-        dense_ms = timer(model, input_shape, batch)
+    with eval_mode(model):
+        (dense_ms,) = median_rounds([model], input_shape, timer, batch, rounds)
     layers = {m: tables[shapes[m].key] for m in shapes}
     tables_ms = sum(table.predict(*channel_counts(m)) for m, table in layers.items())
     return LatencyModel(backend, batch, layers, dense_ms, tables_ms, str(path))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -139,22 +140,41 @@ class LayerTable:
 
 
 def measure_table(
-    shape: LayerShape, timer: Timer, batch: int, points: int, device: torch.device | str = "cpu"
+    shape: LayerShape,
+    timer: Timer,
+    batch: int,
+    points: int,
+    device: torch.device | str = "cpu",
+    rounds: int = 3,
 ) -> LayerTable:
     """Time ``shape`` on ``device`` at ``points`` output widths and ``points`` input widths
-    (one sweep for a depthwise conv, whose sides move together)."""
-
-    def at(cin: int, cout: int) -> float:
-        layer, input_shape = shape.build(cin, cout)
-        with torch.no_grad():
-            return max(1e-6, timer(layer.to(device).eval(), input_shape, batch))
-
+    (one sweep for a depthwise conv, whose sides move together): the median of ``rounds``
+    rounds that each visit every width, so that a burst of load from other processes lands on
+    one round of all widths rather than on a few widths, which would fake a kernel step."""
     outs = probe_widths(shape.out_channels, points)
-    out_ms = [at(shape.in_channels, w) for w in outs]
-    if shape.depthwise:
-        return LayerTable(outs, out_ms, [], [])
-    ins = probe_widths(shape.in_channels, points)
-    return LayerTable(outs, out_ms, ins, [at(w, shape.out_channels) for w in ins])
+    ins = [] if shape.depthwise else probe_widths(shape.in_channels, points)
+    pairs = [(shape.in_channels, w) for w in outs] + [(w, shape.out_channels) for w in ins]
+    layers = {pair: shape.build(*pair) for pair in pairs}
+    times: dict[tuple[int, int], list[float]] = {pair: [] for pair in pairs}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for pair, (layer, input_shape) in layers.items():
+                times[pair].append(timer(layer.to(device).eval(), input_shape, batch))
+    ms = [max(1e-6, statistics.median(times[pair])) for pair in pairs]
+    return LayerTable(outs, ms[: len(outs)], ins, ms[len(outs) :])
+
+
+def median_rounds(
+    models: list[nn.Module], input_shape: tuple[int, ...], timer: Timer, batch: int, rounds: int
+) -> list[float]:
+    """Each model's median latency over ``rounds`` rounds that each time every model in turn:
+    models compared in one run see the same load."""
+    times: list[list[float]] = [[] for _ in models]
+    with torch.no_grad():
+        for _ in range(rounds):
+            for model, kept in zip(models, times, strict=True):
+                kept.append(timer(model, input_shape, batch))
+    return [statistics.median(t) for t in times]
 
 
 def _at_or_above(xs: list[int], ys: list[float], x: int) -> float:

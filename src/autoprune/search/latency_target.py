@@ -14,6 +14,7 @@ blocks of 8 or 16 channels) the widths in between are never kept.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -24,10 +25,11 @@ from ..criteria import select
 from ..errors import AutopruneError
 from ..graph import ChannelGroup, PruningGraph
 from ..measure.latency_model import LatencyModel, build_latency_model, channel_counts
-from ..measure.latency_table import TIMERS
+from ..measure.latency_table import TIMERS, median_rounds
 from .candidates import Candidate
 
 TOLERANCE = 0.005  # the stop rule's slack, as a fraction of the dense predicted latency
+ROUNDS = 3  # whole-model timings: median of this many rounds, models compared interleaved
 THIN_KEEP = 0.5  # the thinner model the prediction is fitted through keeps this of each group
 
 
@@ -35,9 +37,16 @@ class LatencyTarget:
     """The latency goal of a run on ``graph``'s model (the one being pruned, bound now)."""
 
     def __init__(
-        self, model: LatencyModel, graph: PruningGraph, target: float, input_shape: tuple[int, ...]
+        self,
+        model: LatencyModel,
+        graph: PruningGraph,
+        target: float,
+        input_shape: tuple[int, ...],
+        rounds: int = ROUNDS,
     ) -> None:
         self.model, self.graph, self.target, self.input_shape = model, graph, target, input_shape
+        self.rounds = rounds
+        self.dense = copy.deepcopy(graph.model)  # timed beside the pruned model at the end
         self.dense_ms = model.predict()
 
     @classmethod
@@ -53,7 +62,9 @@ class LatencyTarget:
     ) -> LatencyTarget:
         """Measure (or load) the tables of ``graph``'s model and fit the prediction through
         the dense model and a copy thinned to :data:`THIN_KEEP` of each group (within ``cap``)."""
-        model = build_latency_model(graph.model, example_inputs, backend=backend, batch=batch)
+        model = build_latency_model(
+            graph.model, example_inputs, backend=backend, batch=batch, rounds=ROUNDS
+        )
         thin = graph.copy()
         keep = max(THIN_KEEP, 1.0 - cap)
         thin.prune({g.name: torch.arange(int(g.channels * (1 - keep))) for g in thin.groups()})
@@ -63,7 +74,12 @@ class LatencyTarget:
             table.predict(*channel_counts(copies[names[m]])) for m, table in model.layers.items()
         )
         input_shape = tuple(example_inputs.shape[1:])
-        model.fit(thin_tables, _measure(thin.model, input_shape, backend, batch))
+        with eval_mode(graph.model), eval_mode(thin.model):
+            dense_ms, thin_ms = median_rounds(
+                [graph.model, thin.model], input_shape, TIMERS.get(backend), batch, ROUNDS
+            )
+        model.dense_ms = dense_ms  # timed beside the thin model: the same load
+        model.fit(thin_tables, thin_ms)
         return cls(model, graph, target, input_shape)
 
     # ------------------------------------------------------------------------- progress
@@ -150,24 +166,28 @@ class LatencyTarget:
     # ------------------------------------------------------------------------ reporting
     def report(self) -> dict[str, Any]:
         """The pruned model measured on the backend beside what the model predicts."""
-        lm = self.model
-        measured = _measure(self.graph.model, self.input_shape, lm.backend, lm.batch)
+        lm, pruned = self.model, self.graph.model
+        with eval_mode(self.dense), eval_mode(pruned):
+            dense, measured = median_rounds(
+                [self.dense, pruned],
+                self.input_shape,
+                TIMERS.get(lm.backend),
+                lm.batch,
+                self.rounds,
+            )
         predicted = self.predicted_ms()
         return {
-            "backend": self.model.backend,
-            "batch": self.model.batch,
-            "dense_measured_ms": self.model.dense_ms,
+            "backend": lm.backend,
+            "batch": lm.batch,
+            "rounds": self.rounds,
+            "dense_measured_ms": dense,
+            "dense_predicted_ms": self.dense_ms,
             "predicted_ms": predicted,
             "measured_ms": measured,
             "prediction_error": predicted / measured - 1.0,
             "speedup_predicted": self.dense_ms / predicted,
-            "speedup_measured": self.model.dense_ms / measured,
+            "speedup_measured": dense / measured,
             "tables_ratio": self.model.ratio,
             "fixed_ms": self.model.fixed_ms,
             "cache": self.model.cache_file,
         }
-
-
-def _measure(model: torch.nn.Module, shape: tuple[int, ...], backend: str, batch: int) -> float:
-    with eval_mode(model), torch.no_grad():
-        return TIMERS.get(backend)(model, shape, batch)
