@@ -230,3 +230,12 @@ def test_a_latency_run_reports_predicted_and_measured_and_export_measures_again(
     again = json.loads(stdout)["pruned_for"]
     assert again["backend"] == "fake8"
     assert again["measured_ms"] == pytest.approx(latency["measured_ms"])
+
+
+def test_the_default_objective_follows_the_target():
+    from dataclasses import replace
+
+    assert PruneConfig().search_objective == "loss"
+    latency = replace(PruneConfig(), target_latency_reduction=0.3)
+    assert latency.search_objective == "loss_per_latency"
+    assert replace(latency, objective="loss").search_objective == "loss"

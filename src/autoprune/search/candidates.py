@@ -91,7 +91,9 @@ def loss_per_mac(base_loss: float) -> Objective:
 
 
 @OBJECTIVES.register(
-    "loss_per_latency", description="loss increase per ms of predicted latency saved"
+    "loss_per_latency",
+    description="loss increase per ms of predicted latency saved",
+    target="latency",
 )
 def loss_per_latency(base_loss: float) -> Objective:
     """Loss increase over ``base_loss`` per millisecond the step is predicted to save (with a

@@ -150,7 +150,14 @@ class PruneConfig:
         ),
     )
     # The default objective with distillation: docs/benchmarks/objective_distill.md.
-    objective: str = field(default="loss", metadata=_cli("", choices=OBJECTIVES))
+    objective: str | None = field(
+        default=None,
+        metadata=_cli(
+            "Default: loss; loss_per_latency with --target-latency (its steps snap to the "
+            "backend's widths, so their sizes vary).",
+            choices=OBJECTIVES,
+        ),
+    )
     scorer: str = field(default="fast", metadata=_cli("", choices=SCORERS))
     scorer_options: dict[str, Any] = field(
         default_factory=dict,
@@ -273,7 +280,7 @@ class PruneConfig:
         for registry, name in (
             (SCHEDULES, self.schedule),
             (ALLOCATIONS, self.allocation),
-            (OBJECTIVES, self.objective),
+            (OBJECTIVES, self.search_objective),
             (SCORERS, self.scorer),
             (TRANSFER_ORDERS, self.transfer_order),
             (SCOPES, self.scope),
@@ -302,6 +309,14 @@ class PruneConfig:
         if self.distill_temperature <= 0 or not 0.0 <= self.distill_weight <= 1.0:
             raise AutopruneError("distill_temperature must be > 0 and distill_weight in [0, 1]")
 
+    @property
+    def search_objective(self) -> str:
+        """``objective``, or its default for this target (left None in the field, so that a
+        ``replace`` changing the target changes the default too)."""
+        if self.objective is not None:
+            return self.objective
+        return "loss" if self.target_latency_reduction is None else "loss_per_latency"
+
     def for_transfer(self, *, schedule_chosen: bool) -> PruneConfig:
         """These settings for a transfer run: its default schedule unless one was chosen."""
         schedule = self.schedule if schedule_chosen else default_schedule(True)
@@ -312,8 +327,10 @@ def _check_latency_target(config: PruneConfig) -> None:
     """A latency target works with a loss-aware schedule on channels alone; its objective
     (``loss_per_latency``) needs one."""
     if config.target_latency_reduction is None:
-        if config.objective == "loss_per_latency":
-            raise AutopruneError("objective 'loss_per_latency' needs target_latency_reduction")
+        if config.objective and OBJECTIVES.entry(config.objective).meta.get("target") == "latency":
+            raise AutopruneError(
+                f"objective {config.objective!r} needs target_latency_reduction (--target-latency)"
+            )
         return
     _fraction("target_latency_reduction", config.target_latency_reduction, open_right=True)
     if config.granularity != ("channel",) or config.schedule == "fixed":

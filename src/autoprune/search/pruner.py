@@ -149,7 +149,7 @@ class Pruner:
         ctx = self.context()
         if self.calib is None or ctx.loss is None:
             raise AutopruneError("scoring candidates needs calibration data: pass calib_data")
-        objective = OBJECTIVES.get(self.config.objective)(ctx.loss)
+        objective = OBJECTIVES.get(self.config.search_objective)(ctx.loss)
         return list(self.scorer(self.graph, list(candidates), self.calib, objective))
 
     def step(self) -> dict[str, Any] | None:

@@ -165,7 +165,7 @@ def choose(
     cfg = ctx.config
     if ctx.calib is None or ctx.scorer is None or ctx.loss is None:
         raise AutopruneError(f"granularity {granularity!r} needs calibration data")
-    objective = OBJECTIVES.get(cfg.objective)(ctx.loss)
+    objective = OBJECTIVES.get(cfg.search_objective)(ctx.loss)
     losses = ctx.scorer(ctx.graph, candidates, ctx.calib, objective)
     values = [
         objective(v, c) if math.isfinite(v) else math.inf
