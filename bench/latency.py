@@ -232,10 +232,14 @@ def main() -> None:
     dense = autoprune.create_model(args.model, weights=adapted_weights(args.model)).eval()
     train, test = cifar10_jpeg75(args.test_size)
     train = train.subset(range(args.train_size))
-    targets = []
+    targets: list[dict[str, Any]] = []
     for spec in args.targets.split(","):
         backend, batch = spec.split(":")
         targets.append(run_target(backend, int(batch), dense, train, test, args))
+        report(args, targets)  # after every target: a long run shows what it has
+
+
+def report(args: argparse.Namespace, targets: list[dict[str, Any]]) -> None:
     flags = " --smoke" if args.smoke else " --reduced" if args.reduced else ""
     results = {
         "model": args.model,

@@ -26,6 +26,7 @@ SCRIPTS = (
     "quality.py",
     "search_cost.py",
     "speed.py",
+    "latency.py",
     "scorer_tricks.py",
     "objective_distill.py",
     "distributed_scoring.py",

@@ -19,6 +19,7 @@ from torch import nn
 import autoprune
 from autoprune.errors import AutopruneError
 from autoprune.graph import build_graph
+from autoprune.measure import available_backends
 from autoprune.measure.latency_model import build_latency_model, cache_key
 from autoprune.measure.latency_table import TIMERS, LayerTable, probe_widths
 from autoprune.models import create_model
@@ -46,8 +47,12 @@ def fake_ms(module: nn.Module, shape: tuple[int, ...], batch: int) -> float:
     return total * batch
 
 
+def fake_timer(module: nn.Module, shape: tuple[int, ...], batch: int):
+    return lambda: fake_ms(module, shape, batch)
+
+
 if "fake8" not in TIMERS:
-    TIMERS.register("fake8")(fake_ms)
+    TIMERS.register("fake8")(fake_timer)
 
 EXAMPLE = torch.zeros(1, 1, 16, 16)
 
@@ -239,3 +244,16 @@ def test_the_default_objective_follows_the_target():
     latency = replace(PruneConfig(), target_latency_reduction=0.3)
     assert latency.search_objective == "loss_per_latency"
     assert replace(latency, objective="loss").search_objective == "loss"
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+def test_a_real_backend_builds_a_table_for_every_layer(model, backend):
+    if backend not in TIMERS or backend not in available_backends():
+        pytest.skip(f"{backend} is not installed here")
+    example = torch.zeros(1, 1, 24, 24)  # ONNX exports the adaptive pool of a multiple of 3
+    lm = build_latency_model(model, example, backend=backend, batch=1, points=2, rounds=1)
+    layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    assert set(lm.layers) == set(layers)
+    assert lm.dense_ms > 0 and lm.tables_ms > 0
+    assert lm.predict() == pytest.approx(lm.dense_ms)  # scaled to the measurement
+    assert all(len(t.out_widths) == 2 for t in lm.layers.values())

@@ -14,7 +14,7 @@ from .. import api
 from .._forward import eval_mode
 from ..io.export import FORMATS
 from ..io.export_check import export_checked
-from ..measure.latency_table import TIMERS
+from ..measure.latency_table import TIMERS, median_rounds
 from ..report import write_report
 from ..search.run import load_run_model
 from ._common import JsonOpt, app, choices, out
@@ -95,7 +95,9 @@ def _pruned_for(run: Path, net: nn.Module, example: torch.Tensor) -> dict[str, A
     if latency is None:
         return None
     with eval_mode(net), torch.no_grad():
-        now = TIMERS.get(latency["backend"])(net, tuple(example.shape[1:]), latency["batch"])
+        (now,) = median_rounds(
+            [net], tuple(example.shape[1:]), TIMERS.get(latency["backend"]), latency["batch"], 3
+        )
     return {
         "backend": latency["backend"],
         "batch": latency["batch"],

@@ -25,21 +25,36 @@ import torch
 from torch import nn
 
 from .._registry import Registry
-from .latency import BACKENDS, measure_latency
+from .latency import BACKENDS, time_runner
 
-# (module, input shape without the batch dimension, batch size) -> milliseconds
-Timer = Callable[[nn.Module, tuple[int, ...], int], float]
+# One median timing of a prepared model, in ms; called once per round.
+Stopwatch = Callable[[], float]
+# (module, input shape without the batch dimension, batch size) -> its stopwatch, prepared
+# once (for a runtime of exported files: one export), so that rounds cost only timing.
+Timer = Callable[[nn.Module, tuple[int, ...], int], Stopwatch]
 TIMERS: Registry[Timer] = Registry("latency timer")
 
 
 def _backend_timer(backend: str) -> Timer:
-    def timer(module: nn.Module, shape: tuple[int, ...], batch: int) -> float:
-        (lat,) = measure_latency(
-            module, shape, batch_sizes=(batch,), backend=backend, warmup=2, repeats=7
-        )
-        return lat.median_ms
+    def prepare(module: nn.Module, shape: tuple[int, ...], batch: int) -> Stopwatch:
+        device = next(module.parameters()).device
+        run = BACKENDS.get(backend)(module, torch.randn(1, *shape, device=device))
 
-    return timer
+        def once() -> float:
+            (lat,) = time_runner(
+                run,
+                shape,
+                backend=backend,
+                batch_sizes=(batch,),
+                warmup=2,
+                repeats=7,
+                device=device,
+            )
+            return lat.median_ms
+
+        return once
+
+    return prepare
 
 
 for _name in BACKENDS.names():
@@ -154,12 +169,15 @@ def measure_table(
     outs = probe_widths(shape.out_channels, points)
     ins = [] if shape.depthwise else probe_widths(shape.in_channels, points)
     pairs = [(shape.in_channels, w) for w in outs] + [(w, shape.out_channels) for w in ins]
-    layers = {pair: shape.build(*pair) for pair in pairs}
     times: dict[tuple[int, int], list[float]] = {pair: [] for pair in pairs}
     with torch.no_grad():
+        watches = {}
+        for pair in pairs:
+            layer, input_shape = shape.build(*pair)
+            watches[pair] = timer(layer.to(device).eval(), input_shape, batch)
         for _ in range(rounds):
-            for pair, (layer, input_shape) in layers.items():
-                times[pair].append(timer(layer.to(device).eval(), input_shape, batch))
+            for pair, watch in watches.items():
+                times[pair].append(watch())
     ms = [max(1e-6, statistics.median(times[pair])) for pair in pairs]
     return LayerTable(outs, ms[: len(outs)], ins, ms[len(outs) :])
 
@@ -171,9 +189,10 @@ def median_rounds(
     models compared in one run see the same load."""
     times: list[list[float]] = [[] for _ in models]
     with torch.no_grad():
+        watches = [timer(model, input_shape, batch) for model in models]
         for _ in range(rounds):
-            for model, kept in zip(models, times, strict=True):
-                kept.append(timer(model, input_shape, batch))
+            for watch, kept in zip(watches, times, strict=True):
+                kept.append(watch())
     return [statistics.median(t) for t in times]
 
 
