@@ -20,7 +20,7 @@ import autoprune
 from autoprune.errors import AutopruneError
 from autoprune.graph import build_graph
 from autoprune.measure import available_backends
-from autoprune.measure.latency_model import build_latency_model, cache_key
+from autoprune.measure.latency_model import LatencyModel, build_latency_model, cache_key
 from autoprune.measure.latency_table import TIMERS, LayerTable, probe_widths
 from autoprune.models import create_model
 from autoprune.search import PruneConfig, Pruner
@@ -257,3 +257,14 @@ def test_a_real_backend_builds_a_table_for_every_layer(model, backend):
     assert lm.dense_ms > 0 and lm.tables_ms > 0
     assert lm.predict() == pytest.approx(lm.dense_ms)  # scaled to the measurement
     assert all(len(t.out_widths) == 2 for t in lm.layers.values())
+
+
+def test_the_fit_keeps_the_dense_measurement_and_splits_off_fixed_cost():
+    lm = LatencyModel("fake8", 1, {}, dense_ms=10.0, tables_ms=5.0)
+    assert lm.scale == 2.0 and lm.fixed_ms == 0.0
+    lm.fit(tables_ms=2.5, measured_ms=7.5)  # half the tables saved a quarter: 5 ms is fixed
+    assert (lm.fixed_ms, lm.scale) == (5.0, 1.0)
+    lm.fit(tables_ms=2.5, measured_ms=11.0)  # a thinner model measured slower: nothing helps
+    assert (lm.fixed_ms, lm.scale) == (10.0, 0.0)
+    lm.fit(tables_ms=5.0, measured_ms=9.0)  # no thinner tables: proportional
+    assert (lm.fixed_ms, lm.scale) == (0.0, 2.0)

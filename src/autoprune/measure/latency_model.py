@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 from collections.abc import Mapping
@@ -74,10 +75,8 @@ class LatencyModel:
         """Fit ``fixed_ms`` and ``scale`` through the dense model and a thinner one whose
         tables sum to ``tables_ms`` and which measured ``measured_ms`` (``fixed_ms`` >= 0)."""
         span = self.tables_ms - tables_ms
-        if span <= 0:
-            return
-        scale = max(0.0, (self.dense_ms - measured_ms) / span)
-        self.fixed_ms = max(0.0, self.dense_ms - scale * self.tables_ms)
+        scale = max(0.0, (self.dense_ms - measured_ms) / span) if span > 0 else math.inf
+        self.fixed_ms = max(0.0, self.dense_ms - scale * self.tables_ms)  # inf: proportional
         self.scale = (self.dense_ms - self.fixed_ms) / self.tables_ms
 
     def layers_ms(self, removed: Removed | None = None) -> float:
