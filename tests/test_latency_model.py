@@ -268,3 +268,10 @@ def test_the_fit_keeps_the_dense_measurement_and_splits_off_fixed_cost():
     assert (lm.fixed_ms, lm.scale) == (10.0, 0.0)
     lm.fit(tables_ms=5.0, measured_ms=9.0)  # no thinner tables: proportional
     assert (lm.fixed_ms, lm.scale) == (0.0, 2.0)
+
+
+def test_the_cli_offers_the_latency_options(cli):
+    code, out, _ = cli("prune", "--help")
+    assert code == 0
+    for option in ("--target-latency", "--latency-backend", "--latency-batch"):
+        assert option in out
