@@ -8,6 +8,7 @@ fit through a thinner model must find).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -275,3 +276,17 @@ def test_the_cli_offers_the_latency_options(cli):
     assert code == 0
     for option in ("--target-latency", "--latency-backend", "--latency-batch"):
         assert option in out
+
+
+def test_a_resumed_latency_run_decides_as_the_saved_one(model):
+    first = Pruner(model, EXAMPLE, latency_config(), calib_data=TRAIN)
+    first.step()
+    saved = copy.deepcopy(first.state_dict())  # as written to disk: apart from the pruner
+    assert saved["latency_fit"] == first.latency.fit_state()
+    rest = [entry["removed"] for entry in iter(first.step, None)]
+    second = Pruner(model, EXAMPLE, latency_config(), calib_data=TRAIN)
+    second.load_state_dict(copy.deepcopy(saved))
+    assert [entry["removed"] for entry in iter(second.step, None)] == rest
+    third = Pruner(model, EXAMPLE, latency_config(), calib_data=TRAIN)
+    third.load_state_dict({**saved, "latency_fit": {**saved["latency_fit"], "fixed_ms": 0.5}})
+    assert third.latency.model.fixed_ms == 0.5  # the saved fit, not a new measurement

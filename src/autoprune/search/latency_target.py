@@ -82,6 +82,17 @@ class LatencyTarget:
         model.fit(thin_tables, thin_ms)
         return cls(model, graph, target, input_shape)
 
+    def fit_state(self) -> dict[str, float]:
+        """The fitted prediction (the tables are in the cache): what a resumed run reloads."""
+        lm = self.model
+        return {"dense_ms": lm.dense_ms, "fixed_ms": lm.fixed_ms, "scale": lm.scale}
+
+    def load_fit(self, fit: dict[str, float]) -> None:
+        """Predict as the run that saved :meth:`fit_state` did (call before any pruning)."""
+        lm = self.model
+        lm.dense_ms, lm.fixed_ms, lm.scale = fit["dense_ms"], fit["fixed_ms"], fit["scale"]
+        self.dense_ms = lm.predict()
+
     # ------------------------------------------------------------------------- progress
     def predicted_ms(self) -> float:
         return self.model.predict()

@@ -313,6 +313,7 @@ class Pruner:
             "config": comparable(self.config, self.scorer),
             "start_weights": self.start_weights,
             **asdict(self.state),
+            "latency_fit": None if self.latency is None else self.latency.fit_state(),
             "model": self.model.state_dict(),
         }
 
@@ -336,7 +337,9 @@ class Pruner:
             )
         if self.state.applied:
             raise AutopruneError("load a state into a new Pruner, not one that has pruned")
-        weights = saved.pop("model")
+        weights, fit = saved.pop("model"), saved.pop("latency_fit", None)
+        if self.latency is not None and fit is not None:  # decide as the saved run did
+            self.latency.load_fit(fit)
         self.state.update(saved)
         grains = {g.name: g for g in self.grains}
         for name, removal in self.state.applied:
