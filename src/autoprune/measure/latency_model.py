@@ -33,7 +33,7 @@ from .latency_table import (
     LayerShape,
     LayerTable,
     layer_shape,
-    measure_table,
+    measure_tables,
     median_rounds,
 )
 
@@ -126,7 +126,8 @@ def build_latency_model(
     tables = _load(path)
     if tables is None or set(tables) != set(keys):
         by_key = {s.key: s for s in shapes.values()}
-        tables = {k: measure_table(by_key[k], timer, batch, points, device, rounds) for k in keys}
+        measured = measure_tables([by_key[k] for k in keys], timer, batch, points, device, rounds)
+        tables = dict(zip(keys, measured, strict=True))
         _save(path, tables, backend, batch)
     input_shape = tuple(example_inputs.shape[1:])
     with eval_mode(model):

@@ -20,6 +20,7 @@ import json
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -154,32 +155,47 @@ class LayerTable:
         return self.dense_ms * ratio_out * ratio_in
 
 
-def measure_table(
-    shape: LayerShape,
+def measure_tables(
+    shapes: list[LayerShape],
     timer: Timer,
     batch: int,
     points: int,
     device: torch.device | str = "cpu",
     rounds: int = 3,
-) -> LayerTable:
-    """Time ``shape`` on ``device`` at ``points`` output widths and ``points`` input widths
+) -> list[LayerTable]:
+    """Time each shape on ``device`` at ``points`` output widths and ``points`` input widths
     (one sweep for a depthwise conv, whose sides move together): the median of ``rounds``
-    rounds that each visit every width, so that a burst of load from other processes lands on
-    one round of all widths rather than on a few widths, which would fake a kernel step."""
-    outs = probe_widths(shape.out_channels, points)
-    ins = [] if shape.depthwise else probe_widths(shape.in_channels, points)
-    pairs = [(shape.in_channels, w) for w in outs] + [(w, shape.out_channels) for w in ins]
-    times: dict[tuple[int, int], list[float]] = {pair: [] for pair in pairs}
+    rounds that each visit every width of every shape, so that a burst of load from other
+    processes lands on one round of everything rather than on a few widths, which would fake
+    a kernel step."""
+    sweeps = []
+    for shape in shapes:
+        outs = probe_widths(shape.out_channels, points)
+        ins = [] if shape.depthwise else probe_widths(shape.in_channels, points)
+        pairs = [(shape.in_channels, w) for w in outs] + [(w, shape.out_channels) for w in ins]
+        sweeps.append((shape, outs, ins, pairs))
+    watches = {}
     with torch.no_grad():
-        watches = {}
-        for pair in pairs:
-            layer, input_shape = shape.build(*pair)
-            watches[pair] = timer(layer.to(device).eval(), input_shape, batch)
+        for shape, _, _, pairs in sweeps:
+            for pair in pairs:
+                layer, input_shape = shape.build(*pair)
+                watches[shape, pair] = timer(layer.to(device).eval(), input_shape, batch)
+    times = median_rounds_of(watches, rounds)
+    tables = []
+    for shape, outs, ins, pairs in sweeps:
+        ms = [max(1e-6, times[shape, pair]) for pair in pairs]
+        tables.append(LayerTable(outs, ms[: len(outs)], ins, ms[len(outs) :]))
+    return tables
+
+
+def median_rounds_of(watches: dict[Any, Stopwatch], rounds: int) -> dict[Any, float]:
+    """Each stopwatch's median over ``rounds`` rounds that each call every one in turn."""
+    times: dict[Any, list[float]] = {key: [] for key in watches}
+    with torch.no_grad():
         for _ in range(rounds):
-            for pair, watch in watches.items():
-                times[pair].append(watch())
-    ms = [max(1e-6, statistics.median(times[pair])) for pair in pairs]
-    return LayerTable(outs, ms[: len(outs)], ins, ms[len(outs) :])
+            for key, watch in watches.items():
+                times[key].append(watch())
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def median_rounds(
@@ -187,13 +203,10 @@ def median_rounds(
 ) -> list[float]:
     """Each model's median latency over ``rounds`` rounds that each time every model in turn:
     models compared in one run see the same load."""
-    times: list[list[float]] = [[] for _ in models]
     with torch.no_grad():
-        watches = [timer(model, input_shape, batch) for model in models]
-        for _ in range(rounds):
-            for watch, kept in zip(watches, times, strict=True):
-                kept.append(watch())
-    return [statistics.median(t) for t in times]
+        watches = {i: timer(model, input_shape, batch) for i, model in enumerate(models)}
+    times = median_rounds_of(watches, rounds)
+    return [times[i] for i in range(len(models))]
 
 
 def _at_or_above(xs: list[int], ys: list[float], x: int) -> float:
