@@ -26,6 +26,7 @@ SCRIPTS = (
     "quality.py",
     "search_cost.py",
     "speed.py",
+    "latency.py",
     "scorer_tricks.py",
     "search_speed.py",
     "objective_distill.py",

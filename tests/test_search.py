@@ -128,8 +128,11 @@ def test_every_schedule_reaches_the_target(smallcnn, schedule):
     assert result.summary["iterations"] == len(result.history)
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES.names())
-def test_every_objective_reaches_the_target(smallcnn, objective):
+@pytest.mark.parametrize(
+    "objective",
+    [n for n in OBJECTIVES.names() if OBJECTIVES.entry(n).meta.get("target") != "latency"],
+)
+def test_every_macs_objective_reaches_the_target(smallcnn, objective):
     result = small_prune(smallcnn, objective=objective, target_macs_reduction=0.15, recover_steps=0)
     assert abs(result.summary["macs_reduction"] - 0.15) <= TOLERANCE
 

@@ -53,6 +53,7 @@ def _draw(run: Run, folder: Path) -> dict[str, list[Image]]:
 def _document(run: Run, plots: dict[str, list[Image]]) -> Document:
     parts = [
         ("summary", "Before and after", _before_after(run)),
+        *([("latency", "Latency", _latency(run))] if "latency" in run.summary else []),
         ("layers", "Channels per layer", _layers(run)),
         ("iterations", "Iterations", _iterations(run)),
         ("criteria", "Criteria chosen", _criteria(run)),
@@ -133,6 +134,31 @@ def _before_after(run: Run) -> list[Block]:
     return blocks
 
 
+def _latency(run: Run) -> list[Block]:
+    """The latency target's model against the backend: dense and pruned, both measured."""
+    lat = run.summary["latency"]
+    rows = [
+        (
+            "dense",
+            _fixed(lat["dense_measured_ms"], 3),
+            _fixed(lat["dense_measured_ms"], 3),
+            "1.00x",
+        ),
+        (
+            "pruned",
+            _fixed(lat["predicted_ms"], 3),
+            _fixed(lat["measured_ms"], 3),
+            f"{lat['speedup_measured']:.2f}x (predicted {lat['speedup_predicted']:.2f}x)",
+        ),
+    ]
+    return [
+        Table(("model", "predicted (ms)", "measured (ms)", "speed-up"), rows),
+        f"On {lat['backend']} at batch {lat['batch']}; the prediction is "
+        f"{100 * lat['prediction_error']:+.1f} % off the measurement. The dense model measured "
+        f"{lat['tables_ratio']:.2f}x the sum of its layers timed alone.",
+    ]
+
+
 def _layers(run: Run) -> list[Block]:
     rows = [
         (
@@ -150,6 +176,7 @@ def _layers(run: Run) -> list[Block]:
 def _iterations(run: Run) -> list[Block]:
     if not run.history:
         return ["No iterations: the model met the target before any pruning."]
+    latency = "latency_predicted_ms" in run.history[0]  # a latency target: show its prediction
     rows = [
         (
             str(h["iteration"]),
@@ -158,6 +185,7 @@ def _iterations(run: Run) -> list[Block]:
             _fixed(h["loss"], 4),
             _fixed(h["loss_recovered"], 4),
             _fixed(100 * h["macs_reduction"], 2),
+            *([_fixed(h["latency_predicted_ms"], 3)] if latency else []),
             str(h["candidates"]),
             _fixed(h["seconds"], 2),
             _fixed(h["recovery_s"], 2),
@@ -171,11 +199,12 @@ def _iterations(run: Run) -> list[Block]:
         "calibration loss",
         "after recovery",
         "MACs reduction (%)",
+        *(["latency predicted (ms)"] if latency else []),
         "candidates",
         "search (s)",
         "recovery (s)",
     )
-    return [Table(header, rows, align="rllrrrrrr")]
+    return [Table(header, rows, align="rll" + "r" * (len(header) - 3))]
 
 
 def _criteria(run: Run) -> list[Block]:

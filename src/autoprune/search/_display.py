@@ -12,8 +12,11 @@ from .granularity import GRANULARITIES
 class Reporter:
     """The live bar and one log line per iteration on stderr."""
 
-    def __init__(self, bar: Bar, enabled: bool, target: float, start: float) -> None:
-        self.bar, self.enabled, self.target = bar, enabled, target
+    def __init__(
+        self, bar: Bar, enabled: bool, target: float, start: float, label: str = "MACs"
+    ) -> None:
+        """``target`` and every ``reduction`` are fractions of ``label`` (MACs or latency)."""
+        self.bar, self.enabled, self.target, self.label = bar, enabled, target, label
         self.start, self.t0, self.shown = start, time.perf_counter(), round(1000 * start / target)
         bar.update(self.shown)
 
@@ -39,9 +42,11 @@ class Reporter:
         )
         self.shown = done
         line = (
-            f"iter {entry['iteration']:>3}  MACs -{100 * reduction:5.1f}%  {what} "
+            f"iter {entry['iteration']:>3}  {self.label} -{100 * reduction:5.1f}%  {what} "
             f"-{entry['count']} {unit} ({','.join(entry['criteria'])})  calib loss {loss}"
         )
+        if "latency_predicted_ms" in entry:
+            line += f"  {entry['latency_predicted_ms']:.3f} ms predicted"
         if entry["loss_recovered"] is not None:
             line += f" -> {entry['loss_recovered']:.4f} recovered"
         elapsed = time.perf_counter() - self.t0

@@ -40,6 +40,7 @@ class Candidate:
     idxs: torch.Tensor
     macs_saved: int  # exact, from graph.macs
     params_saved: int = 0  # set where no MACs are saved (weights): loss_per_mac divides by it
+    latency_saved: float = 0.0  # predicted ms, with a latency target (:mod:`.latency_target`)
 
     def changed(self, graph: PruningGraph) -> list[nn.Module]:
         """The modules whose computation the trial changes first (the prefix cache cuts there):
@@ -85,6 +86,21 @@ def loss_per_mac(base_loss: float) -> Objective:
     def objective(loss: float, candidate: Candidate) -> float:
         saved = candidate.macs_saved or candidate.params_saved
         return (loss - base_loss) / max(1, saved)
+
+    return objective
+
+
+@OBJECTIVES.register(
+    "loss_per_latency",
+    description="loss increase per ms of predicted latency saved",
+    target="latency",
+)
+def loss_per_latency(base_loss: float) -> Objective:
+    """Loss increase over ``base_loss`` per millisecond the step is predicted to save (with a
+    latency target only): steps snap to the widths the backend likes, so their sizes vary."""
+
+    def objective(loss: float, candidate: Candidate) -> float:
+        return (loss - base_loss) / max(1e-9, candidate.latency_saved)
 
     return objective
 

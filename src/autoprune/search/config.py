@@ -9,6 +9,7 @@ from .._registry import Registry
 from ..criteria import CRITERIA, list_criteria
 from ..errors import AutopruneError
 from ..graph import SCOPES
+from ..measure.latency_table import TIMERS
 from ..train import TrainConfig
 from ..transfer import TRANSFER_ORDERS
 from .candidates import OBJECTIVES
@@ -103,6 +104,21 @@ class PruneConfig:
             aliases=("--target-flops",),
         ),
     )
+    target_latency_reduction: float | None = field(
+        default=None,
+        metadata=_cli(
+            "Fraction of the predicted latency on --latency-backend at --latency-batch to "
+            "remove (0.5 = 2x faster), instead of --target-macs (0: a MACs target).",
+            option="--target-latency",
+        ),
+    )
+    latency_backend: str = field(
+        default="eager",
+        metadata=_cli("With --target-latency: the backend to be fast on.", choices=TIMERS),
+    )
+    latency_batch: int = field(
+        default=1, metadata=_cli("With --target-latency: the batch size to be fast at.")
+    )
     criteria: tuple[str, ...] = field(
         default_factory=default_criteria,
         metadata=_cli("Comma-separated criteria pool.", choices=CRITERIA),
@@ -134,7 +150,14 @@ class PruneConfig:
         ),
     )
     # The default objective with distillation: docs/benchmarks/objective_distill.md.
-    objective: str = field(default="loss", metadata=_cli("", choices=OBJECTIVES))
+    objective: str | None = field(
+        default=None,
+        metadata=_cli(
+            "Default: loss; loss_per_latency with --target-latency (its steps snap to the "
+            "backend's widths, so their sizes vary).",
+            choices=OBJECTIVES,
+        ),
+    )
     scorer: str = field(default="fast", metadata=_cli("", choices=SCORERS))
     scorer_options: dict[str, Any] = field(
         default_factory=dict,
@@ -257,16 +280,18 @@ class PruneConfig:
         for registry, name in (
             (SCHEDULES, self.schedule),
             (ALLOCATIONS, self.allocation),
-            (OBJECTIVES, self.objective),
+            (OBJECTIVES, self.search_objective),
             (SCORERS, self.scorer),
             (TRANSFER_ORDERS, self.transfer_order),
             (SCOPES, self.scope),
+            (TIMERS, self.latency_backend),
         ):
             registry.entry(name)
         SCHEDULES.get(self.schedule).check(self)
         check_granularity(self)
         for name, low in (
             ("calib_size", 1),
+            ("latency_batch", 1),
             ("channel_multiple", 1),
             ("taylor_size", 1),
             ("recover_steps", 0),
@@ -280,13 +305,40 @@ class PruneConfig:
             raise AutopruneError(
                 f"weight_loss_limit must be > 1 (or None), got {self.weight_loss_limit}"
             )
+        _check_latency_target(self)
         if self.distill_temperature <= 0 or not 0.0 <= self.distill_weight <= 1.0:
             raise AutopruneError("distill_temperature must be > 0 and distill_weight in [0, 1]")
+
+    @property
+    def search_objective(self) -> str:
+        """``objective``, or its default for this target (left None in the field, so that a
+        ``replace`` changing the target changes the default too)."""
+        if self.objective is not None:
+            return self.objective
+        return "loss" if self.target_latency_reduction is None else "loss_per_latency"
 
     def for_transfer(self, *, schedule_chosen: bool) -> PruneConfig:
         """These settings for a transfer run: its default schedule unless one was chosen."""
         schedule = self.schedule if schedule_chosen else default_schedule(True)
         return replace(self, transfer=True, schedule=schedule)
+
+
+def _check_latency_target(config: PruneConfig) -> None:
+    """A latency target works with a loss-aware schedule on channels alone; its objective
+    (``loss_per_latency``) needs one."""
+    if config.target_latency_reduction is None:
+        if config.objective and OBJECTIVES.entry(config.objective).meta.get("target") == "latency":
+            raise AutopruneError(
+                f"objective {config.objective!r} needs target_latency_reduction (--target-latency)"
+            )
+        return
+    _fraction("target_latency_reduction", config.target_latency_reduction, open_right=True)
+    if config.granularity != ("channel",) or config.schedule == "fixed":
+        raise AutopruneError(
+            "target_latency_reduction works with a loss-aware schedule (auto, "
+            "saliency-then-similarity) on granularity 'channel' alone; use "
+            "target_macs_reduction for the others"
+        )
 
 
 def _names(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:

@@ -219,6 +219,10 @@ class Channel(Granularity):
     def candidates(self, ctx: SearchContext) -> list[Candidate]:
         return self.schedule.candidates(ctx)
 
+    def reached(self, ctx: SearchContext) -> bool:
+        """The MACs goal, or with a latency target the predicted latency's."""
+        return super().reached(ctx) if ctx.latency is None else ctx.latency.reached()
+
     def propose(self, ctx: SearchContext) -> Step | None:
         return self.schedule.propose(ctx)
 

@@ -118,16 +118,22 @@ class _Run:
     def _search(self) -> None:
         """Steps until every granularity has reached its goal or has nothing to offer."""
         pruner, state = self.pruner, self.pruner.state
-        target = self.config.target_macs_reduction
+        latency = pruner.latency
+        target = self.config.target_latency_reduction or self.config.target_macs_reduction
+
+        def reduction() -> float:
+            return pruner.macs_reduction if latency is None else latency.reduction
+
+        label = "MACs" if latency is None else "latency"
         with progress_bar("pruning", 1000, enabled=self.progress) as bar:
-            reporter = Reporter(bar, self.progress, target, pruner.macs_reduction)
+            reporter = Reporter(bar, self.progress, target, reduction(), label)
             while state.phase == "search":
                 entry = pruner.step()
                 if entry is None:
                     state.phase = "finetune"
                 self._checkpoint()
                 if entry is not None:
-                    reporter.log(entry, pruner.macs_reduction)
+                    reporter.log(entry, reduction())
 
     def _finetune(self, resumed: bool) -> None:
         config, state, model = self.config, self.pruner.state, self.pruner.model

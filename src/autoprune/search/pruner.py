@@ -29,7 +29,7 @@ from torch import nn
 from .. import distributed
 from .._device import follow
 from ..errors import AutopruneError
-from ..graph import build_graph
+from ..graph import PruningGraph, build_graph
 from ..graph.sparsity import restore_weights
 from ..task import Task
 from ._reach import refuse_unreachable
@@ -37,6 +37,7 @@ from .calibration import CalibrationSet
 from .candidates import OBJECTIVES, Candidate
 from .config import PruneConfig
 from .granularity import Granularity, plan
+from .latency_target import LatencyTarget
 from .schedules import SCHEDULES, SearchContext, Step
 from .scorers import create_scorer
 from .state import STATE_FORMAT, SearchState, comparable, weights_digest
@@ -94,6 +95,7 @@ class Pruner:
         self.start_weights = weights_digest(self.graph.model)
         self.original_macs = self.graph.macs()
         self.original_channels = {g.name: g.channels for g in self.graph.groups()}
+        self.latency = _latency_target(self.graph, example_inputs, config)
         self.state = SearchState(next_recovery=config.recover_every)
         self.saved_to: str | None = None  # where the last state_dict was written, for errors
         self._started = False
@@ -129,7 +131,9 @@ class Pruner:
         the first step when not called (a loaded state has started already)."""
         if self._started:
             return
-        if "channel" in self.config.granularity:
+        if self.latency is not None:
+            self.latency.check_reachable(self.context().limits())
+        elif "channel" in self.config.granularity:
             self._check_reachable()
         self.state.loss = self.calib_loss("before pruning")
         self._started = True
@@ -146,7 +150,7 @@ class Pruner:
         ctx = self.context()
         if self.calib is None or ctx.loss is None:
             raise AutopruneError("scoring candidates needs calibration data: pass calib_data")
-        objective = OBJECTIVES.get(self.config.objective)(ctx.loss)
+        objective = OBJECTIVES.get(self.config.search_objective)(ctx.loss)
         return list(self.scorer(self.graph, list(candidates), self.calib, objective))
 
     def step(self) -> dict[str, Any] | None:
@@ -172,6 +176,7 @@ class Pruner:
             original_channels=self.original_channels,
             loss=state.loss,
             next_recovery=state.next_recovery if self.recover is not None else None,
+            latency=self.latency,
         )
 
     def _iterate(self, grain: Granularity) -> dict[str, Any] | None:
@@ -243,7 +248,11 @@ class Pruner:
         removed = {name: int(idxs.numel()) for name, idxs in step.removal.items()}
         channels = grain.name == "channel"
         unit = grain.structured and not channels  # a block or layer: its first module names it
+        latency = (
+            {} if self.latency is None else {"latency_predicted_ms": self.latency.predicted_ms()}
+        )
         return {
+            **latency,
             "iteration": self.state.iteration + 1,
             "granularity": grain.name,
             "group": next(iter(removed)) if len(removed) == 1 or unit else None,
@@ -305,6 +314,7 @@ class Pruner:
             "config": comparable(self.config, self.scorer),
             "start_weights": self.start_weights,
             **asdict(self.state),
+            "latency_fit": None if self.latency is None else self.latency.fit_state(),
             "model": self.model.state_dict(),
         }
 
@@ -328,7 +338,9 @@ class Pruner:
             )
         if self.state.applied:
             raise AutopruneError("load a state into a new Pruner, not one that has pruned")
-        weights = saved.pop("model")
+        weights, fit = saved.pop("model"), saved.pop("latency_fit", None)
+        if self.latency is not None and fit is not None:  # decide as the saved run did
+            self.latency.load_fit(fit)
         self.state.update(saved)
         grains = {g.name: g for g in self.grains}
         for name, removal in self.state.applied:
@@ -337,6 +349,24 @@ class Pruner:
         self.model.load_state_dict({k: v.to(device) for k, v in weights.items()})
         distributed.check_in_sync(self.model, "after resuming")
         self._started = True
+
+
+def _latency_target(
+    graph: PruningGraph, example_inputs: Inputs, config: PruneConfig
+) -> LatencyTarget | None:
+    """The latency model of ``config``'s backend for ``graph``'s model, with a latency target."""
+    if config.target_latency_reduction is None:
+        return None
+    if not isinstance(example_inputs, torch.Tensor):
+        raise AutopruneError("a latency target needs one input tensor; use target_macs_reduction")
+    return LatencyTarget.build(
+        graph,
+        example_inputs,
+        config.target_latency_reduction,
+        backend=config.latency_backend,
+        batch=config.latency_batch,
+        cap=config.cap,
+    )
 
 
 def _calibration(

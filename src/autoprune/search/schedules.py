@@ -27,6 +27,7 @@ from .candidates import OBJECTIVES, Candidate, criteria_state, make_candidates, 
 if TYPE_CHECKING:
     from .calibration import CalibrationSet
     from .config import PruneConfig
+    from .latency_target import LatencyTarget
     from .scorers import Scorer
 
 TOLERANCE = 0.005  # the final reduction lands within this of the target (fraction of MACs)
@@ -44,10 +45,18 @@ class SearchContext:
     original_channels: dict[str, int]
     loss: float | None  # calibration loss of the model as it is now
     next_recovery: float | None  # reduction at which recovery is due next (None: no recovery)
+    latency: LatencyTarget | None = None  # with a latency target: candidates cost by it
 
     @property
     def reduction(self) -> float:
         return 1.0 - self.graph.macs() / self.original_macs
+
+    @property
+    def progress(self) -> float:
+        """The part of the target reached: of the MACs, or of the predicted latency."""
+        if self.latency is not None:
+            return self.latency.progress
+        return self.reduction / self.config.target_macs_reduction
 
     @property
     def remaining_macs(self) -> float:
@@ -128,8 +137,10 @@ class LossAware(Schedule):
         cfg = self.config
         if ctx.calib is None or ctx.scorer is None or ctx.loss is None:
             raise AutopruneError(f"schedule {cfg.schedule!r} needs calibration data")
-        allowed = self.criteria(ctx.reduction / cfg.target_macs_reduction)
+        allowed = self.criteria(ctx.progress)
         state = criteria_state(ctx.graph, allowed, ctx.calib, cfg.seed, cfg.taylor_size)
+        if ctx.latency is not None:
+            return _offered(ctx.latency.candidates(allowed, ctx.limits(), state, cfg.step))
         step, remaining = cfg.step * ctx.original_macs, ctx.remaining_macs
         candidates = make_candidates(
             ctx.graph, allowed, min(step, remaining), ctx.limits(), state, cfg.channel_multiple
@@ -138,9 +149,13 @@ class LossAware(Schedule):
             slack = TOLERANCE * ctx.original_macs
             landing = [c for c in candidates if abs(remaining - c.macs_saved) <= slack]
             candidates = landing or candidates
-        if not candidates:
-            raise AutopruneError("every group is at its cap: nothing is left to prune")
-        return candidates
+        return _offered(candidates)
+
+
+def _offered(candidates: list[Candidate]) -> list[Candidate]:
+    if not candidates:
+        raise AutopruneError("every group is at its cap: nothing is left to prune")
+    return candidates
 
 
 def choose(
@@ -150,7 +165,7 @@ def choose(
     cfg = ctx.config
     if ctx.calib is None or ctx.scorer is None or ctx.loss is None:
         raise AutopruneError(f"granularity {granularity!r} needs calibration data")
-    objective = OBJECTIVES.get(cfg.objective)(ctx.loss)
+    objective = OBJECTIVES.get(cfg.search_objective)(ctx.loss)
     losses = ctx.scorer(ctx.graph, candidates, ctx.calib, objective)
     values = [
         objective(v, c) if math.isfinite(v) else math.inf

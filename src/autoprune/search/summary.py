@@ -51,6 +51,8 @@ def run_summary(
     )
     summary["ended_early"] = state.ended_early
     summary["scopes"] = scope_report(scope_macs, pruner.graph.macs_by_scope())
+    if pruner.latency is not None:  # the stop rule was predicted: now measure
+        summary["latency"] = pruner.latency.report()
     extra = accounting(
         model, pruner.graph.example_inputs, state.baseline["params"], pruned["macs"], state.history
     )

@@ -1,0 +1,211 @@
+"""A latency model of the user's target: per-layer tables, cached, checked on the whole model.
+
+:func:`build_latency_model` traces which conv and linear layers a model runs and on what
+input shapes, times every distinct layer shape at a few widths (:mod:`.latency_table`), and
+times the whole model once. Layers are not all a model does (norms, activations, additions,
+pooling, the framework's overhead), so the sum of the layer tables is scaled by
+``measured / sum`` of the dense model: :attr:`LatencyModel.ratio` is that check, reported.
+
+Tables are cached as JSON per model (its layer shapes), backend, batch size and machine, in
+``$AUTOPRUNE_CACHE/latency`` (default ``~/.cache/autoprune/latency``): a second run on the
+same machine measures only the whole model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .._forward import eval_mode
+from ..errors import AutopruneError
+from ..io._atomic import write_text_atomic
+from .latency_table import (
+    TIMERS,
+    LayerShape,
+    LayerTable,
+    layer_shape,
+    measure_tables,
+    median_rounds,
+)
+
+# layer -> (output channels removed, input channels removed), as a channel group reports it
+Removed = Mapping[nn.Module, tuple[int, int]]
+CACHE_FORMAT = 1
+
+
+@dataclass
+class LatencyModel:
+    """Predicted latency of a model as its layers' widths change, on one backend and batch.
+
+    ``layers`` maps each modelled module (of the model it was built on, which may then be
+    pruned in place) to its table. The prediction is ``fixed_ms + scale * (sum of tables)``:
+    built, ``scale`` makes it match the dense model as measured (``dense_ms``); :meth:`fit`
+    sets both from the dense model and a thinner one, since part of what is not in the tables
+    (per-op overhead) does not shrink with the layers.
+    """
+
+    backend: str
+    batch: int
+    layers: dict[nn.Module, LayerTable]
+    dense_ms: float  # the whole dense model, measured
+    tables_ms: float  # sum of the layer tables at full width
+    cache_file: str | None = None
+    fixed_ms: float = 0.0
+    scale: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.scale:
+            self.scale = (self.dense_ms - self.fixed_ms) / self.tables_ms
+
+    @property
+    def ratio(self) -> float:
+        """Whole dense model measured over the sum of its layers measured alone."""
+        return self.dense_ms / self.tables_ms
+
+    def fit(self, tables_ms: float, measured_ms: float) -> None:
+        """Fit ``fixed_ms`` and ``scale`` through the dense model and a thinner one whose
+        tables sum to ``tables_ms`` and which measured ``measured_ms`` (``fixed_ms`` >= 0)."""
+        span = self.tables_ms - tables_ms
+        scale = max(0.0, (self.dense_ms - measured_ms) / span) if span > 0 else math.inf
+        self.fixed_ms = max(0.0, self.dense_ms - scale * self.tables_ms)  # inf: proportional
+        self.scale = (self.dense_ms - self.fixed_ms) / self.tables_ms
+
+    def layers_ms(self, removed: Removed | None = None) -> float:
+        """Sum of the layer tables for the model as it is now, less ``removed`` channels."""
+        removed = removed or {}
+        return sum(self._layer_ms(m, *removed.get(m, (0, 0))) for m in self.layers)
+
+    def predict(self, removed: Removed | None = None) -> float:
+        """Milliseconds predicted for the model as it is now, less ``removed`` channels."""
+        return self.fixed_ms + self.scale * self.layers_ms(removed)
+
+    def saved(self, removed: Removed) -> float:
+        """Milliseconds predicted to be saved by removing ``removed`` from the model now."""
+        layers = [(m, r) for m, r in removed.items() if m in self.layers]
+        return self.scale * sum(self._layer_ms(m) - self._layer_ms(m, *r) for m, r in layers)
+
+    def _layer_ms(self, module: nn.Module, out_removed: int = 0, in_removed: int = 0) -> float:
+        cin, cout = channel_counts(module)
+        return self.layers[module].predict(cin - in_removed, cout - out_removed)
+
+
+def build_latency_model(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    *,
+    backend: str = "eager",
+    batch: int = 1,
+    points: int = 16,
+    rounds: int = 3,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> LatencyModel:
+    """Measure (or load from the cache) the tables of ``model``'s layers on ``backend`` at
+    ``batch`` images, ``points`` widths per side, and time the whole model (each the median
+    of ``rounds`` rounds)."""
+    if not isinstance(example_inputs, torch.Tensor):
+        raise AutopruneError(
+            "a latency target needs a model with one input tensor; use target_macs_reduction"
+        )
+    timer = TIMERS.get(backend)
+    device = example_inputs.device
+    shapes = traced_shapes(model, example_inputs)
+    if not shapes:
+        raise AutopruneError("the model has no conv or linear layer to model the latency of")
+    keys = sorted({s.key for s in shapes.values()})
+    name = cache_key(keys, backend, batch, points, device)
+    path = Path(cache_dir or default_cache_dir()) / f"{name}.json"
+    tables = _load(path)
+    if tables is None or set(tables) != set(keys):
+        by_key = {s.key: s for s in shapes.values()}
+        measured = measure_tables([by_key[k] for k in keys], timer, batch, points, device, rounds)
+        tables = dict(zip(keys, measured, strict=True))
+        _save(path, tables, backend, batch)
+    input_shape = tuple(example_inputs.shape[1:])
+    with eval_mode(model):
+        (dense_ms,) = median_rounds([model], input_shape, timer, batch, rounds)
+    layers = {m: tables[shapes[m].key] for m in shapes}
+    tables_ms = sum(table.predict(*channel_counts(m)) for m, table in layers.items())
+    return LatencyModel(backend, batch, layers, dense_ms, tables_ms, str(path))
+
+
+def traced_shapes(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Module, LayerShape]:
+    """Every modelled layer that a forward pass of ``example_inputs`` runs, with its shape."""
+    shapes: dict[nn.Module, LayerShape] = {}
+
+    def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        shape = layer_shape(module, tuple(args[0].shape[1:]))
+        if shape is not None:
+            shapes.setdefault(module, shape)
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules()]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(example_inputs[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return shapes
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("AUTOPRUNE_CACHE") or Path.home() / ".cache" / "autoprune"
+    return Path(root) / "latency"
+
+
+def machine() -> dict[str, str | int]:
+    """What makes one machine's timings differ from another's."""
+    return {
+        "node": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else "",
+    }
+
+
+def cache_key(
+    shape_keys: list[str], backend: str, batch: int, points: int, device: torch.device
+) -> str:
+    """The cache file's name: the backend and batch, then a digest of everything else."""
+    blob = json.dumps(
+        [CACHE_FORMAT, shape_keys, points, str(device.type), machine()], sort_keys=True
+    )
+    return f"{backend}-b{batch}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def _load(path: Path) -> dict[str, LayerTable] | None:
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        return {k: LayerTable(**t) for k, t in saved["tables"].items()}
+    except (ValueError, KeyError, TypeError):
+        return None  # an unreadable or older cache file is measured again
+
+
+def _save(path: Path, tables: dict[str, LayerTable], backend: str, batch: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "format": CACHE_FORMAT,
+        "backend": backend,
+        "batch": batch,
+        "machine": machine(),
+        "tables": {k: asdict(t) for k, t in tables.items()},
+    }
+    write_text_atomic(path, json.dumps(data, indent=1))
+
+
+def channel_counts(module: nn.Module) -> tuple[int, int]:
+    """A conv's or linear layer's (input, output) channels as they are now."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.in_channels, module.out_channels  # type: ignore[return-value]

@@ -1,0 +1,204 @@
+"""A latency target: the search costs candidates by their predicted latency on the backend.
+
+With ``config.target_latency_reduction`` the loss-aware search works as with a MACs target,
+with the latency model (:mod:`autoprune.measure.latency_model`) in place of the MAC count:
+every candidate saves about ``config.step`` of the dense model's predicted latency, the
+schedule's progress and the stop rule are in predicted latency, and the run ends by measuring
+the pruned model on the backend.
+
+Channel counts are snapped to what the backend's kernels like, learned from the tables rather
+than fixed: a group may only lose a number of channels that saves more predicted latency than
+every smaller number would. Where latency is flat between two widths (kernels working on
+blocks of 8 or 16 channels) the widths in between are never kept.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from .._forward import eval_mode
+from ..criteria import select
+from ..errors import AutopruneError
+from ..graph import ChannelGroup, PruningGraph
+from ..measure.latency_model import LatencyModel, build_latency_model, channel_counts
+from ..measure.latency_table import TIMERS, median_rounds
+from .candidates import Candidate
+
+TOLERANCE = 0.005  # the stop rule's slack, as a fraction of the dense predicted latency
+ROUNDS = 3  # whole-model timings: median of this many rounds, models compared interleaved
+THIN_KEEP = 0.5  # the thinner model the prediction is fitted through keeps this of each group
+
+
+class LatencyTarget:
+    """The latency goal of a run on ``graph``'s model (the one being pruned, bound now)."""
+
+    def __init__(
+        self,
+        model: LatencyModel,
+        graph: PruningGraph,
+        target: float,
+        input_shape: tuple[int, ...],
+        rounds: int = ROUNDS,
+    ) -> None:
+        self.model, self.graph, self.target, self.input_shape = model, graph, target, input_shape
+        self.rounds = rounds
+        self.dense = copy.deepcopy(graph.model)  # timed beside the pruned model at the end
+        self.dense_ms = model.predict()
+
+    @classmethod
+    def build(
+        cls,
+        graph: PruningGraph,
+        example_inputs: torch.Tensor,
+        target: float,
+        *,
+        backend: str,
+        batch: int,
+        cap: float = 1.0,
+    ) -> LatencyTarget:
+        """Measure (or load) the tables of ``graph``'s model and fit the prediction through
+        the dense model and a copy thinned to :data:`THIN_KEEP` of each group (within ``cap``)."""
+        model = build_latency_model(
+            graph.model, example_inputs, backend=backend, batch=batch, rounds=ROUNDS
+        )
+        thin = graph.copy()
+        keep = max(THIN_KEEP, 1.0 - cap)
+        thin.prune({g.name: torch.arange(int(g.channels * (1 - keep))) for g in thin.groups()})
+        names = {m: n for n, m in graph.model.named_modules()}
+        copies = dict(thin.model.named_modules())
+        thin_tables = sum(
+            table.predict(*channel_counts(copies[names[m]])) for m, table in model.layers.items()
+        )
+        input_shape = tuple(example_inputs.shape[1:])
+        with eval_mode(graph.model), eval_mode(thin.model):
+            dense_ms, thin_ms = median_rounds(
+                [graph.model, thin.model], input_shape, TIMERS.get(backend), batch, ROUNDS
+            )
+        model.dense_ms = dense_ms  # timed beside the thin model: the same load
+        model.fit(thin_tables, thin_ms)
+        return cls(model, graph, target, input_shape)
+
+    def fit_state(self) -> dict[str, float]:
+        """The fitted prediction (the tables are in the cache): what a resumed run reloads."""
+        lm = self.model
+        return {"dense_ms": lm.dense_ms, "fixed_ms": lm.fixed_ms, "scale": lm.scale}
+
+    def load_fit(self, fit: dict[str, float]) -> None:
+        """Predict as the run that saved :meth:`fit_state` did (call before any pruning)."""
+        lm = self.model
+        lm.dense_ms, lm.fixed_ms, lm.scale = fit["dense_ms"], fit["fixed_ms"], fit["scale"]
+        self.dense_ms = lm.predict()
+
+    # ------------------------------------------------------------------------- progress
+    def predicted_ms(self) -> float:
+        return self.model.predict()
+
+    @property
+    def reduction(self) -> float:
+        """The fraction of the dense model's predicted latency removed so far."""
+        return 1.0 - self.predicted_ms() / self.dense_ms
+
+    @property
+    def progress(self) -> float:
+        return self.reduction / self.target
+
+    def reached(self) -> bool:
+        return self.reduction >= self.target - TOLERANCE
+
+    def check_reachable(self, limits: Mapping[str, int]) -> None:
+        """Refuse a target the caps make unreachable, with the most they allow."""
+        removed: dict[Any, tuple[int, int]] = {}
+        for group in self.graph.groups():
+            for module, (a, b) in group.removed(torch.arange(limits.get(group.name, 0))).items():
+                ra, rb = removed.get(module, (0, 0))
+                removed[module] = (ra + a, rb + b)
+        best = 1.0 - self.model.predict(removed) / self.dense_ms
+        if self.target > best:
+            raise AutopruneError(
+                f"a {100 * self.target:.1f} % latency reduction is out of reach: with every "
+                f"group at its cap the model predicts {100 * best:.1f} % on "
+                f"{self.model.backend} at batch {self.model.batch}; lower the target or raise "
+                "the cap"
+            )
+
+    # ----------------------------------------------------------------------- candidates
+    def options(self, group: ChannelGroup, limit: int) -> list[tuple[int, float]]:
+        """The ``(channels removed, ms saved)`` a group may take: each saving more than every
+        smaller removal (the widths the backend's kernels like)."""
+        best, out = 0.0, []
+        for n in range(1, limit + 1):
+            saved = self.model.saved(group.removed(torch.arange(n)))
+            if saved > best * (1 + 1e-9) + 1e-12:
+                out.append((n, saved))
+                best = saved
+        return out
+
+    def candidates(
+        self,
+        criteria: Iterable[str],
+        limits: Mapping[str, int],
+        state: Mapping[str, Any],
+        step: float,
+    ) -> list[Candidate]:
+        """One candidate per group and distinct channel choice, each saving about ``step`` of
+        the dense predicted latency (less on the last step: what is left to the target)."""
+        graph, criteria = self.graph, tuple(criteria)
+        remaining = (self.target - self.reduction) * self.dense_ms
+        goal = min(step * self.dense_ms, remaining)
+        current_macs = graph.macs()
+        candidates = []
+        for group in graph.groups():
+            options = self.options(group, limits.get(group.name, 0))
+            if not options:
+                continue
+            n, saved = min(options, key=lambda o: abs(o[1] - goal))
+            picks: dict[tuple[int, ...], list[str]] = {}
+            for name in criteria:
+                try:
+                    idxs = select(group, name, n, **state)
+                except AutopruneError:
+                    continue
+                picks.setdefault(tuple(idxs.tolist()), []).append(name)
+            for key, names in picks.items():
+                idxs = torch.tensor(key, dtype=torch.long)
+                macs = current_macs - graph.macs(group, idxs)
+                offer = Candidate(group.name, tuple(names), idxs, macs, latency_saved=saved)
+                candidates.append(offer)
+        if goal < step * self.dense_ms:  # the last step: keep those landing on the target
+            slack = TOLERANCE * self.dense_ms
+            landing = [c for c in candidates if abs(goal - c.latency_saved) <= slack]
+            candidates = landing or candidates
+        return candidates
+
+    # ------------------------------------------------------------------------ reporting
+    def report(self) -> dict[str, Any]:
+        """The pruned model measured on the backend beside what the model predicts."""
+        lm, pruned = self.model, self.graph.model
+        with eval_mode(self.dense), eval_mode(pruned):
+            dense, measured = median_rounds(
+                [self.dense, pruned],
+                self.input_shape,
+                TIMERS.get(lm.backend),
+                lm.batch,
+                self.rounds,
+            )
+        predicted = self.predicted_ms()
+        return {
+            "backend": lm.backend,
+            "batch": lm.batch,
+            "rounds": self.rounds,
+            "dense_measured_ms": dense,
+            "dense_predicted_ms": self.dense_ms,
+            "predicted_ms": predicted,
+            "measured_ms": measured,
+            "prediction_error": predicted / measured - 1.0,
+            "speedup_predicted": self.dense_ms / predicted,
+            "speedup_measured": dense / measured,
+            "tables_ratio": self.model.ratio,
+            "fixed_ms": self.model.fixed_ms,
+            "cache": self.model.cache_file,
+        }

@@ -1,0 +1,292 @@
+"""The latency model and target, on a deterministic fake backend (no wall-clock timing).
+
+The fake backend costs a module as if its kernels worked on blocks of 8 channels: a conv costs
+``blocks(out) * blocks(in) * kernel`` units (``blocks``: rounded up to 8), a linear layer
+``blocks(out)``, and every BatchNorm adds a fixed overhead that no layer table sees (what the
+fit through a thinner model must find).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from _small import SMALL, TRAIN
+from torch import nn
+
+import autoprune
+from autoprune.errors import AutopruneError
+from autoprune.graph import build_graph
+from autoprune.measure import available_backends
+from autoprune.measure.latency_model import LatencyModel, build_latency_model, cache_key
+from autoprune.measure.latency_table import TIMERS, LayerTable, probe_widths
+from autoprune.models import create_model
+from autoprune.search import PruneConfig, Pruner
+from autoprune.search.latency_target import LatencyTarget
+
+BLOCK = 8
+CALLS: list[int] = []
+
+
+def blocks(channels: int) -> int:
+    return math.ceil(channels / BLOCK) * BLOCK
+
+
+def fake_ms(module: nn.Module, shape: tuple[int, ...], batch: int) -> float:
+    CALLS.append(1)
+    total = 0.0
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            total += blocks(m.out_channels) * blocks(m.in_channels) * m.kernel_size[0] ** 2 * 1e-4
+        elif isinstance(m, nn.Linear):
+            total += blocks(m.out_features) * 1e-3
+        elif isinstance(m, nn.BatchNorm2d):
+            total += 0.05
+    return total * batch
+
+
+def fake_timer(module: nn.Module, shape: tuple[int, ...], batch: int):
+    return lambda: fake_ms(module, shape, batch)
+
+
+if "fake8" not in TIMERS:
+    TIMERS.register("fake8")(fake_timer)
+
+EXAMPLE = torch.zeros(1, 1, 16, 16)
+
+
+@pytest.fixture
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return create_model("smallcnn", widths=(16, 24, 32))
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOPRUNE_CACHE", str(tmp_path))
+    return tmp_path / "latency"
+
+
+def test_probe_widths_cover_the_full_width_evenly():
+    assert probe_widths(8, 16) == list(range(1, 9))
+    assert probe_widths(64, 16) == list(range(4, 65, 4))
+    assert probe_widths(10, 4) == [1, 4, 7, 10]
+
+
+def test_table_reads_the_measured_width_at_or_above():
+    table = LayerTable([2, 4, 6], [1.0, 2.0, 4.0], [3, 6], [0.5, 1.0])
+    assert table.dense_ms == 4.0
+    assert table.predict(6, 6) == 4.0
+    assert table.predict(6, 5) == 4.0  # between measured widths: the one above
+    assert table.predict(3, 4) == pytest.approx(2.0 * 0.5)
+    assert table.predict(6, 1) == 1.0
+
+
+def test_prediction_matches_the_backend_dense_and_after_pruning(model):
+    graph = build_graph(model, EXAMPLE)
+    target = LatencyTarget.build(graph, EXAMPLE, 0.3, backend="fake8", batch=2)
+    lm = target.model
+    assert lm.dense_ms == pytest.approx(fake_ms(model, (1, 16, 16), 2))
+    assert lm.fixed_ms == pytest.approx(3 * 0.05 * 2)  # the BatchNorms, found by the fit
+    assert lm.ratio > 1.0
+    for group in graph.groups():
+        graph.prune(group.name, torch.arange(group.channels // 3))
+    assert target.predicted_ms() == pytest.approx(fake_ms(graph.model, (1, 16, 16), 2))
+    report = target.report()
+    assert report["prediction_error"] == pytest.approx(0.0, abs=1e-9)
+    assert report["speedup_measured"] == pytest.approx(report["speedup_predicted"])
+
+
+def test_tables_are_cached_per_backend_batch_and_machine(model, cache):
+    build_latency_model(model, EXAMPLE, backend="fake8", batch=1)
+    files = list(cache.glob("*.json"))
+    assert len(files) == 1 and files[0].name.startswith("fake8-b1-")
+    CALLS.clear()
+    build_latency_model(model, EXAMPLE, backend="fake8", batch=1)
+    assert len(CALLS) == 3  # the whole model, 3 rounds: the tables came from the cache
+    build_latency_model(model, EXAMPLE, backend="fake8", batch=4)
+    assert len(list(cache.glob("*.json"))) == 2
+    device = torch.device("cpu")
+    key = cache_key(["a"], "eager", 1, 16, device)
+    assert (
+        key != cache_key(["a"], "eager", 1, 8, device) != cache_key(["b"], "eager", 1, 16, device)
+    )
+    files[0].write_text("not json")
+    CALLS.clear()
+    build_latency_model(model, EXAMPLE, backend="fake8", batch=1)
+    assert len(CALLS) > 1  # an unreadable cache is measured again
+
+
+def test_options_snap_to_the_widths_where_latency_steps(model):
+    graph = build_graph(model, EXAMPLE)
+    target = LatencyTarget.build(graph, EXAMPLE, 0.3, backend="fake8", batch=1)
+    for group in graph.groups():
+        options = target.options(group, group.channels - 1)
+        assert options, group.name
+        kept = [group.channels - n for n, _ in options]
+        assert all(k % BLOCK == 0 for k in kept), (group.name, kept)
+        saved = [s for _, s in options]
+        assert saved == sorted(saved)
+
+
+def latency_config(**overrides) -> PruneConfig:
+    settings = {**SMALL, "recover_steps": 0, "distill": False, "step": 0.1}
+    settings |= {"target_latency_reduction": 0.4, "latency_backend": "fake8"}
+    return PruneConfig(**settings | overrides)
+
+
+def test_search_stops_at_the_predicted_target_on_kernel_friendly_widths(model):
+    pruner = Pruner(model, EXAMPLE, latency_config(), calib_data=TRAIN)
+    target = pruner.latency
+    reductions = []
+    while (entry := pruner.step()) is not None:
+        reductions.append(1 - entry["latency_predicted_ms"] / target.dense_ms)
+    assert reductions and reductions[-1] >= 0.4 - 0.005
+    assert all(r < 0.4 - 0.005 for r in reductions[:-1])  # it stopped as soon as it got there
+    for group in pruner.graph.groups():
+        assert group.channels % BLOCK == 0 or group.channels == pruner.original_channels[group.name]
+    measured = fake_ms(pruner.model, (1, 16, 16), 1)
+    assert target.predicted_ms() == pytest.approx(measured)
+
+
+def test_loss_per_latency_divides_by_the_predicted_saving(model):
+    pruner = Pruner(model, EXAMPLE, latency_config(objective="loss_per_latency"), calib_data=TRAIN)
+    candidates = pruner.candidates()
+    assert candidates and all(c.latency_saved > 0 for c in candidates)
+    losses = pruner.score(candidates)
+    values = [
+        (v - pruner.state.loss) / c.latency_saved for v, c in zip(losses, candidates, strict=True)
+    ]
+    entry = pruner.step()
+    best = candidates[min(range(len(values)), key=values.__getitem__)]
+    assert entry["removed"] == {best.group: len(best.idxs)}
+
+
+def test_an_unreachable_latency_target_is_refused(model):
+    pruner = Pruner(
+        model, EXAMPLE, latency_config(target_latency_reduction=0.9, cap=0.3), calib_data=TRAIN
+    )
+    with pytest.raises(AutopruneError, match="latency reduction is out of reach"):
+        pruner.step()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"granularity": ("channel", "weight")},
+        {"schedule": "fixed", "criteria": ("l1",)},
+        {"target_latency_reduction": 1.5},
+        {"latency_backend": "nope"},
+    ],
+)
+def test_latency_settings_that_cannot_work_are_refused(settings):
+    with pytest.raises(AutopruneError):
+        latency_config(**settings)
+
+
+def test_loss_per_latency_needs_a_latency_target():
+    with pytest.raises(AutopruneError, match="target_latency_reduction"):
+        PruneConfig(objective="loss_per_latency")
+
+
+def test_a_latency_run_reports_predicted_and_measured_and_export_measures_again(
+    model, tmp_path, cli
+):
+    from autoprune.report import write_report
+
+    out = tmp_path / "run"
+    settings = {**SMALL, "recover_steps": 0, "distill": False, "step": 0.1}
+    settings.pop("target_macs_reduction")
+    result = autoprune.prune(
+        model,
+        train_data=TRAIN,
+        example_inputs=EXAMPLE,
+        out_dir=out,
+        progress=False,
+        target_latency_reduction=0.3,
+        latency_backend="fake8",
+        **settings,
+    )
+    latency = result.summary["latency"]
+    assert latency["backend"] == "fake8" and latency["batch"] == 1
+    assert latency["measured_ms"] == pytest.approx(fake_ms(result.model, (1, 16, 16), 1))
+    assert latency["prediction_error"] == pytest.approx(0.0, abs=1e-9)
+    assert latency["speedup_measured"] >= 1 / (1 - 0.3 + 0.005)
+    assert all("latency_predicted_ms" in h for h in result.history)
+    markdown, _ = write_report(out)
+    text = markdown.read_text()
+    assert "## Latency" in text and "latency predicted (ms)" in text
+    code, stdout, _ = cli(
+        "export",
+        str(out),
+        "-f",
+        "torchscript",
+        "--batch-sizes",
+        "1",
+        "--repeats",
+        "1",
+        "--input-size",
+        "16",
+        "--json",
+    )
+    assert code == 0
+    again = json.loads(stdout)["pruned_for"]
+    assert again["backend"] == "fake8"
+    assert again["measured_ms"] == pytest.approx(latency["measured_ms"])
+
+
+def test_the_default_objective_follows_the_target():
+    from dataclasses import replace
+
+    assert PruneConfig().search_objective == "loss"
+    latency = replace(PruneConfig(), target_latency_reduction=0.3)
+    assert latency.search_objective == "loss_per_latency"
+    assert replace(latency, objective="loss").search_objective == "loss"
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+def test_a_real_backend_builds_a_table_for_every_layer(model, backend):
+    if backend not in TIMERS or backend not in available_backends():
+        pytest.skip(f"{backend} is not installed here")
+    example = torch.zeros(1, 1, 24, 24)  # ONNX exports the adaptive pool of a multiple of 3
+    lm = build_latency_model(model, example, backend=backend, batch=1, points=2, rounds=1)
+    layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    assert set(lm.layers) == set(layers)
+    assert lm.dense_ms > 0 and lm.tables_ms > 0
+    assert lm.predict() == pytest.approx(lm.dense_ms)  # scaled to the measurement
+    assert all(len(t.out_widths) == 2 for t in lm.layers.values())
+
+
+def test_the_fit_keeps_the_dense_measurement_and_splits_off_fixed_cost():
+    lm = LatencyModel("fake8", 1, {}, dense_ms=10.0, tables_ms=5.0)
+    assert lm.scale == 2.0 and lm.fixed_ms == 0.0
+    lm.fit(tables_ms=2.5, measured_ms=7.5)  # half the tables saved a quarter: 5 ms is fixed
+    assert (lm.fixed_ms, lm.scale) == (5.0, 1.0)
+    lm.fit(tables_ms=2.5, measured_ms=11.0)  # a thinner model measured slower: nothing helps
+    assert (lm.fixed_ms, lm.scale) == (10.0, 0.0)
+    lm.fit(tables_ms=5.0, measured_ms=9.0)  # no thinner tables: proportional
+    assert (lm.fixed_ms, lm.scale) == (0.0, 2.0)
+
+
+def test_the_cli_offers_the_latency_options(cli):
+    code, out, _ = cli("prune", "--help")
+    assert code == 0
+    for option in ("--target-latency", "--latency-backend", "--latency-batch"):
+        assert option in out
+
+
+def test_a_resumed_latency_run_decides_as_the_saved_one(model):
+    first = Pruner(model, EXAMPLE, latency_config(), calib_data=TRAIN)
+    first.step()
+    saved = copy.deepcopy(first.state_dict())  # as written to disk: apart from the pruner
+    assert saved["latency_fit"] == first.latency.fit_state()
+    rest = [entry["removed"] for entry in iter(first.step, None)]
+    second = Pruner(model, EXAMPLE, latency_config(), calib_data=TRAIN)
+    second.load_state_dict(copy.deepcopy(saved))
+    assert [entry["removed"] for entry in iter(second.step, None)] == rest
+    third = Pruner(model, EXAMPLE, latency_config(), calib_data=TRAIN)
+    third.load_state_dict({**saved, "latency_fit": {**saved["latency_fit"], "fixed_ms": 0.5}})
+    assert third.latency.model.fixed_ms == 0.5  # the saved fit, not a new measurement
