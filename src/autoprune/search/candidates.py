@@ -181,15 +181,22 @@ def make_candidates(
         n = channels_for(group, macs, limit, multiple)
         if n < 1:
             continue
-        picks: dict[tuple[int, ...], list[str]] = {}
-        for name in criteria:
-            try:
-                idxs = select(group, name, n, **state)
-            except AutopruneError:
-                continue
-            picks.setdefault(tuple(idxs.tolist()), []).append(name)
-        for key, names in picks.items():
-            idxs = torch.tensor(key, dtype=torch.long)
+        for idxs, names in distinct_choices(group, criteria, n, state):
             saved = current - graph.macs(group, idxs)
-            candidates.append(Candidate(group.name, tuple(names), idxs, saved))
+            candidates.append(Candidate(group.name, names, idxs, saved))
     return candidates
+
+
+def distinct_choices(
+    group: ChannelGroup, criteria: Iterable[str], n: int, state: Mapping[str, Any]
+) -> list[tuple[torch.Tensor, tuple[str, ...]]]:
+    """The distinct sets of ``n`` channels the criteria would remove from ``group``, each with
+    the criteria that chose it; a criterion that does not apply there offers nothing."""
+    picks: dict[tuple[int, ...], list[str]] = {}
+    for name in criteria:
+        try:
+            idxs = select(group, name, n, **state)
+        except AutopruneError:
+            continue
+        picks.setdefault(tuple(idxs.tolist()), []).append(name)
+    return [(torch.tensor(k, dtype=torch.long), tuple(v)) for k, v in picks.items()]

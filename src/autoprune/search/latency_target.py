@@ -21,12 +21,11 @@ from typing import Any
 import torch
 
 from .._forward import eval_mode
-from ..criteria import select
 from ..errors import AutopruneError
 from ..graph import ChannelGroup, PruningGraph
 from ..measure.latency_model import LatencyModel, build_latency_model, channel_counts
 from ..measure.latency_table import TIMERS, median_rounds
-from .candidates import Candidate
+from .candidates import Candidate, distinct_choices
 
 TOLERANCE = 0.005  # the stop rule's slack, as a fraction of the dense predicted latency
 ROUNDS = 3  # whole-model timings: median of this many rounds, models compared interleaved
@@ -156,17 +155,9 @@ class LatencyTarget:
             if not options:
                 continue
             n, saved = min(options, key=lambda o: abs(o[1] - goal))
-            picks: dict[tuple[int, ...], list[str]] = {}
-            for name in criteria:
-                try:
-                    idxs = select(group, name, n, **state)
-                except AutopruneError:
-                    continue
-                picks.setdefault(tuple(idxs.tolist()), []).append(name)
-            for key, names in picks.items():
-                idxs = torch.tensor(key, dtype=torch.long)
+            for idxs, names in distinct_choices(group, criteria, n, state):
                 macs = current_macs - graph.macs(group, idxs)
-                offer = Candidate(group.name, tuple(names), idxs, macs, latency_saved=saved)
+                offer = Candidate(group.name, names, idxs, macs, latency_saved=saved)
                 candidates.append(offer)
         if goal < step * self.dense_ms:  # the last step: keep those landing on the target
             slack = TOLERANCE * self.dense_ms
