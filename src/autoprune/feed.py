@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -80,20 +81,28 @@ def loader_for(
         return UserBatches(
             data, batch_size, train=train, seed=seed, device=device, channels_last=channels_last
         )
-    channels = input_channels(model)
-    pre = preprocessing(model, input_size)
     return make_loader(
         data,
         batch_size,
         train=train,
         seed=seed,
         device=device,
-        input_size=pre.input_size,
-        channels=channels if channels != data.info.channels else None,
-        mean=pre.mean,
-        std=pre.std,
         channels_last=channels_last,
+        **_prepared_as(model, data, input_size),
     )
+
+
+def _prepared_as(model: nn.Module, data: ImageData, input_size: int | None) -> dict[str, Any]:
+    """How a registered dataset's images are converted for ``model``: resized, grey -> RGB
+    where the model wants other channels, normalised (the loader's and calibration's kwargs)."""
+    channels = input_channels(model)
+    pre = preprocessing(model, input_size)
+    return {
+        "input_size": pre.input_size,
+        "channels": channels if channels != data.info.channels else None,
+        "mean": pre.mean,
+        "std": pre.std,
+    }
 
 
 def calibration_for(
@@ -112,18 +121,13 @@ def calibration_for(
         if not isinstance(data, torch.utils.data.DataLoader):
             size = min(size, len(data))
         return CalibrationSet(first_batches(data, size, seed=seed, device=device), task)
-    channels = input_channels(model)
-    pre = preprocessing(model, input_size)
     return CalibrationSet.from_data(
         data,
         min(size, len(data)),
         seed=seed,
         device=device,
-        input_size=pre.input_size,
-        channels=channels if channels != data.info.channels else None,
-        mean=pre.mean,
-        std=pre.std,
         task=task,
+        **_prepared_as(model, data, input_size),
     )
 
 
