@@ -101,6 +101,7 @@ def _rank(rank: int, world: int, store: str, args: argparse.Namespace, out: Path
             )
         if distributed.is_main():
             torch.save(runs, out)
+        distributed.barrier()  # no rank tears its connections down while a peer still uses them
     finally:
         if world > 1:
             dist.destroy_process_group()

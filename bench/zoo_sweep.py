@@ -67,12 +67,18 @@ def timm_models() -> list[str]:
     return [f"timm:{name}|{family[name]}" for _, name in sorted(chosen, key=lambda m: m[1])]
 
 
-def run_model(spec: str, sizes: str, timeout: float) -> dict[str, Any]:
-    """Both processes of one model; a timeout or crash marks the phases it did not finish."""
+def run_model(
+    spec: str, sizes: str, timeout: float, tp_record: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Both processes of one model; a timeout or crash marks the phases it did not finish.
+    ``tp_record``: Torch-Pruning's result from an earlier sweep, kept instead of rerun."""
     name, _, family = spec.partition("|")
     default = "torchvision" if name.startswith("tv:") else "timm"
     record: dict[str, Any] = {"model": name, "family": family or default}
-    for which, phases in (("ap", PHASES), ("tp", ("tp",))):
+    if tp_record is not None:
+        record["tp"] = tp_record
+    processes = (("ap", PHASES),) if tp_record is not None else (("ap", PHASES), ("tp", ("tp",)))
+    for which, phases in processes:
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
             cmd = [sys.executable, str(BENCH / "_zoo_checks.py"), name, which, tmp.name, sizes]
             try:
@@ -198,6 +204,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help=f"{len(SMOKE_MODELS)} models, /tmp")
     parser.add_argument("--input-size", type=int, default=32, help="smallest size tried (px)")
     parser.add_argument("--timeout", type=float, default=60, help="seconds per process")
+    parser.add_argument(
+        "--reuse-tp",
+        action="store_true",
+        help="keep Torch-Pruning's recorded results (they do not depend on autoprune's code)",
+    )
     args = parser.parse_args()
     install_shim()
     if args.smoke:
@@ -220,7 +231,8 @@ def main() -> None:
     ]
     start = time.perf_counter()
     fresh: dict[str, dict[str, Any]] = {}
-    kept = {r["model"]: r for r in old.get("runs", [])} if args.only else {}
+    recorded = {r["model"]: r for r in old.get("runs", [])}
+    kept = recorded if args.only else {}
     lock = threading.Lock()
 
     def write() -> dict[str, Any]:
@@ -240,7 +252,11 @@ def main() -> None:
         return result
 
     def one(spec: str) -> None:
-        record = run_model(spec, sizes, args.timeout)
+        name = spec.partition("|")[0]
+        tp = recorded.get(name, {}).get("tp") if args.reuse_tp else None
+        if tp is not None and tp.get("error") == "Timeout":
+            tp = None  # a timeout is rerun: the timeout may be longer this time
+        record = run_model(spec, sizes, args.timeout, tp)
         with lock:
             fresh[record["model"]] = record
             write()

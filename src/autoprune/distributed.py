@@ -82,6 +82,7 @@ def torchrun_session() -> Iterator[None]:
                 devnull = stack.enter_context(open(os.devnull, "w"))
                 stack.enter_context(contextlib.redirect_stdout(devnull))
             yield
+        dist.barrier()  # no rank tears its connections down while a peer still uses them
     finally:
         dist.destroy_process_group()
 
