@@ -8,6 +8,7 @@ group loses its lowest-L1 30 % at once. Writes docs/benchmarks/zoo_sweep.{json,m
 
     python bench/zoo_sweep.py --jobs 2            # the full sweep
     python bench/zoo_sweep.py --only 'timm:vit*'  # rerun some models, merged into the table
+    python bench/zoo_sweep.py --failed            # rerun the models that did not pass, merged
     python bench/zoo_sweep.py --smoke             # a few models, for CI, into /tmp
 """
 
@@ -201,6 +202,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1, help="models run in parallel")
     parser.add_argument("--only", help="fnmatch pattern on 'tv:NAME' / 'timm:NAME'; merged")
+    parser.add_argument(
+        "--failed", action="store_true", help="rerun the recorded models that did not pass; merged"
+    )
     parser.add_argument("--smoke", action="store_true", help=f"{len(SMOKE_MODELS)} models, /tmp")
     parser.add_argument("--input-size", type=int, default=32, help="smallest size tried (px)")
     parser.add_argument("--timeout", type=float, default=60, help="seconds per process")
@@ -226,13 +230,17 @@ def main() -> None:
         specs = list(SMOKE_MODELS)
     else:
         specs = old.get("models") or [*torchvision_models(), *timm_models()]
+    recorded = {r["model"]: r for r in old.get("runs", [])}
     selected = [
-        s for s in specs if not args.only or fnmatch.fnmatch(s.partition("|")[0], args.only)
+        s
+        for s in specs
+        if (not args.only or fnmatch.fnmatch(s.partition("|")[0], args.only))
+        and (not args.failed or not model_passes(recorded.get(s.partition("|")[0], {})))
     ]
     start = time.perf_counter()
     fresh: dict[str, dict[str, Any]] = {}
-    recorded = {r["model"]: r for r in old.get("runs", [])}
-    kept = recorded if args.only else {}
+    kept = recorded if args.only or args.failed else {}
+    earlier = old.get("seconds", 0.0) if kept else 0.0  # a merged table counts both sweeps
     lock = threading.Lock()
 
     def write() -> dict[str, Any]:
@@ -244,7 +252,7 @@ def main() -> None:
             "sizes": sizes,
             "timeout": args.timeout,
             "machine": machine(),
-            "seconds": round(time.perf_counter() - start, 1),
+            "seconds": round(earlier + time.perf_counter() - start, 1),
             "totals": {"torchvision": totals(runs, "tv"), "timm": totals(runs, "timm")},
             "runs": runs,
         }
