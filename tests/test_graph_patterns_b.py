@@ -398,6 +398,15 @@ def test_channel_shuffle_couples_the_channels_it_interleaves() -> None:
     assert graph.model.mix[0].in_channels == 14 and graph.model.branch[0][0].in_channels == 7
 
 
+def test_every_group_has_a_cost_per_channel_where_channels_map_unevenly() -> None:
+    """The stem's group owns 2 of mix's input channels per channel on one half of them and 1
+    on the other: its cost per channel (which the fixed schedule sorts by) is the average."""
+    graph = build_graph(ShuffleNet().eval(), torch.randn(1, 3, 16, 16))
+    stem = graph.group("stem.0")
+    assert stem.macs_per_channel == stem.macs_saved(torch.arange(stem.channels)) // stem.channels
+    assert all(g.macs_per_channel > 0 for g in graph.groups())
+
+
 def test_channels_selected_by_fixed_bounds_freeze_their_group() -> None:
     graph = build_graph(SliceAdd().eval(), torch.randn(1, 3, 16, 16))
     assert "selects channels by position" in graph.frozen["stem.0"]

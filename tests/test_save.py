@@ -79,6 +79,14 @@ def test_torchvision_model(name: str, tmp_path: Path) -> None:
     assert_round_trip(model, tmp_path / "m", 64)
 
 
+def test_rewritten_model_reloads_where_its_last_maps_are_one_pixel(tmp_path: Path) -> None:
+    """ShuffleNetV2's channel splits are rewritten into layers (graph/_fx.py); loading rewrites
+    a fresh model, in training mode, at the saved size: 32 px leaves 1x1 maps at batch 1."""
+    pytest.importorskip("torchvision", reason="torchvision is not importable")
+    model = create_model("tv:shufflenet_v2_x0_5", num_classes=10)
+    assert_round_trip(fixed_prune(model, 32), tmp_path / "m", 32)
+
+
 def test_timm_mobilevit_needs_no_input_size(tmp_path: Path) -> None:
     pytest.importorskip("timm", reason="timm is not importable")
     model = create_model("timm:mobilevit_xxs", num_classes=10)

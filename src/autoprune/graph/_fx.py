@@ -23,6 +23,7 @@ from torch import fx, nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .._forward import eval_mode
 from ..errors import AutopruneError
 from ..layers import ChannelPadShortcut, ChannelSplit
 from ..measure.complexity import as_inputs
@@ -128,7 +129,8 @@ def _capture_inputs(
 
 
 def _rewrite(gm: fx.GraphModule, args: tuple) -> None:
-    ShapeProp(gm).propagate(*args)
+    with eval_mode(gm), torch.no_grad():  # a fresh model trains: BatchNorm would see batch 1
+        ShapeProp(gm).propagate(*args)
     pads = [n for n in gm.graph.nodes if _channel_pad(n)]
     for k, node in enumerate(n for n in pads if len(n.meta["tensor_meta"].shape) == 4):
         before, after = _channel_pad(node)  # type: ignore[misc]

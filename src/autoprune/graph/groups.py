@@ -162,8 +162,11 @@ class ChannelGroup:
 
     @property
     def macs_per_channel(self) -> int:
-        """MACs the first removed channel saves (later ones may save less: see macs_saved)."""
-        return self.macs_saved(1)
+        """MACs the first removed channel saves (later ones may save less: see macs_saved);
+        where channels map unevenly (channel slices, shuffles), the group's average."""
+        if all(self._multiplicity[m] is not None for m in self.members):
+            return self.macs_saved(1)
+        return self.macs_saved(torch.arange(self.channels)) // self.channels
 
     def removed(self, n_or_idxs: int | Sequence[int] | torch.Tensor) -> Removed:
         """Per layer, the (out, in) channels that removing ``n_or_idxs`` takes away.
