@@ -14,11 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import autoprune
+from autoprune.criteria import select
 from autoprune.data.synthetic import load_synthetic
 from autoprune.graph import build_graph, mask_channels
 from autoprune.io.model_io import load, save
 from autoprune.measure.complexity import count_macs
 from autoprune.models import create_model
+from autoprune.search.candidates import removable
 
 einops = pytest.importorskip("einops")
 rearrange = einops.rearrange
@@ -65,6 +67,27 @@ class ShuffleNet(nn.Module):
         a, b = x.chunk(2, dim=1)
         x = channel_shuffle(torch.cat((a, self.branch(b)), dim=1), 2)
         return self.head(self.mix(x))
+
+
+class ShuffleStage(nn.Module):
+    """Three ShuffleNetV2 units in a row: later units' branches hang on fewer and fewer of the
+    stage's group channels (each shuffle halves them), as in torchvision's ShuffleNetV2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.branches = nn.ModuleList(
+            nn.Sequential(conv_bn(8, 8, 1), conv_bn(8, 8, 3, groups=8), conv_bn(8, 8, 1))
+            for _ in range(3)
+        )
+        self.head = Head(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for branch in self.branches:
+            a, b = x.chunk(2, dim=1)
+            x = channel_shuffle(torch.cat((a, branch(b)), dim=1), 2)
+        return self.head(x)
 
 
 class ChunkCat(nn.Module):
@@ -396,6 +419,24 @@ def test_channel_shuffle_couples_the_channels_it_interleaves() -> None:
     assert mix.idxs[torch.isin(mix.group_idxs, torch.tensor([3]))].tolist() == [6, 7]
     graph.prune("stem.0", [3, 12])
     assert graph.model.mix[0].in_channels == 14 and graph.model.branch[0][0].in_channels == 7
+
+
+def test_a_removal_within_the_limit_leaves_every_layer_of_a_shuffled_stage_a_channel() -> None:
+    """The last unit's branch owns channels of only a few of the stage's group channels: the
+    most a schedule may take (the cap at 100 %) still leaves each layer one, whatever the
+    scores, and the pruned model runs."""
+    graph = build_graph(ShuffleStage().eval(), torch.randn(1, 3, 16, 16))
+    classes = graph.model.head.fc.out_features
+    group = graph.group("stem.0")
+    assert group.layer_coverages and group.min_kept > 1
+    n = removable(group, group.channels, cap=1.0)
+    assert n == group.channels - group.min_kept
+    removal = select(group, "l1", n)
+    for covered in group.layer_coverages:
+        assert not torch.isin(covered, removal).all()
+    graph.prune("stem.0", removal)
+    out = graph.model(torch.randn(3, 3, 16, 16))
+    assert out.shape == (3, classes) and out.isfinite().all()
 
 
 def test_every_group_has_a_cost_per_channel_where_channels_map_unevenly() -> None:

@@ -48,14 +48,16 @@ def list_criteria(kind: str | None = None, *, needs_data: bool | None = None) ->
 
 
 def score(group: ChannelGroup, name: str, **state: Any) -> torch.Tensor:
-    """One score per channel of ``group`` by criterion ``name`` (lower = prune first)."""
+    """One score per channel of ``group`` by criterion ``name`` (lower = prune first); the
+    channels that keep each layer of an unevenly mapped group alive come last
+    (:meth:`ChannelGroup.keep_layers`)."""
     scores = CRITERIA.get(name)(group, **state)
     if scores.shape != (group.channels,):
         raise RuntimeError(
             f"criterion {name!r} returned shape {tuple(scores.shape)} for group {group.name!r} "
             f"with {group.channels} channels"
         )
-    return scores
+    return group.keep_layers(scores) if group.layer_coverages else scores
 
 
 def select(group: ChannelGroup, criterion: str, n: int, **state: Any) -> torch.Tensor:

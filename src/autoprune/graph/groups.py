@@ -161,6 +161,32 @@ class ChannelGroup:
         return torch.isin(self._units, idxs).nonzero().flatten().tolist()
 
     @property
+    def layer_coverages(self) -> list[torch.Tensor]:
+        """Each distinct set of group channels that one member's channels come from, where it
+        is not the whole group (after channel shuffles, a later block's layers hang on a few
+        group channels): removing all of a set would empty a layer."""
+        if "coverages" not in self.cache:
+            sets = {tuple(m.group_idxs.unique().tolist()) for m in self.members}
+            self.cache["coverages"] = [
+                torch.tensor(c) for c in sorted(sets) if 0 < len(c) < self.channels
+            ]
+        return self.cache["coverages"]
+
+    @property
+    def min_kept(self) -> int:
+        """Group channels that always stay: one, and one per :attr:`layer_coverages` set."""
+        return max(1, len(self.layer_coverages))
+
+    def keep_layers(self, scores: torch.Tensor) -> torch.Tensor:
+        """``scores`` with the best channel of each coverage set raised above all others, so
+        that any removal within :meth:`removable` counts leaves every layer a channel."""
+        scores = scores.clone()
+        top = scores.max() + 1
+        for covered in self.layer_coverages:
+            scores[covered[scores[covered].argmax()]] = top
+        return scores
+
+    @property
     def macs_per_channel(self) -> int:
         """MACs the first removed channel saves (later ones may save less: see macs_saved);
         where channels map unevenly (channel slices, shuffles), the group's average."""

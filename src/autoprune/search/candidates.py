@@ -106,10 +106,11 @@ def loss_per_latency(base_loss: float) -> Objective:
 
 
 def removable(group: ChannelGroup, original_channels: int, cap: float, multiple: int = 1) -> int:
-    """How many more channels ``group`` may lose: up to ``cap`` of its original ones, keeping 1,
-    and leaving a multiple of ``multiple`` (none when fewer than that are left)."""
+    """How many more channels ``group`` may lose: up to ``cap`` of its original ones, keeping
+    ``group.min_kept`` (a channel for every layer), and leaving a multiple of ``multiple`` (none
+    when fewer than that are left)."""
     allowed = math.floor(cap * original_channels + 1e-9) - (original_channels - group.channels)
-    n = max(0, min(allowed, group.channels - 1))
+    n = max(0, min(allowed, group.channels - group.min_kept))
     kept = -(-(group.channels - n) // multiple) * multiple  # rounded up to the multiple
     return max(0, group.channels - kept)
 
