@@ -14,10 +14,7 @@ from ..errors import AutopruneError
 from ._attention import HeadPruning, attention_groups
 from ._coupled import channel_units
 from ._params import ParamUse, drop_derived_caches
-from ._rules import (
-    TP_DUMMY_OPS,
-    member_kind,
-)
+from ._rules import TP_DUMMY_OPS, member_kind
 from .groups import ChannelGroup, MacTable, Member, Removed
 from .masking import MaskState
 from .scopes import ScopeContext, list_scopes, scope_layers
@@ -74,6 +71,7 @@ class PruningGraph:
         self._version = 0
         self._groups: dict[str, ChannelGroup] | None = None
         self._frozen: dict[str, str] = {}
+        self._held: dict[str, str] = {}  # frozen by :meth:`freeze`, through every rebuild
 
     def copy(self) -> PruningGraph:
         """An independent graph on a deep copy of the model, built with the same options.
@@ -87,13 +85,16 @@ class PruningGraph:
         from .build import build_graph  # the builder makes graphs of this class
 
         names = {m: n for n, m in self.model.named_modules()}
-        return build_graph(
+        graph = build_graph(
             model,
             self.example_inputs,
             ignored_layers=[names[m] for m in self._ignored if m in names],
             prunable_types=self._root_types,
             scope=self.scope,
         )
+        for name, reason in self._held.items():
+            graph.freeze(name, reason)
+        return graph
 
     def _scope_layers(self, scope: str) -> frozenset[nn.Module]:
         layers = [*self._all_macs.units, *self._all_macs.matmuls]
@@ -130,6 +131,11 @@ class PruningGraph:
             if reason:
                 raise AutopruneError(f"group {name!r} cannot be pruned: {reason}") from None
             raise AutopruneError(f"no channel group named {name!r}") from None
+
+    def freeze(self, name: str, reason: str) -> None:
+        """Never prune group ``name`` (e.g. one :func:`~._verify.verify_groups` found broken);
+        ``reason`` is shown wherever frozen groups are explained."""
+        self._held[name], self._groups = reason, None
 
     @property
     def frozen(self) -> dict[str, str]:
@@ -176,7 +182,9 @@ class PruningGraph:
         groups.sort(key=lambda g: position[g.name])
         self._groups = {}
         for g in groups:
-            if self._within_scope(g):
+            if g.name in self._held:
+                self._frozen[g.name] = self._held[g.name]
+            elif self._within_scope(g):
                 self._groups[g.name] = g
             else:
                 self._frozen[g.name] = f"outside scope {self.scope!r}"
