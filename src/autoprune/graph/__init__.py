@@ -6,7 +6,9 @@ heads and head dimensions, scopes, checks for layers and ops it would get wrong,
 accounting and exact masking.
 """
 
+from ._clone import clone_graph
 from ._fx import NORMALIZED_ATTR, normalize_model
+from ._verify import verify_groups
 from .build import build_graph
 from .groups import ChannelGroup, Member
 from .masking import ChannelMask, mask_channels, mask_pieces
@@ -24,10 +26,12 @@ __all__ = [
     "PruningGraph",
     "StackedMask",
     "build_graph",
+    "clone_graph",
     "list_scopes",
     "mask_channels",
     "mask_pieces",
     "normalize_model",
     "scope_report",
     "stackable",
+    "verify_groups",
 ]

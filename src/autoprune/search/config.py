@@ -222,6 +222,13 @@ class PruneConfig:
             "--weight-sparsity at any cost)."
         ),
     )
+    verify_graph: bool = field(
+        default=True,
+        metadata=_cli(
+            "Before pruning channels, prune one of every group on a copy and freeze the groups "
+            "whose pruned outputs differ from the masked ones (see graph/_verify.py)."
+        ),
+    )
     scope: str = field(
         default="all",
         metadata=_cli(

@@ -29,7 +29,7 @@ from torch import nn
 from .. import distributed
 from .._device import follow
 from ..errors import AutopruneError
-from ..graph import PruningGraph, build_graph
+from ..graph import PruningGraph, build_graph, verify_groups
 from ..graph.sparsity import restore_weights
 from ..task import Task
 from ._reach import refuse_unreachable
@@ -92,6 +92,8 @@ class Pruner:
             scope=config.scope,
         )
         distributed.broadcast_weights(self.graph.model)  # all ranks start from rank 0's weights
+        check = config.verify_graph and "channel" in config.granularity
+        self.frozen_by_verify = dict(verify_groups(self.graph)) if check else {}  # before pruning
         self.start_weights = weights_digest(self.graph.model)
         self.original_macs = self.graph.macs()
         self.original_channels = {g.name: g.channels for g in self.graph.groups()}

@@ -50,6 +50,7 @@ def run_summary(
         config=asdict(pruner.config),
     )
     summary["ended_early"] = state.ended_early
+    summary["frozen_by_verify"] = pruner.frozen_by_verify  # group -> what broke
     summary["scopes"] = scope_report(scope_macs, pruner.graph.macs_by_scope())
     if pruner.latency is not None:  # the stop rule was predicted: now measure
         summary["latency"] = pruner.latency.report()
