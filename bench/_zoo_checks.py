@@ -28,7 +28,7 @@ import autoprune
 from autoprune.criteria import select
 from autoprune.data.synthetic import load_synthetic
 from autoprune.errors import AutopruneError
-from autoprune.graph import build_graph, mask_channels
+from autoprune.graph import PruningGraph, build_graph, mask_channels, verify_groups
 from autoprune.measure import count_macs
 from autoprune.models import create_model
 
@@ -131,8 +131,15 @@ def search(model: nn.Module, size: int, step: float = 0.15) -> dict[str, Any]:
 
 
 def masked(model: nn.Module, size: int) -> dict[str, Any]:
-    """Every group loses its lowest-L1 30 % at once: masked outputs must equal pruned ones."""
+    """Masked against pruned on every group the library would prune: those
+    :func:`verify_groups` leaves (it freezes the ones it finds broken)."""
     graph = build_graph(copy.deepcopy(model).eval(), torch.zeros(1, 3, size, size))
+    frozen = verify_groups(graph)
+    return {**masked_vs_pruned(graph, size), "frozen_by_verify": len(frozen)}
+
+
+def masked_vs_pruned(graph: PruningGraph, size: int) -> dict[str, Any]:
+    """Every group loses its lowest-L1 30 % at once: masked outputs must equal pruned ones."""
     removal = {
         g.name: select(g, "l1", math.floor(TARGET * g.channels))
         for g in graph.groups()
