@@ -69,6 +69,24 @@ class AllBroken(nn.Module):
         return self.head((b / b.shape[1]).mean((2, 3)))
 
 
+class Joint(nn.Module):
+    """Two groups whose widths are read together: either may lose a channel, not both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.c1(x)
+        b = self.c2(a)
+        c = self.c3(b) * (a.shape[1] + b.shape[1] > 14)
+        return self.head(c.mean((2, 3)))
+
+
 def pruned_minus_masked(graph, removal) -> float:
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -117,6 +135,14 @@ def test_a_target_only_the_frozen_group_could_reach_names_its_reason():
     pruner = Pruner(Chain("width_scale"), X, config)
     with pytest.raises(AutopruneError, match="'c1': removing a channel of 'c1' changes"):
         pruner.start()
+
+
+def test_groups_that_break_only_together_lose_the_one_that_tips_them_over():
+    graph = build_graph(Joint().eval(), X)
+    frozen = verify_groups(graph)
+    assert [name for name, _ in frozen] == ["c2"]
+    assert "with one of each group before it" in frozen[0][1]
+    assert [g.name for g in graph.groups()] == ["c1", "c3"]
 
 
 def test_a_model_whose_every_group_breaks_gets_one_clean_refusal():

@@ -93,7 +93,7 @@ def _tipping(check: Check, names: Sequence[str], what: str) -> tuple[str, str]:
         else:
             bad, what = mid, why
     name = names[bad - 1]
-    return name, f"removing a channel of {name!r} with one of {names[0]!r}... {what}"
+    return name, f"removing a channel of {name!r} with one of each group before it {what}"
 
 
 def _breaks(
