@@ -87,7 +87,9 @@ class PruneConfig:
     weights, ``weight_step`` of all conv and linear weights per step, until ``weight_sparsity``
     of them are zero; a step after which recovery leaves the calibration loss above
     ``weight_loss_limit`` times its value at the phase's start is undone and ends the phase
-    (None: reach ``weight_sparsity`` whatever it costs).
+    (None: reach ``weight_sparsity`` whatever it costs). ``verify_graph``: before channels are
+    pruned, every group loses one unit on a copy and those whose pruned outputs differ from the
+    masked ones are frozen (:func:`autoprune.graph.verify_groups`).
 
     ``transfer`` replaces the classifier head (``transfer_head``, found when None) for the
     data's classes and adapts the model first (:mod:`autoprune.transfer`): ``head_steps`` of
