@@ -57,11 +57,9 @@ def verify_groups(graph: PruningGraph) -> list[tuple[str, str]]:
             pending = [n for n in pending if n not in dict(found)]
             what = check(pending) if pending else None
     if frozen and not graph.groups():
-        name, reason = frozen[0]
         raise AutopruneError(
-            f"no channel group of this model prunes correctly ({len(frozen)} checked; "
-            f"{name!r}: {reason}); prune it by block or layer, or name the layer at fault "
-            "in ignored_layers"
+            f"no channel group of this model prunes correctly (all {len(frozen)} frozen; "
+            f"first: {frozen[0][1]}); prune it by block or layer instead"
         )
     order = {n: k for k, n in enumerate(removal)}
     return sorted(frozen, key=lambda pair: order[pair[0]])
