@@ -12,10 +12,13 @@ recognises by identity.
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Any
 
 from ..errors import AutopruneError
 from .pruning_graph import PruningGraph
+
+FRAMES_PER_NODE = 16  # deepcopy frames per node link followed (dicts, lists, dependencies)
 
 
 def clone_graph(graph: PruningGraph) -> PruningGraph:
@@ -29,4 +32,11 @@ def clone_graph(graph: PruningGraph) -> PruningGraph:
     shared += [node.grad_fn for node in dg.module2node.values()]
     shared += list(dg._ops)  # every traced op, by autograd node
     memo = {id(obj): obj for obj in shared if obj is not None}
-    return copy.deepcopy(graph, memo)
+    # The copy recurses along the nodes' links (a few frames per op): a large model's graph
+    # runs deeper than Python's default limit. These frames are Python's, not the C stack's.
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, FRAMES_PER_NODE * len(dg.module2node) + limit))
+    try:
+        return copy.deepcopy(graph, memo)
+    finally:
+        sys.setrecursionlimit(limit)
