@@ -8,6 +8,7 @@ accounting and exact masking.
 
 from ._fx import NORMALIZED_ATTR, normalize_model
 from .build import build_graph
+from .custom import LayerPruner, register_layer
 from .groups import ChannelGroup, Member
 from .masking import ChannelMask, mask_channels, mask_pieces
 from .pruning_graph import DEFAULT_PRUNABLE_TYPES, PruningGraph
@@ -20,6 +21,7 @@ __all__ = [
     "SCOPES",
     "ChannelGroup",
     "ChannelMask",
+    "LayerPruner",
     "Member",
     "PruningGraph",
     "StackedMask",
@@ -28,6 +30,7 @@ __all__ = [
     "mask_channels",
     "mask_pieces",
     "normalize_model",
+    "register_layer",
     "scope_report",
     "stackable",
 ]
