@@ -220,30 +220,31 @@ class CustomLayers:
             recorder.labels.start(output, dim)
             if module not in self._first_call:
                 self._first_call[module] = (tuple(a.detach() for a in args), positions)
-                self.pruners[type(module)].widths.setdefault(
-                    module, [args[0].shape[dim], output.shape[dim]]
-                )
+                self.pruners[type(module)].widths[module] = [args[0].shape[dim], output.shape[dim]]
 
         return [m.register_forward_hook(hook) for m in self.layers]
 
     def check(self, names: Mapping[nn.Module, str]) -> None:
-        """Refuse a layer whose declared tensors disagree on its channels, or whose MAC formula
-        is not what torch's counter measures on the traced input (predictions would drift)."""
-        for module, spec in self.layers.items():
-            pruner = self.pruners[type(module)]
-            cin, cout = pruner.get_in_channels(module), pruner.get_out_channels(module)
-            sides = [(spec.out_dims, cout)] + ([] if spec.per_channel else [(spec.in_dims, cin)])
-            for dims, width in sides:
-                for name, dim in dims.items():
-                    size = _tensor(module, name).shape[dim]
+        """Refuse a layer whose declared tensors or attributes disagree with the channels its
+        traced input and output have, or whose MAC formula is not what torch's counter
+        measures on the traced input (pruning or predictions would go wrong)."""
+        for module in self._first_call:
+            spec, name = self.layers[module], names[module]
+            traced_in, traced_out = self.pruners[type(module)].widths[module]
+            sides = [(spec.out_dims, spec.out_attribute, traced_out, "output")]
+            if not spec.per_channel:
+                sides.append((spec.in_dims, spec.in_attribute, traced_in, "input"))
+            for dims, attribute, width, side in sides:
+                found = {f"{n!r} dim {d}": _tensor(module, n).shape[d] for n, d in dims.items()}
+                if attribute is not None:
+                    found[f"attribute {attribute!r}"] = int(getattr(module, attribute))
+                for what, size in found.items():
                     if size != width:
                         raise AutopruneError(
-                            f"layer {names[module]!r}: {name!r} has {size} channels along dim "
-                            f"{dim} but the layer has {width}; fix the dims of "
-                            f"{type(spec).__name__}"
+                            f"layer {name!r}: {what} counts {size} channels but its {side} has "
+                            f"{width} (dim {spec.channel_dim}); fix {type(spec).__name__}"
                         )
-            if module in self._first_call:
-                self._check_macs(module, names[module])
+            self._check_macs(module, name)
 
     def _check_macs(self, module: nn.Module, name: str) -> None:
         args, positions = self._first_call[module]
