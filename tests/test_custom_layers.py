@@ -19,6 +19,7 @@ import autoprune
 from autoprune.criteria import select
 from autoprune.errors import AutopruneError
 from autoprune.graph import PruningGraph, StackedMask, build_graph, mask_channels, mask_pieces
+from autoprune.graph.custom import LAYER_PRUNERS
 from autoprune.io.export import FORMATS
 from autoprune.io.export_check import export_checked
 from autoprune.measure import count_macs
@@ -67,9 +68,12 @@ class ChannelGate(nn.Module):
         return x * torch.sigmoid(self.logit).view(1, self.channels, 1, 1)
 
 
-class GatePruner(autoprune.LayerPruner):
+class LogitPruner(autoprune.LayerPruner):
     out_dims: ClassVar = {"logit": 0}
     per_channel = True
+
+
+class GatePruner(LogitPruner):
     out_attribute = "channels"
 
 
@@ -326,6 +330,77 @@ def test_a_wrong_declaration_is_refused_with_what_to_fix(layer: type, advice: st
     model = nn.Sequential(nn.Conv2d(3, 8, 1), layer(8, 8, 4), nn.Conv2d(8, 4, 1))
     with pytest.raises(AutopruneError, match=advice):
         build_graph(model, torch.zeros(1, 3, 4, 4))
+
+
+class HiddenToo(nn.Module):
+    """Returns its hidden features next to the prediction: no channel can go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.fc1(x)
+        return self.fc2(F.relu(hidden)), hidden
+
+
+class PredictionOnly(nn.Module):
+    """The refusal's advice: a wrapper whose forward returns only the prediction."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[0]
+
+
+def fixed_reduction(model: nn.Module, example: torch.Tensor, target: float) -> float:
+    result = autoprune.prune(
+        model, example_inputs=example, schedule="fixed", criteria="l1",
+        target_macs_reduction=target, progress=False,
+    )  # fmt: skip
+    return 1 - count_macs(result.model, example) / count_macs(model, example)
+
+
+def test_a_model_returning_hidden_features_is_refused_with_advice_that_works() -> None:
+    torch.manual_seed(0)
+    model = HiddenToo()
+    with pytest.raises(AutopruneError) as refusal:
+        fixed_reduction(model, VECTOR, 0.3)
+    message = str(refusal.value)
+    assert "no group of this model can lose a channel" in message
+    assert "'fc1': its channels are the model's output" in message
+    assert "lower the target" not in message and "raise the cap" not in message
+    assert "prune a wrapper whose forward returns only the prediction" in message
+    assert abs(fixed_reduction(PredictionOnly(model), VECTOR, 0.3) - 0.3) <= 0.005
+
+
+class Gate(nn.Module):
+    """Like ChannelGate, left unregistered until the refusal's advice is followed."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.logit = nn.Parameter(torch.randn(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.logit).view(1, -1, 1, 1)
+
+
+def test_an_unknown_layer_freezes_its_group_with_advice_that_works() -> None:
+    def gated() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 8, 3), Gate(8), nn.Conv2d(8, 4, 3))
+
+    reason = build_graph(gated(), IMAGE).frozen["0"]
+    assert reason.startswith("parameter '1.logit' cannot lose channels: it is used in 'sigmoid'")
+    assert reason.endswith("(register Gate with autoprune.register_layer)")
+    autoprune.register_layer(Gate, LogitPruner())
+    try:
+        graph = build_graph(gated(), IMAGE)
+    finally:
+        LAYER_PRUNERS.pop(Gate)
+    assert [g.name for g in graph.groups()] == ["0"]
 
 
 @pytest.mark.skipif(not FORMATS.get("onnx").available(), reason="onnxruntime not installed")

@@ -289,3 +289,14 @@ def filter_rows(module: nn.Module) -> torch.Tensor | None:
         return None
     tensors = [_tensor(module, n).detach().movedim(d, 0) for n, d in spec.out_dims.items()]
     return torch.cat([t.reshape(t.shape[0], -1) for t in tensors], dim=1)
+
+
+def registration_advice(layer: nn.Module, model: nn.Module | None = None) -> str:
+    """What lifts a freeze by ``layer`` (or by a parameter it holds): registering its type;
+    for the model itself, moving the parameter into a layer of its own type first. Nothing for
+    torch's own types (those are autoprune's to support)."""
+    if layer is model:
+        return " (move it into a layer of its own type and register that with register_layer)"
+    if type(layer).__module__.split(".")[0] == "torch":
+        return ""
+    return f" (register {type(layer).__name__} with autoprune.register_layer)"
