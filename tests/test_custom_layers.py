@@ -19,7 +19,6 @@ import autoprune
 from autoprune.criteria import select
 from autoprune.errors import AutopruneError
 from autoprune.graph import PruningGraph, StackedMask, build_graph, mask_channels, mask_pieces
-from autoprune.graph.custom import LAYER_PRUNERS
 from autoprune.io.export import FORMATS
 from autoprune.io.export_check import export_checked
 from autoprune.measure import count_macs
@@ -377,18 +376,17 @@ def test_a_model_returning_hidden_features_is_refused_with_advice_that_works() -
     assert abs(fixed_reduction(PredictionOnly(model), VECTOR, 0.3) - 0.3) <= 0.005
 
 
-class Gate(nn.Module):
-    """Like ChannelGate, left unregistered until the refusal's advice is followed."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.logit = nn.Parameter(torch.randn(channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(self.logit).view(1, -1, 1, 1)
-
-
 def test_an_unknown_layer_freezes_its_group_with_advice_that_works() -> None:
+    class Gate(nn.Module):
+        """Like ChannelGate, registered only once the refusal's advice is followed."""
+
+        def __init__(self, channels: int) -> None:
+            super().__init__()
+            self.logit = nn.Parameter(torch.randn(channels))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * torch.sigmoid(self.logit).view(1, -1, 1, 1)
+
     def gated() -> nn.Module:
         return nn.Sequential(nn.Conv2d(3, 8, 3), Gate(8), nn.Conv2d(8, 4, 3))
 
@@ -396,11 +394,7 @@ def test_an_unknown_layer_freezes_its_group_with_advice_that_works() -> None:
     assert reason.startswith("parameter '1.logit' cannot lose channels: it is used in 'sigmoid'")
     assert reason.endswith("(register Gate with autoprune.register_layer)")
     autoprune.register_layer(Gate, LogitPruner())
-    try:
-        graph = build_graph(gated(), IMAGE)
-    finally:
-        LAYER_PRUNERS.pop(Gate)
-    assert [g.name for g in graph.groups()] == ["0"]
+    assert [g.name for g in build_graph(gated(), IMAGE).groups()] == ["0"]
 
 
 @pytest.mark.skipif(not FORMATS.get("onnx").available(), reason="onnxruntime not installed")

@@ -81,6 +81,9 @@ class LayerPruner:
 
 # Layer type -> its pruner. Looked up along the MRO: registering a base covers its subclasses.
 LAYER_PRUNERS: dict[type[nn.Module], LayerPruner] = {}
+# Every type looked up so far -> its pruner or None: the MAC table asks for every layer at every
+# prediction, the masks at every forward.
+_FOUND: dict[type, LayerPruner | None] = {}
 
 
 def register_layer(
@@ -108,11 +111,15 @@ def _add(layer_type: type[nn.Module], pruner: LayerPruner) -> None:
     if layer_type in LAYER_PRUNERS:
         raise ValueError(f"a pruner for {layer_type.__name__} is already registered")
     LAYER_PRUNERS[layer_type] = pruner
+    _FOUND.clear()
 
 
 def layer_pruner(module: nn.Module) -> LayerPruner | None:
     """The registered pruner of ``module``'s type (or of its nearest registered base)."""
-    return next((LAYER_PRUNERS[t] for t in type(module).__mro__ if t in LAYER_PRUNERS), None)
+    cls = type(module)
+    if cls not in _FOUND:
+        _FOUND[cls] = next((LAYER_PRUNERS[t] for t in cls.__mro__ if t in LAYER_PRUNERS), None)
+    return _FOUND[cls]
 
 
 def _count(layer: nn.Module, attribute: str | None, dims: Mapping[str, int]) -> int | None:
