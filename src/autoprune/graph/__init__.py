@@ -3,7 +3,7 @@
 Built on Torch-Pruning's ``DependencyGraph`` with our own rules: option-A shortcuts
 (:class:`~autoprune.layers.ChannelPadShortcut`, also rewritten from ``F.pad``), attention
 heads and head dimensions, scopes, checks for layers and ops it would get wrong, exact MAC
-accounting and exact masking.
+accounting and exact masking; a user's own layer types join through :func:`register_layer`.
 """
 
 from ._fx import NORMALIZED_ATTR, normalize_model
