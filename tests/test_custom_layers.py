@@ -105,6 +105,34 @@ class ShiftConvPruner(autoprune.LayerPruner):
         return x.index_copy(-1, idxs, (-layer.shift[idxs]).expand(*x.shape[:-1], len(idxs)))
 
 
+class Squeeze(nn.Module):
+    """A 1x1 bottleneck of two sublayers, pruned as one layer (dotted tensor names)."""
+
+    def __init__(self, cin: int, cout: int, width: int) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(cin, width, 1, bias=False)
+        self.expand = nn.Conv2d(width, cout, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.expand(F.relu(self.reduce(x)))
+
+
+@autoprune.register_layer(Squeeze)
+class SqueezePruner(autoprune.LayerPruner):
+    out_dims: ClassVar = {"expand.weight": 0, "expand.bias": 0}
+    in_dims: ClassVar = {"reduce.weight": 1}
+
+    def macs(self, layer: Squeeze, in_channels: int, out_channels: int) -> int:
+        return layer.reduce.out_channels * (in_channels + out_channels)
+
+
+def squeeze_net(num_classes: int = 10) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), Squeeze(16, 24, 4), nn.ReLU(),
+        nn.Conv2d(24, 8, 3), nn.Flatten(), nn.Linear(8 * 14 * 14, num_classes),
+    )  # fmt: skip
+
+
 def custom_net(num_classes: int = 10) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1),
@@ -217,6 +245,12 @@ def test_registered_layers_prune_exactly(tmp_path: Path) -> None:
     assert model[2].down.shape == (4, 11, 3, 3)
     assert model[2].up.shape == (16, 4) and model[2].bias.shape == (16,)
     assert model[3].logit.shape == (16,) and model[3].channels == 16
+
+
+def test_a_registered_layer_of_sublayers_prunes_them_as_one(tmp_path: Path) -> None:
+    squeeze = prune_exactly("squeeze_net", IMAGE, tmp_path).model[2]
+    assert squeeze.reduce.weight.shape == (4, 11, 1, 1)
+    assert squeeze.expand.weight.shape == (16, 4, 1, 1) and squeeze.expand.bias.shape == (16,)
 
 
 def test_a_layers_own_masking_hook_is_exact_and_never_stacked(tmp_path: Path) -> None:
