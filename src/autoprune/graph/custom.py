@@ -16,7 +16,7 @@ needs no registration: the graph follows such parameters by itself (see ``._para
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, overload
 
 import torch
 import torch_pruning as tp
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from ._trace import TraceRecorder
 
 L = TypeVar("L", bound="type[LayerPruner]")
+P = TypeVar("P", bound="LayerPruner")
 
 
 class LayerPruner:
@@ -86,6 +87,10 @@ LAYER_PRUNERS: dict[type[nn.Module], LayerPruner] = {}
 _FOUND: dict[type, LayerPruner | None] = {}
 
 
+@overload
+def register_layer(layer_type: type[nn.Module]) -> Callable[[L], L]: ...
+@overload
+def register_layer(layer_type: type[nn.Module], pruner: P) -> P: ...
 def register_layer(
     layer_type: type[nn.Module], pruner: LayerPruner | None = None
 ) -> Callable[[L], L] | LayerPruner:
