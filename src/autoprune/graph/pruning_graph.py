@@ -15,6 +15,7 @@ from ._attention import HeadPruning, attention_groups
 from ._coupled import channel_units
 from ._params import ParamUse, drop_derived_caches
 from ._rules import TP_DUMMY_OPS, member_kind
+from .custom import registration_advice
 from .groups import ChannelGroup, MacTable, Member, Removed
 from .masking import MaskState
 from .scopes import ScopeContext, list_scopes, scope_layers
@@ -23,6 +24,7 @@ from .units import remove_modules
 Inputs = torch.Tensor | Sequence[torch.Tensor]
 Selection = ChannelGroup | str | Mapping[ChannelGroup | str, Sequence[int] | torch.Tensor]
 DEFAULT_PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
+OUTPUT_REASON = "its channels are the model's output"
 
 
 class PruningGraph:
@@ -92,8 +94,7 @@ class PruningGraph:
             prunable_types=self._root_types,
             scope=self.scope,
         )
-        for name, reason in self._held.items():
-            graph.freeze(name, reason)
+        graph._held, graph._groups = dict(self._held), None  # frozen groups stay frozen
         return graph
 
     def _scope_layers(self, scope: str) -> frozenset[nn.Module]:
@@ -133,8 +134,7 @@ class PruningGraph:
             raise AutopruneError(f"no channel group named {name!r}") from None
 
     def freeze(self, name: str, reason: str) -> None:
-        """Never prune group ``name`` (e.g. one :func:`~._verify.verify_groups` found broken);
-        ``reason`` is shown wherever frozen groups are explained."""
+        """Never prune group ``name``; ``reason`` is shown where frozen groups are explained."""
         self._held[name], self._groups = reason, None
 
     @property
@@ -182,12 +182,10 @@ class PruningGraph:
         groups.sort(key=lambda g: position[g.name])
         self._groups = {}
         for g in groups:
-            if g.name in self._held:
-                self._frozen[g.name] = self._held[g.name]
-            elif self._within_scope(g):
+            if self._within_scope(g) and g.name not in self._held:
                 self._groups[g.name] = g
             else:
-                self._frozen[g.name] = f"outside scope {self.scope!r}"
+                self._frozen[g.name] = self._held.get(g.name) or f"outside scope {self.scope!r}"
 
     def _within_scope(self, group: ChannelGroup) -> bool:
         """Whether every layer producing the group's channels is in the graph's scope."""
@@ -210,7 +208,7 @@ class PruningGraph:
             if isinstance(module, tp.ops._OutputOp) or (
                 node in self._output_nodes and self._dg.is_out_channel_pruning_fn(handler)
             ):
-                reason = reason or "its channels are the model's output"
+                reason = reason or OUTPUT_REASON
             if node in self._barriers and (first is None or self._rank[node] < self._rank[first]):
                 first = node  # the first break the trace met names the reason
             if isinstance(module, TP_DUMMY_OPS):
@@ -235,7 +233,8 @@ class PruningGraph:
             if module in self._ignored:
                 reason = f"ignored layer {name!r}"
             elif kind is None:
-                reason = reason or f"layer {name!r} ({type(module).__name__}) cannot lose channels"
+                why = f"layer {name!r} ({type(module).__name__}) cannot lose channels"
+                reason = reason or why + registration_advice(module)
             members.append(
                 Member(
                     layer=name,
@@ -255,6 +254,7 @@ class PruningGraph:
         """A parameter outside a layer (see ``._params``): it holds channels but no MACs."""
         use = self._params[self._dg._param_to_name[param]]
         why = f"parameter {use.name!r} cannot lose channels: {use.problem}" if use.problem else None
+        why = why and why + registration_advice(use.owner, self.model)
         if use.owner in self._ignored:
             why = f"ignored layer holding parameter {use.name!r}"
         member = Member(
