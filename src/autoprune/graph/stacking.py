@@ -8,8 +8,8 @@ the copies that keep the channel, zero for the one that removes it. Copies never
 every layer treats samples independently along dim 0, which eval mode gives for convolutional
 and attention models; the scorer runs stacked passes in eval mode only.
 
-LayerNorm sites (recomputed on the kept channels) are not stacked: :func:`stackable` says which
-removals are, and the others are tried one at a time.
+LayerNorm sites (recomputed on the kept channels) and layers run as pruned are not stacked:
+:func:`stackable` says which removals are, and the others are tried one at a time.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .masking import Piece, Site
 
 def stackable(pieces: Sequence[Piece]) -> bool:
     """Whether a removal's mask (:func:`~.masking.mask_pieces`) can run in a stacked pass."""
-    return all(site[1] != "layernorm" for site, _, _ in pieces)
+    return all(site[1] in ("input", "output") for site, _, _ in pieces)
 
 
 class StackedMask:
@@ -38,7 +38,8 @@ class StackedMask:
         for j, pieces in enumerate(removals):
             if not stackable(pieces):
                 raise AutopruneError(
-                    "a LayerNorm mask cannot be stacked: try that removal with mask_channels"
+                    "a LayerNorm or re-run mask cannot be stacked: try that removal with "
+                    "mask_channels"
                 )
             for site, idxs, kind in pieces:
                 _, rows, cols = zeros.setdefault(site, (kind, [], []))

@@ -1,0 +1,182 @@
+"""Layers whose channels go in blocks or whose statistics see every channel (``._grouped``):
+grouped and depthwise convs with multipliers, GroupNorm, weight standardisation, channels-last
+splits, per-channel scales. One small hand-written model per pattern, each checked by
+``test_graph_patterns_b.check_prunes`` (masked == pruned, MACs as predicted, save/load exact)
+and by the fixed schedule landing within 0.5 % of -30 % MACs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_graph_patterns_b import Head, check_prunes
+from torch import nn
+
+import autoprune
+from autoprune.graph import build_graph, mask_channels
+from autoprune.measure import count_macs
+
+
+class GroupedConvs(nn.Module):
+    """A depthwise conv with multiplier 2, then a grouped conv (4 groups), between plain convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.dw = nn.Conv2d(16, 32, 3, padding=1, groups=16)
+        self.bn = nn.BatchNorm2d(32)
+        self.grouped = nn.Conv2d(32, 32, 3, padding=1, groups=4)
+        self.pw = nn.Conv2d(32, 24, 1)
+        self.head = Head(24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.dw(F.relu(self.stem(x)))))
+        return self.head(F.relu(self.pw(F.relu(self.grouped(x)))))
+
+
+class GroupNorms(nn.Module):
+    """GroupNorm with 4 groups of 4 channels, and with one group, around a residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 16)
+        self.conv = nn.Conv2d(16, 24, 3, padding=1)
+        self.gn1 = nn.GroupNorm(1, 24)
+        self.mix = nn.Conv2d(24, 24, 1)
+        self.head = Head(24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.gn(self.stem(x)))
+        x = F.relu(self.conv(x))
+        return self.head(x + self.mix(self.gn1(x)))
+
+
+class StdConv(nn.Conv2d):
+    """A conv that standardises each filter over its inputs in ``forward`` (BiT, NFNet)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)
+        std = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False).add(1e-5).sqrt()
+        return F.conv2d(x, (w - mean) / std, self.bias, self.stride, self.padding, 1, self.groups)
+
+
+class StdConvs(nn.Module):
+    """Weight-standardised convs, one of them grouped, reading pruned channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = StdConv(3, 16, 3, padding=1)
+        self.conv = StdConv(16, 32, 3, padding=1)
+        self.grouped = StdConv(32, 32, 3, padding=1, groups=2)
+        self.head = Head(32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv(F.relu(self.stem(x))))
+        return self.head(F.relu(self.grouped(x)))
+
+
+class Scale(nn.Module):
+    """metaformer's ``Scale``: a per-channel parameter viewed to (C, 1, 1)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.view(-1, 1, 1)
+
+
+class ScaledBlocks(nn.Module):
+    """A PoolFormer block: one-group GroupNorm, pooling minus identity, layer and residual
+    scales."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = nn.GroupNorm(1, 16)
+        self.pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+        self.layer_scale = Scale(16)
+        self.res_scale = Scale(16)
+        self.fc1 = nn.Conv2d(16, 32, 1)
+        self.fc2 = nn.Conv2d(32, 16, 1)
+        self.head = Head(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.norm(x)
+        x = self.res_scale(x) + self.layer_scale(self.pool(y) - y)
+        return self.head(x + self.fc2(F.gelu(self.fc1(x))))
+
+
+PATTERNS = {
+    "grouped_convs": (GroupedConvs, ("stem", "grouped")),
+    "group_norms": (GroupNorms, ("stem", "conv")),
+    "std_convs": (StdConvs, ("stem", "conv", "grouped")),
+    "scales": (ScaledBlocks, ("stem", "fc1")),
+}
+
+
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+def test_pattern_prunes_exactly(pattern: str, tmp_path: Path) -> None:
+    cls, expect = PATTERNS[pattern]
+    check_prunes(cls(), 16, tmp_path, expect=expect, factory=f"{__file__}:{cls.__name__}")
+
+
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+def test_fixed_schedule_lands_within_half_a_percent(pattern: str) -> None:
+    torch.manual_seed(0)
+    model = PATTERNS[pattern][0]().eval()
+    x = torch.zeros(1, 3, 16, 16)
+    result = autoprune.prune(
+        model,
+        example_inputs=x,
+        schedule="fixed",
+        criteria="l1",
+        target_macs_reduction=0.3,
+        progress=False,
+    )
+    reduction = 1 - count_macs(result.model, x) / count_macs(model, x)
+    assert abs(reduction - 0.3) <= 0.005
+
+
+def test_grouped_convs_prune_in_blocks() -> None:
+    """The grouped conv keeps its 4 groups and loses the same positions in each; the
+    depthwise conv with multiplier 2 loses whole pairs of filters with its inputs."""
+    graph = build_graph(GroupedConvs().eval(), torch.zeros(1, 3, 16, 16))
+    assert graph.group("grouped").channels == 8  # 32 outputs: 8 positions in 4 groups
+    stem = graph.group("stem")
+    assert stem.channels == 16
+    dw = next(m for m in stem.members if m.layer == "dw")
+    assert dw.in_channels and dw.out_channels and dw.count(torch.tensor([3])) == 3  # 1 in, 2 out
+    graph.prune({"stem": [3, 5], "dw": [1]})  # dw's outputs feed the grouped conv: 4 per unit
+    model = graph.model
+    assert model.dw.groups == model.dw.in_channels == 14 and model.dw.out_channels == 24
+    assert model.grouped.groups == 4 and model.grouped.in_channels == 24
+    assert model.grouped.weight.shape[1] == 6
+    graph.prune("grouped", [0, 7])
+    assert model.grouped.groups == 4 and model.grouped.out_channels == 24
+
+
+def test_group_norm_loses_whole_groups() -> None:
+    graph = build_graph(GroupNorms().eval(), torch.zeros(1, 3, 16, 16))
+    assert graph.group("stem").channels == 4
+    graph.prune("stem", [2])
+    assert graph.model.gn.num_groups == 3 and graph.model.gn.num_channels == 12
+
+
+def test_one_group_norm_and_std_conv_are_masked_as_pruned() -> None:
+    """Their statistics see every channel: zeroing a channel is not removing it, so masking
+    runs them as pruned (and such removals are tried one at a time, not stacked)."""
+    x = torch.randn(2, 3, 16, 16)
+    for cls, group in ((GroupNorms, "conv"), (StdConvs, "stem")):
+        graph = build_graph(cls().eval(), x[:1])
+        with torch.no_grad(), mask_channels(graph, group, [0, 1]):
+            masked = graph.model(x)
+        graph.prune(group, [0, 1])
+        with torch.no_grad():
+            torch.testing.assert_close(graph.model(x), masked, atol=1e-5, rtol=1e-5)
