@@ -121,13 +121,21 @@ def couplings(module: nn.Module) -> list[Coupling]:
 @dataclass(frozen=True)
 class BlockMapping:
     """A Torch-Pruning index mapping: each channel to its block (``rule``), read from the layer
-    as it is now (pruning shrinks the blocks, not the rule)."""
+    as it is now (pruning shrinks the blocks, not the rule).
+
+    A block is emitted once, with the root channel of the first index in it: the others meet
+    it at the layer, where ``._coupled`` merges their roots. One entry per index and root
+    would make a whole group's traversal (every root channel at once) quadratic in the width.
+    """
 
     module: nn.Module
     rule: Rule
 
     def __call__(self, idxs: Sequence[Any]) -> list[Any]:
-        return _canonical((j, i.root_idx) for i in idxs for j in self.rule(self.module, i.idx))
+        blocks: dict[Iterable[int], Any] = {}
+        for i in idxs:
+            blocks.setdefault(self.rule(self.module, i.idx), i.root_idx)
+        return _canonical((j, root) for block, root in blocks.items() for j in block)
 
 
 def add_couplings(dg: tp.DependencyGraph) -> None:

@@ -83,6 +83,16 @@ def channels_of(tensor: torch.Tensor) -> int:
     return tensor.shape[-1] if tensor.dim() == 3 else tensor.shape[1]
 
 
+def channelwise_dim(module: nn.Module, output: torch.Tensor) -> int:
+    """Where a channel-wise layer's output holds its channels: the last dim of tokens, and of a
+    channels-last map its own 1-D parameters broadcast over (timm's ``LayerScale`` in MambaOut);
+    dim 1 otherwise, or where both fit and the class says ``2d``."""
+    own = [p.numel() for p in module.parameters(recurse=False) if p.dim() == 1]
+    if output.dim() == 3 or not own or output.shape[-1] != own[0]:
+        return -1 if output.dim() == 3 else 1
+    return 1 if output.shape[1] == own[0] and "2d" in type(module).__name__.lower() else -1
+
+
 def member_kind(module: nn.Module) -> str | None:
     """How masking and MAC accounting treat a group member; None: the group cannot be pruned.
 

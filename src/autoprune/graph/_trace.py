@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..layers import ChannelSplit
 from ._labels import ChannelLabels
-from ._rules import CONV_TYPES, channels_of
+from ._rules import CONV_TYPES, channels_of, channelwise_dim
 from .units import patched_forwards
 
 
@@ -135,7 +135,7 @@ class TraceRecorder(TorchFunctionMode):
 
     def _channelwise(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self.channels.setdefault(module, channels_of(output))
-        self.labels.start(output, -1 if output.dim() == 3 else 1)
+        self.labels.start(output, channelwise_dim(module, output))
 
     def _count_macs(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self.order.setdefault(module, len(self.order))
