@@ -123,24 +123,57 @@ class ScaledBlocks(nn.Module):
         return self.head(x + self.fc2(F.gelu(self.fc1(x))))
 
 
+class GatedBlock(nn.Module):
+    """MambaOut's gated conv block on a channels-last map: ``fc1``'s output split on its last
+    dim into a gate, an identity part and a depthwise-conv part."""
+
+    def __init__(self, dim: int = 16, hidden: int = 24, conv: int = 8) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * hidden)
+        self.split_indices = (hidden, hidden - conv, conv)
+        self.conv = nn.Conv2d(conv, conv, 3, padding=1, groups=conv)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
+        g, i, c = torch.split(self.fc1(self.norm(x)), self.split_indices, dim=-1)
+        c = self.conv(c.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return x + self.fc2(F.gelu(g) * torch.cat((i, c), dim=-1))
+
+
+class ChannelsLastSplit(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.block = GatedBlock()
+        self.head = tail(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block(self.stem(x).permute(0, 2, 3, 1))
+        return self.head(x.permute(0, 3, 1, 2))
+
+
+# pattern -> (model, groups that must be prunable, a pattern layer and the width it must lose)
 PATTERNS = {
-    "grouped_convs": (GroupedConvs, ("stem", "grouped")),
-    "group_norms": (GroupNorms, ("stem", "conv")),
-    "std_convs": (StdConvs, ("stem", "conv", "grouped")),
-    "scales": (ScaledBlocks, ("stem", "fc1")),
+    "grouped_convs": (GroupedConvs, ("stem", "grouped"), ("grouped", "out_channels")),
+    "group_norms": (GroupNorms, ("stem", "conv"), ("gn1", "num_channels")),
+    "std_convs": (StdConvs, ("stem", "conv", "grouped"), ("conv", "in_channels")),
+    "scales": (ScaledBlocks, ("stem", "fc1"), ("norm", "num_channels")),
+    "channels_last_split": (ChannelsLastSplit, ("stem", "block.fc1"), ("block.conv", "groups")),
 }
 
 
 @pytest.mark.parametrize("pattern", list(PATTERNS))
 def test_pattern_prunes_exactly(pattern: str, tmp_path: Path) -> None:
-    cls, expect = PATTERNS[pattern]
+    cls, expect, _ = PATTERNS[pattern]
     check_prunes(cls(), 16, tmp_path, expect=expect, factory=f"{__file__}:{cls.__name__}")
 
 
 @pytest.mark.parametrize("pattern", list(PATTERNS))
 def test_fixed_schedule_lands_within_half_a_percent(pattern: str) -> None:
     torch.manual_seed(0)
-    model = PATTERNS[pattern][0]().eval()
+    cls, _, (layer, width) = PATTERNS[pattern]
+    model = cls().eval()
     x = torch.zeros(1, 3, 16, 16)
     result = autoprune.prune(
         model,
@@ -152,6 +185,8 @@ def test_fixed_schedule_lands_within_half_a_percent(pattern: str) -> None:
     )
     reduction = 1 - count_macs(result.model, x) / count_macs(model, x)
     assert abs(reduction - 0.3) <= 0.005
+    pruned = getattr(result.model.get_submodule(layer), width)
+    assert pruned < getattr(model.get_submodule(layer), width)
 
 
 def test_grouped_convs_prune_in_blocks() -> None:

@@ -228,7 +228,9 @@ class GroupedChannelwisePruner(ChannelwisePruner):
         if groups > 1:
             layer.groups -= len(set(idxs)) // (channels // groups)
         keep = _keep(channels, idxs, layer.weight.device)
-        _slice_own(layer, channels, keep, skip=[n for n, _ in layer.named_parameters(False)])
+        _slice_own(
+            layer, channels, keep, skip=[n for n, _ in layer.named_parameters(recurse=False)]
+        )
         return super().prune_out_channels(layer, idxs)
 
     prune_in_channels = prune_out_channels
