@@ -53,9 +53,16 @@ def recorder_for(module: nn.Module) -> Recorder | None:
     adapter = attention_adapter(module)
     if adapter is not None:
         return lambda m: {a: getattr(m, a) for a in adapter.attributes}
-    if _own_tensors(module):  # layer scales, cls tokens, ...: only their tensors' shapes
-        return lambda m: {}
+    if _own_tensors(module):  # layer scales, cls tokens, ...: their tensors' shapes
+        return _groups
     return None
+
+
+def _groups(module: nn.Module) -> LayerRecord:
+    """A layer of unknown type keeps its ``groups`` count where it has one: the pruning graph
+    removes whole groups of a channel-wise norm (timm's EvoNorm ``S``, see graph._grouped)."""
+    groups = getattr(module, "groups", None)
+    return {"groups": groups} if isinstance(groups, int) else {}
 
 
 @register_layer_shape(nn.modules.conv._ConvNd)
