@@ -153,6 +153,22 @@ class ChannelsLastSplit(nn.Module):
         return self.head(x.permute(0, 3, 1, 2))
 
 
+class EvoNorms(nn.Module):
+    """timm's EvoNorm B0 (per channel, a running variance) and S0 (4 groups of 4 channels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        evo_norm = pytest.importorskip("timm.layers.evo_norm")
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.b0 = evo_norm.EvoNorm2dB0(16)
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.s0 = evo_norm.EvoNorm2dS0(16, groups=4)
+        self.head = tail(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.s0(self.conv(self.b0(self.stem(x)))))
+
+
 # pattern -> (model, groups that must be prunable, a pattern layer and the width it must lose)
 PATTERNS = {
     "grouped_convs": (GroupedConvs, ("stem", "grouped"), ("grouped", "out_channels")),
@@ -160,6 +176,7 @@ PATTERNS = {
     "std_convs": (StdConvs, ("stem", "conv", "grouped"), ("conv", "in_channels")),
     "scales": (ScaledBlocks, ("stem", "fc1"), ("norm", "num_channels")),
     "channels_last_split": (ChannelsLastSplit, ("stem", "block.fc1"), ("block.conv", "groups")),
+    "evo_norms": (EvoNorms, ("stem", "conv"), ("b0", "weight")),
 }
 
 
@@ -185,8 +202,12 @@ def test_fixed_schedule_lands_within_half_a_percent(pattern: str) -> None:
     )
     reduction = 1 - count_macs(result.model, x) / count_macs(model, x)
     assert abs(reduction - 0.3) <= 0.005
-    pruned = getattr(result.model.get_submodule(layer), width)
-    assert pruned < getattr(model.get_submodule(layer), width)
+    assert _width(result.model, layer, width) < _width(model, layer, width)
+
+
+def _width(model: nn.Module, layer: str, attr: str) -> int:
+    value = getattr(model.get_submodule(layer), attr)
+    return value.numel() if isinstance(value, torch.Tensor) else value
 
 
 def test_grouped_convs_prune_in_blocks() -> None:
