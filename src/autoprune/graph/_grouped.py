@@ -220,20 +220,28 @@ class GroupNormPruner(tp.pruner.function.GroupNormPruner):
 
 
 class GroupedChannelwisePruner(ChannelwisePruner):
-    """A channel-wise norm with buffers (EvoNorm ``B``'s ``running_var``) or groups (EvoNorm
-    ``S``): both lose the pruned channels, ``groups`` the whole groups gone."""
+    """A channel-wise layer with buffers (EvoNorm ``B``'s ``running_var``), groups (EvoNorm
+    ``S``) or a ``shape`` its parameter is viewed to (metaformer's ``Scale``): all lose the
+    pruned channels, ``groups`` the whole groups gone."""
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        channels, groups = _norm_groups(layer) or (layer.weight.numel(), 1)
+        channels, groups = _norm_groups(layer) or (_own_width(layer), 1)
         if groups > 1:
             layer.groups -= len(set(idxs)) // (channels // groups)
-        keep = _keep(channels, idxs, layer.weight.device)
+        shape = getattr(layer, "shape", None)
+        if isinstance(shape, tuple) and shape and shape[0] == channels:
+            layer.shape = (channels - len(set(idxs)), *shape[1:])
+        keep = _keep(channels, idxs, next(layer.parameters()).device)
         _slice_own(
             layer, channels, keep, skip=[n for n, _ in layer.named_parameters(recurse=False)]
         )
         return super().prune_out_channels(layer, idxs)
 
     prune_in_channels = prune_out_channels
+
+
+def _own_width(module: nn.Module) -> int:
+    return next(p.numel() for p in module.parameters(recurse=False) if p.dim() == 1)
 
 
 def _own_params(module: nn.Module) -> bool:
@@ -254,7 +262,8 @@ def _norm_pruner(module: nn.Module) -> tp.pruner.BasePruningFunc | None:
     if isinstance(module, nn.GroupNorm):
         return GroupNormPruner() if module.num_groups > 1 else None
     buffers = any(b is not None and b.dim() == 1 for b in module.buffers(recurse=False))
-    return GroupedChannelwisePruner() if buffers or _norm_groups(module) else None
+    shaped = isinstance(getattr(module, "shape", None), tuple)
+    return GroupedChannelwisePruner() if buffers or shaped or _norm_groups(module) else None
 
 
 def layer_pruners(

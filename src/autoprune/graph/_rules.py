@@ -67,6 +67,7 @@ CHANNELWISE_TYPES: tuple[type[nn.Module] | str, ...] = (
     "timm.layers.evo_norm.EvoNorm2dS0",
     "timm.layers.evo_norm.EvoNorm2dS1",
     "timm.layers.evo_norm.EvoNorm2dS2",
+    "timm.models.metaformer.Scale",  # views its scale to a ``shape`` of its own (``._grouped``)
 )
 
 
