@@ -34,6 +34,7 @@ SCRIPTS = (
     "multigrain.py",
     "mobilevit.py",
     "transfer.py",
+    "custom_layers.py",
     "zoo_sweep.py",
 )
 

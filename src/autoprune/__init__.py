@@ -3,6 +3,7 @@
 from .api import build_model, complexity, evaluate, prune, train
 from .data import list_datasets, load_dataset, make_loader
 from .errors import AutopruneError, CheckpointError, DataNotFoundError, UnknownNameError
+from .graph import LayerPruner, register_layer
 from .io import load, save
 from .measure import count_macs, count_params, profile_model
 from .models import create_model, list_models, load_weights
@@ -17,6 +18,7 @@ __all__ = [
     "AutopruneError",
     "CheckpointError",
     "DataNotFoundError",
+    "LayerPruner",
     "PruneConfig",
     "PruneResult",
     "Pruner",
@@ -39,6 +41,7 @@ __all__ = [
     "make_loader",
     "profile_model",
     "prune",
+    "register_layer",
     "save",
     "train",
     "write_report",

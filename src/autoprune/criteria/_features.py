@@ -20,13 +20,15 @@ import torch
 
 from ..errors import AutopruneError
 from ..graph import ChannelGroup, Member
+from ..graph.custom import filter_rows
 
-PRODUCER_KINDS = ("conv", "depthwise", "linear")
+PRODUCER_KINDS = ("conv", "depthwise", "linear", "custom")
 
 
 def _rows(member: Member, channels: int) -> torch.Tensor | None:
     """The member's weight rows, ordered by group channel: (channels, k * d), or None."""
-    w = member.module.weight.detach()
+    w = filter_rows(member.module)  # a user's registered layer: its output-channel tensors
+    w = member.module.weight.detach() if w is None else w
     if getattr(member.module, "transposed", False):
         w = w.transpose(0, 1)
     ordered = torch.arange(channels)
@@ -42,7 +44,7 @@ def _rows(member: Member, channels: int) -> torch.Tensor | None:
 def filter_stats(group: ChannelGroup) -> tuple[torch.Tensor, torch.Tensor]:
     """(L1 norm per channel, float64 Gram matrix) of the concatenated producer filters."""
     producers = [m for m in group.members if m.out_channels and m.kind in PRODUCER_KINDS]
-    key = tuple((id(m.module.weight), m.module.weight._version) for m in producers)
+    key = tuple((id(p), p._version) for m in producers for p in m.module.parameters())
     cached = group.cache.get("filters")
     if cached is not None and cached[0] == key:
         return cached[1]

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import AutopruneError
 from ..graph import ChannelGroup, PruningGraph
+from ..graph.masking import site_dim
 from ..task import CLASSIFICATION
 from ._base import register_criterion
 
@@ -59,7 +60,7 @@ class TaylorAccumulator:
         for group in self.graph.groups():
             for m in group.members:
                 if m.consumer:
-                    dims[m.module] = -1 if m.kind == "linear" else 1
+                    dims[m.module] = site_dim(m.module, m.kind)
         for module, dim in dims.items():
             self._handles.append(module.register_forward_pre_hook(self._hook(dim)))
 

@@ -3,11 +3,12 @@
 Built on Torch-Pruning's ``DependencyGraph`` with our own rules: option-A shortcuts
 (:class:`~autoprune.layers.ChannelPadShortcut`, also rewritten from ``F.pad``), attention
 heads and head dimensions, scopes, checks for layers and ops it would get wrong, exact MAC
-accounting and exact masking.
+accounting and exact masking; a user's own layer types join through :func:`register_layer`.
 """
 
 from ._fx import NORMALIZED_ATTR, normalize_model
 from .build import build_graph
+from .custom import LayerPruner, register_layer
 from .groups import ChannelGroup, Member
 from .masking import ChannelMask, mask_channels, mask_pieces
 from .pruning_graph import DEFAULT_PRUNABLE_TYPES, PruningGraph
@@ -20,6 +21,7 @@ __all__ = [
     "SCOPES",
     "ChannelGroup",
     "ChannelMask",
+    "LayerPruner",
     "Member",
     "PruningGraph",
     "StackedMask",
@@ -28,6 +30,7 @@ __all__ = [
     "mask_channels",
     "mask_pieces",
     "normalize_model",
+    "register_layer",
     "scope_report",
     "stackable",
 ]

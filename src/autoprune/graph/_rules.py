@@ -18,6 +18,7 @@ from torch import nn
 
 from ..attention import PatchFold, PatchUnfold
 from ..layers import ChannelPadShortcut
+from .custom import layer_pruner
 
 CONV_TYPES = (nn.modules.conv._ConvNd,)
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU)
@@ -105,6 +106,9 @@ def member_kind(module: nn.Module) -> str | None:
     act per block of channels. Transposed grouped convs, attention and recurrent layers are
     left alone: removing one channel from them is not a per-channel change.
     """
+    spec = layer_pruner(module)  # a user's registered layer type (see .custom)
+    if spec is not None:
+        return "channelwise" if spec.per_channel else "custom"
     if isinstance(module, ChannelPadShortcut):
         return "shortcut"
     if isinstance(module, CONV_TYPES):

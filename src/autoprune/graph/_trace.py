@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from math import prod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ from ..layers import ChannelSplit
 from ._labels import ChannelLabels
 from ._rules import CONV_TYPES, channels_of, channelwise_dim
 from .units import patched_forwards
+
+if TYPE_CHECKING:
+    from .custom import CustomLayers
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class TraceRecorder(TorchFunctionMode):
         black_boxes: Iterable[nn.Module],
         attention: Iterable[nn.Module] = (),
         channelwise: Iterable[nn.Module] = (),
+        custom: CustomLayers | None = None,
     ) -> None:
         super().__init__()
         self.ops: dict[Any, OpRecord] = {}
@@ -70,8 +74,11 @@ class TraceRecorder(TorchFunctionMode):
         self.split_layers: dict[Any, nn.Module] = {}  # grad_fn of its pieces -> ChannelSplit
         self._depth = 0
         self._handles = [model.register_forward_hook(self._model_output)]
+        if custom is not None:  # registered layers count their own MACs, sublayers' included
+            self._handles += custom.hooks(self)
+        covered = custom.covered if custom is not None else set()
         for m in model.modules():
-            if isinstance(m, (*CONV_TYPES, nn.Linear)):
+            if isinstance(m, (*CONV_TYPES, nn.Linear)) and m not in covered:
                 self._handles.append(m.register_forward_hook(self._count_macs))
             if isinstance(m, ChannelSplit):
                 self._handles.append(m.register_forward_hook(self._split))

@@ -26,6 +26,7 @@ from ._rules import (
     matches,
 )
 from ._trace import TraceRecorder, sealed
+from .custom import CustomLayers
 from .groups import MacTable
 from .pruning_graph import DEFAULT_PRUNABLE_TYPES, Inputs, PruningGraph
 from .scopes import ScopeContext
@@ -53,27 +54,30 @@ def build_graph(
     ignored = _resolve_ignored(model, ignored_layers)
     attention = attention_modules(model)
     channelwise = [m for m in model.modules() if matches(m, CHANNELWISE_TYPES)]
-    black_boxes = _black_boxes(model, ignored, {*attention, *channelwise})
+    custom = CustomLayers(model)
+    black_boxes = _black_boxes(model, ignored, {*attention, *channelwise, *custom})
     opaque, per_channel = OpaquePruner(), ChannelwisePruner()
     pruners: dict[type, tp.pruner.BasePruningFunc] = {ChannelPadShortcut: ChannelPadPruner()}
     pruners.update({type(m): opaque for m in black_boxes})
     pruners.update({type(m): AttentionPruner() for m in attention})
     pruners.update({type(m): per_channel for m in channelwise})
+    pruners.update(custom.pruners)
     shortcuts = [m for m in model.modules() if isinstance(m, ChannelPadShortcut)]
-    recorder = TraceRecorder(model, [*black_boxes, *shortcuts], attention, channelwise)
+    recorder = TraceRecorder(model, [*black_boxes, *shortcuts], attention, channelwise, custom)
     opaque.channels = recorder.widths  # filled by the forward, read by tp's shape inference
     per_channel.channels = recorder.channels
     modes = {m: m.training for m in model.modules()}  # tp's trace leaves the model in eval
-    own = layer_pruners(model, channelwise)
-    rerun = [m for m in model.modules() if reruns_weight(m)]
+    own = {m: p for m, p in layer_pruners(model, channelwise).items() if type(m) not in pruners}
+    rerun = [m for m in model.modules() if reruns_weight(m) and type(m) not in pruners]
     try:
-        with torch.enable_grad(), recorder, sealed([*attention, *channelwise, *rerun]):
+        with torch.enable_grad(), recorder, sealed([*attention, *channelwise, *custom, *rerun]):
             dg = LabelledGraph(recorder.labels, recorder.split_layers, recorder.ops, own)
             dg.build_dependency(model, inputs, customized_pruners=pruners, verbose=False)
     finally:
         for m, training in modes.items():
             m.training = training
         drop_derived_caches(model)
+    custom.check({m: n for n, m in model.named_modules()})
     constant_nodes, barriers = check_ops(dg, recorder)
     matmuls = {a: (a.qkv, a.proj, recorder.attention_units[a]) for a in attention}
     modelled = MacTable(recorder.mac_units, matmuls).total()
@@ -84,7 +88,7 @@ def build_graph(
         dg,
         MacTable(recorder.mac_units, matmuls, other),
         ignored=ignored,
-        root_types=tuple(prunable_types),
+        root_types=(*prunable_types, *custom.root_types),
         output_nodes={n for n in dg.module2node.values() if n.grad_fn in recorder.outputs},
         constant_nodes=constant_nodes,
         barriers=barriers,

@@ -12,6 +12,7 @@ from torch import nn
 
 from ._grouped import reruns
 from ._rules import CONV_TYPES
+from .custom import registered_macs
 
 Removed = dict[nn.Module, tuple[int, int]]  # layer -> (out-channels removed, in-channels removed)
 
@@ -98,6 +99,9 @@ class MacTable:
         return unit * (rows + values) // 2
 
     def layer_macs(self, module: nn.Module, out_removed: int = 0, in_removed: int = 0) -> int:
+        custom = registered_macs(module, out_removed, in_removed)  # a user's layer type
+        if custom is not None:
+            return self.units[module] * custom
         w0, w1 = module.weight.shape[:2]
         if isinstance(module, CONV_TYPES):
             if module.transposed:  # weight is (in, out / groups, ...)

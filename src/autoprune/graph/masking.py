@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._grouped import run_as_pruned
+from .custom import layer_pruner
 
 if TYPE_CHECKING:
     from .groups import ChannelGroup
@@ -54,7 +55,7 @@ class MaskState:
         self._merge(site)
         if site not in self._hooks:
             module, where = site
-            dim = -1 if kind == "linear" else 1
+            dim = site_dim(module, kind)
             if where == "layernorm":
                 self._hooks[site] = module.register_forward_hook(self._layernorm_hook)
             elif where == "pruned":
@@ -79,8 +80,10 @@ class MaskState:
 
     def _zero_input(self, dim: int) -> Callable[[nn.Module, tuple], tuple]:
         def hook(module: nn.Module, args: tuple) -> tuple:
-            x = args[0]
-            return (x.index_fill(dim, self._merged[module, "input"], 0.0), *args[1:])
+            x, idxs = args[0], self._merged[module, "input"]
+            spec = layer_pruner(module)  # a user's layer type may mask its input its own way
+            x = spec.masked_input(module, x, idxs) if spec else x.index_fill(dim, idxs, 0.0)
+            return (x, *args[1:])
 
         return hook
 
@@ -114,6 +117,15 @@ class MaskState:
             if isinstance(layer, nn.Module):
                 y = layer(y)
         return output.new_zeros(output.shape).index_copy(dim, keep.nonzero().flatten(), y)
+
+
+def site_dim(module: nn.Module, kind: str) -> int:
+    """The dim of a site's tensor that holds the channels: the last for linear layers, a
+    registered layer's own (see :mod:`.custom`), else 1."""
+    spec = layer_pruner(module)
+    if spec is not None:
+        return spec.channel_dim
+    return -1 if kind == "linear" else 1
 
 
 class ChannelMask:

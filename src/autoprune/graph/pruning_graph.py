@@ -18,6 +18,7 @@ from ._rules import (
     TP_DUMMY_OPS,
     member_kind,
 )
+from .custom import registration_advice
 from .groups import ChannelGroup, MacTable, Member, Removed
 from .masking import MaskState
 from .scopes import ScopeContext, list_scopes, scope_layers
@@ -26,6 +27,7 @@ from .units import remove_modules
 Inputs = torch.Tensor | Sequence[torch.Tensor]
 Selection = ChannelGroup | str | Mapping[ChannelGroup | str, Sequence[int] | torch.Tensor]
 DEFAULT_PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
+OUTPUT_REASON = "its channels are the model's output"
 
 
 class PruningGraph:
@@ -202,7 +204,7 @@ class PruningGraph:
             if isinstance(module, tp.ops._OutputOp) or (
                 node in self._output_nodes and self._dg.is_out_channel_pruning_fn(handler)
             ):
-                reason = reason or "its channels are the model's output"
+                reason = reason or OUTPUT_REASON
             if node in self._barriers and (first is None or self._rank[node] < self._rank[first]):
                 first = node  # the first break the trace met names the reason
             if isinstance(module, TP_DUMMY_OPS):
@@ -227,7 +229,8 @@ class PruningGraph:
             if module in self._ignored:
                 reason = f"ignored layer {name!r}"
             elif kind is None:
-                reason = reason or f"layer {name!r} ({type(module).__name__}) cannot lose channels"
+                why = f"layer {name!r} ({type(module).__name__}) cannot lose channels"
+                reason = reason or why + registration_advice(module)
             members.append(
                 Member(
                     layer=name,
@@ -247,6 +250,7 @@ class PruningGraph:
         """A parameter outside a layer (see ``._params``): it holds channels but no MACs."""
         use = self._params[self._dg._param_to_name[param]]
         why = f"parameter {use.name!r} cannot lose channels: {use.problem}" if use.problem else None
+        why = why and why + registration_advice(use.owner, self.model)
         if use.owner in self._ignored:
             why = f"ignored layer holding parameter {use.name!r}"
         member = Member(

@@ -20,12 +20,19 @@ import torch
 from torch import nn
 
 from ..errors import AutopruneError
-from .masking import Piece, Site
+from .custom import layer_pruner
+from .masking import Piece, Site, site_dim
 
 
 def stackable(pieces: Sequence[Piece]) -> bool:
     """Whether a removal's mask (:func:`~.masking.mask_pieces`) can run in a stacked pass."""
-    return all(site[1] in ("input", "output") for site, _, _ in pieces)
+    return all(site[1] in ("input", "output") and _zeroes(site[0]) for site, _, _ in pieces)
+
+
+def _zeroes(module: nn.Module) -> bool:
+    """Whether masking ``module`` zeroes channels (a registered layer may mask otherwise)."""
+    spec = layer_pruner(module)
+    return spec is None or spec.stackable
 
 
 class StackedMask:
@@ -38,8 +45,8 @@ class StackedMask:
         for j, pieces in enumerate(removals):
             if not stackable(pieces):
                 raise AutopruneError(
-                    "a LayerNorm or re-run mask cannot be stacked: try that removal with "
-                    "mask_channels"
+                    "a LayerNorm mask, a layer run as pruned or a layer's own masked_input "
+                    "cannot be stacked: try that removal with mask_channels"
                 )
             for site, idxs, kind in pieces:
                 _, rows, cols = zeros.setdefault(site, (kind, [], []))
@@ -47,7 +54,7 @@ class StackedMask:
                 cols.append(idxs)
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         for (module, where), (kind, rows, cols) in zeros.items():
-            dim = -1 if kind == "linear" else 1
+            dim = site_dim(module, kind)
             keep = _KeepMask(self.copies, torch.cat(rows), torch.cat(cols), dim)
             if where == "output":
                 self._hooks.append(module.register_forward_hook(keep.output_hook))

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..graph._attention import attention_adapter
+from ..graph.custom import shape_attributes
 from ..layers import ChannelPadShortcut, ChannelSplit
 
 LayerRecord = dict[str, Any]
@@ -47,6 +48,8 @@ def recorder_for(module: nn.Module) -> Recorder | None:
     """The registered recorder; else, for layers the pruning graph changes by rules of its own
     (attention heads), one that keeps what those rules change; for any other module owning
     tensors (a layer scale, a ViT's ``cls_token``), their shapes alone."""
+    if shape_attributes(module) is not None:  # a user's registered layer type
+        return shape_attributes
     found = next((LAYER_SHAPES[t] for t in type(module).__mro__ if t in LAYER_SHAPES), None)
     if found is not None:
         return found

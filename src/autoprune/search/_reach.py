@@ -12,9 +12,14 @@ import torch
 
 from ..errors import AutopruneError
 from ..graph import PruningGraph
+from ..graph.pruning_graph import OUTPUT_REASON
 from .candidates import removable
 
 FROZEN_SHOWN = 3  # frozen groups named in a refusal
+OUTPUT_ADVICE = (
+    "A forward that returns hidden features keeps their width: prune a wrapper whose forward "
+    "returns only the prediction"
+)
 
 
 def most_reduction(
@@ -50,8 +55,14 @@ def refuse_unreachable(
     frozen = list(graph.frozen.items())
     why = "; ".join(f"{name!r}: {reason}" for name, reason in frozen[:FROZEN_SHOWN])
     more = f" (and {len(frozen) - FROZEN_SHOWN} more)" if len(frozen) > FROZEN_SHOWN else ""
+    reach = (
+        f"with every group down to one channel it is {100 * full:.2f} %; lower the target"
+        if full > 0  # else a lower target is no advice: nothing can go at all
+        else "no group of this model can lose a channel"
+    )
+    outputs = any(OUTPUT_REASON in reason for _, reason in frozen) and full <= 0
     raise AutopruneError(
-        f"{head}, and no cap helps: with every group down to one channel it is "
-        f"{100 * full:.2f} %; lower the target. "
+        f"{head}, and no cap helps: {reach}. "
         + (f"Groups that cannot be pruned: {why}{more}" if frozen else "")
+        + (f". {OUTPUT_ADVICE}" if outputs else "")
     )
