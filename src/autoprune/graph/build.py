@@ -67,8 +67,9 @@ def build_graph(
     opaque.channels = recorder.widths  # filled by the forward, read by tp's shape inference
     per_channel.channels = recorder.channels
     modes = {m: m.training for m in model.modules()}  # tp's trace leaves the model in eval
-    own = {m: p for m, p in layer_pruners(model, channelwise).items() if type(m) not in pruners}
-    rerun = [m for m in model.modules() if reruns_weight(m) and type(m) not in pruners]
+    users = custom.pruners  # a user's registered layer types keep their own pruners
+    own = {m: p for m, p in layer_pruners(model, channelwise).items() if type(m) not in users}
+    rerun = [m for m in model.modules() if reruns_weight(m) and type(m) not in users]
     try:
         with torch.enable_grad(), recorder, sealed([*attention, *channelwise, *custom, *rerun]):
             dg = LabelledGraph(recorder.labels, recorder.split_layers, recorder.ops, own)
