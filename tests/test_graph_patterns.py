@@ -273,10 +273,17 @@ def test_parameter_used_in_a_matmul_freezes_only_its_groups(tmp_path: Path) -> N
     assert "'matmul'" in reason
 
 
-def test_grouped_convs_freeze_their_groups_and_the_rest_prunes(tmp_path: Path) -> None:
+def test_grouped_convs_prune_in_blocks(tmp_path: Path) -> None:
+    """The grouped conv keeps its 4 groups and loses the same positions in each: its 32 outputs
+    are 8 units, and its inputs (the depthwise conv's pairs of filters) tie stem channel ``c``
+    to ``c + 4``, ``c + 8``, ``c + 12``. The depthwise conv loses whole pairs with its inputs."""
+    graph = build_graph(grouped_net().eval(), IMAGE)
+    assert [(g.name, g.channels) for g in graph.groups()] == [("0", 4), ("5", 8), ("7", 24)]
     graph = prune_and_check("grouped_net", IMAGE, tmp_path)
-    assert [g.name for g in graph.groups()] == ["7"]
-    assert any("groups" in r or "cannot lose channels" in r for r in graph.frozen.values())
+    dw, grouped = graph.model[2], graph.model[5]
+    assert (dw.in_channels, dw.groups, dw.out_channels) == (12, 12, 24)
+    assert (grouped.in_channels, grouped.groups, grouped.out_channels) == (24, 4, 24)
+    assert grouped.weight.shape[1] == 6
 
 
 def test_ghost_module_halves_go_together(tmp_path: Path) -> None:

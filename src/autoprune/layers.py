@@ -59,26 +59,28 @@ class ChannelPadShortcut(nn.Module):
 
 
 class ChannelSplit(nn.Module):
-    """``torch.split(x, sizes, dim=1)`` whose sizes follow pruning.
+    """``torch.split(x, sizes, dim)`` whose sizes follow pruning.
 
-    A split written in a model's code (``x.chunk(2, 1)``, ``x.split(self.width, 1)``) keeps its
-    sizes when channels are pruned; the pruning graph rewrites it into this layer, which the
-    graph tells which input channels are gone.
+    A split written in a model's code (``x.chunk(2, 1)``, ``x.split(self.width, 1)``, or on the
+    last dim of a channels-last map after a Linear: MambaOut) keeps its sizes when channels are
+    pruned; the pruning graph rewrites it into this layer, which the graph tells which input
+    channels are gone.
     """
 
-    def __init__(self, sizes: list[int]) -> None:
+    def __init__(self, sizes: list[int], dim: int = 1) -> None:
         super().__init__()
         self.sizes = list(sizes)
+        self.dim = dim
 
     def remove(self, idxs: list[int]) -> None:
         """Input channels ``idxs`` are gone: each piece loses those that were in it."""
         self.sizes = shrink_sizes(self.sizes, idxs)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return torch.split(x, self.sizes, dim=1)
+        return torch.split(x, self.sizes, dim=self.dim)
 
     def extra_repr(self) -> str:
-        return f"sizes={self.sizes}"
+        return f"sizes={self.sizes}, dim={self.dim}"
 
 
 def shrink_sizes(sizes: list[int], idxs: list[int]) -> list[int]:

@@ -18,6 +18,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
+from ._grouped import add_couplings
 from ._labels import ChannelLabels
 from ._shuffle import map_orders, shrink_orders
 from ._split import map_splits_and_concats, shrink_pieces
@@ -28,12 +29,30 @@ class LabelledGraph(tp.DependencyGraph):
     """A dependency graph whose reshapes are mapped by channel labels, not by guesses."""
 
     def __init__(
-        self, labels: ChannelLabels, split_layers: dict[Any, nn.Module], ops: dict[Any, Any]
+        self,
+        labels: ChannelLabels,
+        split_layers: dict[Any, nn.Module],
+        ops: dict[Any, Any],
+        layer_pruners: dict[nn.Module, tp.pruner.BasePruningFunc],
     ) -> None:
         super().__init__()
         self._labels = labels
         self.split_layers = split_layers  # grad_fn of a ChannelSplit's pieces -> the layer
         self._ops = ops  # every traced op by autograd node, in the order they ran
+        self._layer_pruners = layer_pruners  # pruners of single layers (see ._grouped)
+        self._own_in = {p.prune_in_channels for p in layer_pruners.values()}
+        self._own_out = {p.prune_out_channels for p in layer_pruners.values()}
+
+    def get_pruner_of_module(self, module: Any) -> tp.pruner.BasePruningFunc | None:
+        """A layer's own pruner (a grouped conv's), else its class's."""
+        own = self._layer_pruners.get(module) if isinstance(module, nn.Module) else None
+        return own or super().get_pruner_of_module(module)
+
+    def is_in_channel_pruning_fn(self, fn: Any) -> bool:
+        return fn in self._own_in or super().is_in_channel_pruning_fn(fn)
+
+    def is_out_channel_pruning_fn(self, fn: Any) -> bool:
+        return fn in self._own_out or super().is_out_channel_pruning_fn(fn)
 
     def _build_dependency(self, module2node: dict[Any, tp.dependency.Node]) -> None:
         # Layers in the order they ran: groups are rooted at the first layer they reach (a
@@ -57,6 +76,7 @@ class LabelledGraph(tp.DependencyGraph):
                 _set_flatten(node, stride, nn.modules.conv._ConvNd, reverse=True)
         map_splits_and_concats(module2node, self._labels)
         map_orders(module2node, self._labels.orders)
+        add_couplings(self)
 
     def cut(self, removals: Sequence[tp.dependency.Group]) -> None:
         """Prune ``removals`` (all resolved against the model as it is) as one cut. Splits,

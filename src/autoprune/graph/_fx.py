@@ -81,13 +81,20 @@ _SPLITS = {"split", "chunk", "split_with_sizes"}
 _SPLIT_FUNCTIONS = (torch.split, torch.chunk, torch.Tensor.split, torch.Tensor.chunk)
 
 
-def _channel_split(node: fx.Node) -> bool:
-    """Whether ``node`` splits (or chunks) dim 1: its sizes are fixed in the code."""
+def _split_dim(node: fx.Node, root: nn.Module) -> int | None:
+    """The channel dim ``node`` splits (or chunks), its sizes fixed in the code: dim 1, or the
+    last dim of a Linear's output (channels last); None for any other node."""
     method = node.op == "call_method" and node.target in _SPLITS
     if not method and not (node.op == "call_function" and node.target in _SPLIT_FUNCTIONS):
-        return False
+        return None
     dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
-    return dim == 1
+    source = node.args[0]
+    after_linear = (
+        isinstance(source, fx.Node)
+        and source.op == "call_module"
+        and isinstance(root.get_submodule(str(source.target)), nn.Linear)
+    )
+    return dim if dim == 1 or (dim == -1 and after_linear) else None
 
 
 def _find_pads(module: nn.Module) -> fx.GraphModule | None:
@@ -100,7 +107,7 @@ def _find_pads(module: nn.Module) -> fx.GraphModule | None:
         graph = _ShallowTracer().trace(module)
     except Exception:  # not traceable (data-dependent control flow): the graph check reports it
         return None
-    if not any(_channel_pad(n) or _channel_split(n) for n in graph.nodes):
+    if not any(_channel_pad(n) or _split_dim(n, module) is not None for n in graph.nodes):
         return None
     for node in graph.nodes:  # annotations become mangled names TorchScript cannot resolve
         node.type = None
@@ -159,14 +166,21 @@ def _rewrite(gm: fx.GraphModule, args: tuple) -> None:
 
 
 def _rewrite_splits(gm: fx.GraphModule) -> None:
-    """Channel splits of 4-D maps become :class:`ChannelSplit` layers (shape-propagated)."""
-    splits = [n for n in gm.graph.nodes if _channel_split(n)]
-    for k, node in enumerate(n for n in splits if len(n.args[0].meta["tensor_meta"].shape) == 4):
-        sizes = [int(m.shape[1]) for m in node.meta["tensor_meta"]]
+    """Channel splits of 4-D maps (and of channels-last tokens) become :class:`ChannelSplit`
+    layers (shape-propagated)."""
+    splits = [(n, _split_dim(n, gm)) for n in gm.graph.nodes]
+    found = [
+        (n, d)
+        for n, d in splits
+        if d is not None
+        and len(n.args[0].meta["tensor_meta"].shape) in ((4,) if d == 1 else (3, 4))
+    ]
+    for k, (node, dim) in enumerate(found):
+        sizes = [int(m.shape[dim]) for m in node.meta["tensor_meta"]]
         name = "channel_split" if k == 0 else f"channel_split{k}"
         while hasattr(gm, name):
             name += "_"
-        gm.add_submodule(name, ChannelSplit(sizes))
+        gm.add_submodule(name, ChannelSplit(sizes, dim))
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(name, (node.args[0],))
         node.replace_all_uses_with(new)

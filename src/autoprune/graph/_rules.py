@@ -62,6 +62,13 @@ CHANNELWISE_TYPES: tuple[type[nn.Module] | str, ...] = (
     "timm.models.efficientformer.Flat",
     "timm.layers.layer_scale.LayerScale",
     "timm.layers.layer_scale.LayerScale2d",
+    "timm.layers.evo_norm.EvoNorm2dB0",  # EvoNorms: per channel, or per group (``._grouped``)
+    "timm.layers.evo_norm.EvoNorm2dB1",
+    "timm.layers.evo_norm.EvoNorm2dB2",
+    "timm.layers.evo_norm.EvoNorm2dS0",
+    "timm.layers.evo_norm.EvoNorm2dS1",
+    "timm.layers.evo_norm.EvoNorm2dS2",
+    "timm.models.metaformer.Scale",  # views its scale to a ``shape`` of its own (``._grouped``)
 )
 
 
@@ -78,14 +85,26 @@ def channels_of(tensor: torch.Tensor) -> int:
     return tensor.shape[-1] if tensor.dim() == 3 else tensor.shape[1]
 
 
+def channelwise_dim(module: nn.Module, output: torch.Tensor) -> int:
+    """Where a channel-wise layer's output holds its channels: the last dim of tokens, and of a
+    channels-last map its own 1-D parameters broadcast over (timm's ``LayerScale`` in MambaOut);
+    dim 1 otherwise, or where both fit and the class says ``2d``."""
+    own = [p.numel() for p in module.parameters(recurse=False) if p.dim() == 1]
+    if output.dim() == 3 or not own or output.shape[-1] != own[0]:
+        return -1 if output.dim() == 3 else 1
+    return 1 if output.shape[1] == own[0] and "2d" in type(module).__name__.lower() else -1
+
+
 def member_kind(module: nn.Module) -> str | None:
     """How masking and MAC accounting treat a group member; None: the group cannot be pruned.
 
     ``conv``/``linear``/``shortcut`` mix channels (their in- and out-channels are separate),
     ``depthwise``/``norm``/``channelwise`` act per channel, ``layernorm`` normalises across
     the channels.
-    Grouped (non-depthwise) convs, GroupNorm, attention and recurrent layers are left alone:
-    removing one channel from them is not a per-channel change.
+    Grouped convs and GroupNorms lose channels in blocks (see ``._grouped``): a grouped conv
+    mixes within its groups (``conv``), a depthwise conv with a multiplier and a GroupNorm
+    act per block of channels. Transposed grouped convs, attention and recurrent layers are
+    left alone: removing one channel from them is not a per-channel change.
     """
     spec = layer_pruner(module)  # a user's registered layer type (see .custom)
     if spec is not None:
@@ -95,12 +114,12 @@ def member_kind(module: nn.Module) -> str | None:
     if isinstance(module, CONV_TYPES):
         if module.groups == 1:
             return "conv"
-        if module.groups == module.in_channels == module.out_channels:
-            return "depthwise"
-        return None
+        if module.transposed:
+            return None
+        return "depthwise" if module.groups == module.in_channels else "conv"
     if isinstance(module, nn.Linear):
         return "linear"
-    if isinstance(module, NORM_TYPES):
+    if isinstance(module, (*NORM_TYPES, nn.GroupNorm)):
         return "norm"
     if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
         return "layernorm"
@@ -202,7 +221,8 @@ class ChannelwisePruner(tp.pruner.BasePruningFunc):
 class ScaledConvPruner(tp.pruner.function.ConvPruner):
     """Prunes a conv subclass with parameters of its own along its output channels (timm's
     ``ScaledStdConv2d`` and its ``gain``): Torch-Pruning slices ``weight`` and ``bias`` only,
-    which would leave the others a size too big for the forward."""
+    which would leave the others a size too big for the forward. Given to each such layer by
+    ``._grouped.layer_pruners``."""
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
         out = layer.out_channels
@@ -214,18 +234,3 @@ class ScaledConvPruner(tp.pruner.function.ConvPruner):
                 sliced = p.detach()[keep.to(p.device)].clone()
                 setattr(layer, name, nn.Parameter(sliced, requires_grad=p.requires_grad))
         return layer
-
-
-def scaled_convs(model: nn.Module) -> set[type[nn.Module]]:
-    """Conv subclasses with per-output-channel parameters of their own, for
-    :class:`ScaledConvPruner`; not those with a depthwise instance (Torch-Pruning couples a
-    depthwise conv's sides by its own pruner)."""
-    found, depthwise = set(), set()
-    for m in model.modules():
-        if isinstance(m, CONV_TYPES) and not m.transposed:
-            own = [n for n, _ in m.named_parameters(recurse=False) if n not in ("weight", "bias")]
-            if own:
-                found.add(type(m))
-            if m.groups == m.out_channels > 1:
-                depthwise.add(type(m))
-    return found - depthwise

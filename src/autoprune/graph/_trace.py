@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..layers import ChannelSplit
 from ._labels import ChannelLabels
-from ._rules import CONV_TYPES, channels_of
+from ._rules import CONV_TYPES, channels_of, channelwise_dim
 from .units import patched_forwards
 
 if TYPE_CHECKING:
@@ -142,10 +142,11 @@ class TraceRecorder(TorchFunctionMode):
 
     def _channelwise(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self.channels.setdefault(module, channels_of(output))
-        self.labels.start(output, -1 if output.dim() == 3 else 1)
+        self.labels.start(output, channelwise_dim(module, output))
 
     def _count_macs(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self.order.setdefault(module, len(self.order))
+        self.labels.start(output, -1 if isinstance(module, nn.Linear) else 1)  # sealed or not
         w = module.weight
         if isinstance(module, nn.Linear):
             self.mac_units[module] += output.numel() // output.shape[-1]
@@ -171,19 +172,24 @@ def meets_constant(rec: OpRecord, tokens_last: bool) -> bool:
 
 
 class _Sealed(torch.autograd.Function):
-    """Runs a layer's forward as one autograd node: its internals leave no trace."""
+    """Runs a layer's forward as one autograd node: its internals leave no trace. The layer's
+    own parameters follow its ``n`` arguments, unused: they give the output autograd history
+    where the input has none (a weight-standardising conv reading the model input)."""
 
     @staticmethod
-    def forward(ctx: Any, forward: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
-        return forward(*args).clone()  # never a view of an input
+    def forward(ctx: Any, forward: Callable[..., torch.Tensor], n: int, *args: Any) -> torch.Tensor:
+        return forward(*args[:n]).clone()  # never a view of an input
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> Any:
         raise RuntimeError("a sealed layer is only ever traced, never trained")
 
 
-def _sealed_call(forward: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
-    return _Sealed.apply(functools.partial(forward, **kwargs), *args)
+def _sealed_call(
+    module: nn.Module, forward: Callable[..., torch.Tensor], *args: Any, **kwargs: Any
+) -> torch.Tensor:
+    params = tuple(module.parameters(recurse=False))
+    return _Sealed.apply(functools.partial(forward, **kwargs), len(args), *args, *params)
 
 
 @contextmanager
@@ -194,5 +200,5 @@ def sealed(modules: Iterable[nn.Module]) -> Iterator[None]:
     it would couple the wrong channels. A sealed layer is one node from its input to its
     output (its hooks and sublayers still run, so MACs are still counted).
     """
-    with patched_forwards({m: functools.partial(_sealed_call, m.forward) for m in modules}):
+    with patched_forwards({m: functools.partial(_sealed_call, m, m.forward) for m in modules}):
         yield

@@ -15,6 +15,7 @@ from ..measure.complexity import as_inputs, count_macs
 from ._attention import AttentionPruner, attention_modules
 from ._barriers import LabelledGraph, check_ops
 from ._fx import normalize_model
+from ._grouped import layer_pruners, reruns_weight
 from ._params import drop_derived_caches, parameter_uses
 from ._rules import (
     CHANNELWISE_TYPES,
@@ -22,9 +23,7 @@ from ._rules import (
     ChannelPadPruner,
     ChannelwisePruner,
     OpaquePruner,
-    ScaledConvPruner,
     matches,
-    scaled_convs,
 )
 from ._trace import TraceRecorder, sealed
 from .custom import CustomLayers
@@ -62,16 +61,18 @@ def build_graph(
     pruners.update({type(m): opaque for m in black_boxes})
     pruners.update({type(m): AttentionPruner() for m in attention})
     pruners.update({type(m): per_channel for m in channelwise})
-    pruners.update(dict.fromkeys(scaled_convs(model), ScaledConvPruner()))
     pruners.update(custom.pruners)
     shortcuts = [m for m in model.modules() if isinstance(m, ChannelPadShortcut)]
     recorder = TraceRecorder(model, [*black_boxes, *shortcuts], attention, channelwise, custom)
     opaque.channels = recorder.widths  # filled by the forward, read by tp's shape inference
     per_channel.channels = recorder.channels
     modes = {m: m.training for m in model.modules()}  # tp's trace leaves the model in eval
+    users = custom.pruners  # a user's registered layer types keep their own pruners
+    own = {m: p for m, p in layer_pruners(model, channelwise).items() if type(m) not in users}
+    rerun = [m for m in model.modules() if reruns_weight(m) and type(m) not in users]
     try:
-        with torch.enable_grad(), recorder, sealed([*attention, *channelwise, *custom]):
-            dg = LabelledGraph(recorder.labels, recorder.split_layers, recorder.ops)
+        with torch.enable_grad(), recorder, sealed([*attention, *channelwise, *custom, *rerun]):
+            dg = LabelledGraph(recorder.labels, recorder.split_layers, recorder.ops, own)
             dg.build_dependency(model, inputs, customized_pruners=pruners, verbose=False)
     finally:
         for m, training in modes.items():

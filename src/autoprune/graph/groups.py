@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._grouped import reruns
 from ._rules import CONV_TYPES
 from .custom import registered_macs
 
@@ -44,11 +45,14 @@ class Member:
     @property
     def mask_site(self) -> str | None:
         """Where masking acts on this member: ``input`` (a consumer's), ``output``,
-        ``layernorm`` (recomputed on the kept channels) or None (nothing to do)."""
+        ``layernorm`` (recomputed on the kept channels), ``pruned`` (the layer run as pruned:
+        a weight-standardising conv, a one-group GroupNorm) or None (nothing to do)."""
         if self.mask_output:
             return "output"
         if self.kind == "layernorm":
             return "layernorm"
+        if self.in_channels and reruns(self.module):
+            return "pruned"
         return "input" if self.consumer else None
 
     def count(self, group_idxs: torch.Tensor) -> int:
@@ -102,10 +106,10 @@ class MacTable:
         if isinstance(module, CONV_TYPES):
             if module.transposed:  # weight is (in, out / groups, ...)
                 w0, w1 = w0 - in_removed, w1 - out_removed
-            elif module.groups == module.in_channels == module.out_channels and w1 == 1:
+            elif module.groups == module.in_channels and w1 == 1:
                 w0 -= out_removed  # depthwise: one input channel per filter, always
-            else:
-                w0, w1 = w0 - out_removed, w1 - in_removed
+            else:  # a grouped conv loses the same inputs in every group
+                w0, w1 = w0 - out_removed, w1 - in_removed // module.groups
         else:
             w0, w1 = w0 - out_removed, w1 - in_removed
         return self.units[module] * w0 * w1

@@ -6,7 +6,9 @@ its producers and those consumers (BatchNorm, activations, depthwise convs, resi
 concatenations) is per channel. So zeroing the channel at the input of every consumer is
 exactly removal, whatever the producers, biases or BatchNorm statistics put into it; no
 weights are touched, no copy is made. The one per-channel layer that is not per channel is
-LayerNorm (its statistics run across channels): it is recomputed on the kept channels. Inside
+LayerNorm (its statistics run across channels): it is recomputed on the kept channels; layers
+whose statistics see all their inputs otherwise (weight standardisation, a one-group
+GroupNorm) are run as they would be pruned (see ``._grouped``). Inside
 an attention layer the q/k/v rows of a head group are zeroed where ``qkv`` outputs them (see
 :mod:`._attention`): a zero head or query/key dimension contributes nothing.
 
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._grouped import run_as_pruned
 from .custom import layer_pruner
 
 if TYPE_CHECKING:
@@ -30,7 +33,7 @@ if TYPE_CHECKING:
     from .pruning_graph import PruningGraph
 
 
-Site = tuple[nn.Module, str]  # (layer, where: "input", "output" or "layernorm")
+Site = tuple[nn.Module, str]  # (layer, where: "input", "output", "layernorm" or "pruned")
 Piece = tuple[Site, torch.Tensor, str]  # (site, channel indices there, member kind)
 
 
@@ -55,6 +58,8 @@ class MaskState:
             dim = site_dim(module, kind)
             if where == "layernorm":
                 self._hooks[site] = module.register_forward_hook(self._layernorm_hook)
+            elif where == "pruned":
+                self._hooks[site] = module.register_forward_hook(self._pruned_hook)
             elif where == "output":
                 self._hooks[site] = module.register_forward_hook(self._zero_output(dim))
             else:
@@ -87,6 +92,9 @@ class MaskState:
             return output.index_fill(dim, self._merged[module, "output"], 0.0)
 
         return hook
+
+    def _pruned_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return run_as_pruned(module, self._merged[module, "pruned"], args, output)
 
     def _layernorm_hook(
         self, module: nn.LayerNorm, args: tuple, output: torch.Tensor

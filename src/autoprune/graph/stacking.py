@@ -8,8 +8,8 @@ the copies that keep the channel, zero for the one that removes it. Copies never
 every layer treats samples independently along dim 0, which eval mode gives for convolutional
 and attention models; the scorer runs stacked passes in eval mode only.
 
-LayerNorm sites (recomputed on the kept channels) are not stacked: :func:`stackable` says which
-removals are, and the others are tried one at a time.
+LayerNorm sites (recomputed on the kept channels) and layers run as pruned are not stacked:
+:func:`stackable` says which removals are, and the others are tried one at a time.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .masking import Piece, Site, site_dim
 
 def stackable(pieces: Sequence[Piece]) -> bool:
     """Whether a removal's mask (:func:`~.masking.mask_pieces`) can run in a stacked pass."""
-    return all(site[1] != "layernorm" and _zeroes(site[0]) for site, _, _ in pieces)
+    return all(site[1] in ("input", "output") and _zeroes(site[0]) for site, _, _ in pieces)
 
 
 def _zeroes(module: nn.Module) -> bool:
@@ -45,8 +45,8 @@ class StackedMask:
         for j, pieces in enumerate(removals):
             if not stackable(pieces):
                 raise AutopruneError(
-                    "a LayerNorm mask or a layer's own masked_input cannot be stacked: try that "
-                    "removal with mask_channels"
+                    "a LayerNorm mask, a layer run as pruned or a layer's own masked_input "
+                    "cannot be stacked: try that removal with mask_channels"
                 )
             for site, idxs, kind in pieces:
                 _, rows, cols = zeros.setdefault(site, (kind, [], []))

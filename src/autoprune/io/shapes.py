@@ -56,9 +56,25 @@ def recorder_for(module: nn.Module) -> Recorder | None:
     adapter = attention_adapter(module)
     if adapter is not None:
         return lambda m: {a: getattr(m, a) for a in adapter.attributes}
-    if _own_tensors(module):  # layer scales, cls tokens, ...: only their tensors' shapes
-        return lambda m: {}
+    if _own_tensors(module):  # layer scales, cls tokens, ...: their tensors' shapes
+        return _sizes
     return None
+
+
+def _sizes(module: nn.Module) -> LayerRecord:
+    """A layer of unknown type keeps its ``groups`` count and the ``shape`` it views its
+    parameter to, where it has them: the pruning graph changes both (timm's EvoNorm ``S``
+    loses whole groups, metaformer's ``Scale`` channels; see graph._grouped)."""
+    sizes = {"groups": getattr(module, "groups", None), "shape": getattr(module, "shape", None)}
+    return {
+        name: value
+        for name, value in sizes.items()
+        if isinstance(value, int) or (isinstance(value, tuple) and _ints(value))
+    }
+
+
+def _ints(values: tuple) -> bool:
+    return all(isinstance(v, int) for v in values)
 
 
 @register_layer_shape(nn.modules.conv._ConvNd)
