@@ -22,6 +22,7 @@ from .._registry import Registry
 from ..criteria import CRITERIA, list_criteria, score
 from ..errors import AutopruneError
 from ..graph import PruningGraph, mask_channels
+from ._landing import TOLERANCE, Plans, Ranked, land
 from .candidates import OBJECTIVES, Candidate, criteria_state, make_candidates, removable
 
 if TYPE_CHECKING:
@@ -29,8 +30,6 @@ if TYPE_CHECKING:
     from .config import PruneConfig
     from .latency_target import LatencyTarget
     from .scorers import Scorer
-
-TOLERANCE = 0.005  # the final reduction lands within this of the target (fraction of MACs)
 
 
 @dataclass
@@ -214,8 +213,6 @@ def _of_kind(names: tuple[str, ...], kind: str) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------------ fixed
-# A family of removals, growing with its index: index -> channels to remove per group.
-Plans = tuple[int, Callable[[int], dict[str, int]]]
 Allocation = Callable[[SearchContext, str, Mapping[str, Any]], Plans]
 ALLOCATIONS: Registry[Allocation] = Registry("allocation")
 
@@ -259,92 +256,14 @@ class Fixed(Schedule):
             }
         )
         plans = ALLOCATIONS.get(cfg.allocation)(ctx, criterion, state)
-        removal = ranked.removal(_choose(ctx, plans, goal, ranked))
+        removal = ranked.removal(
+            land(ctx, plans, goal, ranked, final=goal >= cfg.target_macs_reduction)
+        )
         loss = None
         if ctx.calib is not None:
             with mask_channels(ctx.graph, removal):
                 loss = ctx.calib.loss(ctx.graph.model)
         return Step(removal, cfg.criteria, loss, 1)
-
-
-@dataclass(frozen=True)
-class Ranked:
-    """Each group's channels in the order the criterion removes them: the MACs of a plan are
-    those of the channels it will remove (in a group whose channels cost unequal MACs, a split
-    feeding branches of different widths, any other ``k`` channels would mislead)."""
-
-    order: Mapping[str, torch.Tensor]
-
-    def removal(self, counts: Mapping[str, int]) -> dict[str, torch.Tensor]:
-        return {g: self.order[g][:k].sort().values for g, k in counts.items() if k}
-
-
-def _choose(ctx: SearchContext, plans: Plans, goal: float, ranked: Ranked) -> dict[str, int]:
-    """The first plan reaching ``goal``, or the one before it when that lands closer (within
-    the tolerance) and still removes something; the last plan if none reaches it."""
-    n, plan = plans
-    now = ctx.reduction
-
-    def reduction(i: int) -> float:
-        removal = ranked.removal(plan(i))
-        return 1.0 - ctx.graph.macs(removal) / ctx.original_macs if removal else now
-
-    lo, hi = 0, n - 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if reduction(mid) >= goal else (mid + 1, hi)
-    if lo > 0:
-        below, above = reduction(lo - 1), reduction(lo)
-        if below > now and goal - below <= TOLERANCE and goal - below < above - goal:
-            lo -= 1
-    if reduction(lo) <= now:
-        raise AutopruneError("every group is at its cap: nothing is left to prune")
-    if lo > 0 and reduction(lo) - goal > TOLERANCE:
-        return _trim(ctx, plan(lo - 1), plan(lo), goal, ranked)
-    return plan(lo)
-
-
-def _trim(
-    ctx: SearchContext,
-    below: dict[str, int],
-    above: dict[str, int],
-    goal: float,
-    ranked: Ranked,
-) -> dict[str, int]:
-    """Between two plans a step apart (one ratio can move many groups at once: a jump past
-    the tolerance), channels taken group by group, costliest first, each group giving as many
-    as keep the reduction under ``goal`` plus the tolerance, until it is within the tolerance:
-    first from the groups the step moved, then (a small model's channels are coarse) from any
-    group up to its cap. ``above`` when neither lands."""
-
-    def reduction(c: dict[str, int]) -> float:
-        return 1.0 - ctx.graph.macs(ranked.removal(c)) / ctx.original_macs
-
-    def fill(ceiling: dict[str, int]) -> dict[str, int]:
-        counts = dict(below)
-        order = sorted(ceiling, key=lambda g: -ctx.graph.group(g).macs_per_channel)
-        for g in order:
-            if reduction(counts) >= goal - TOLERANCE:
-                break
-            lo, hi = counts[g], max(counts[g], ceiling[g])
-            while lo < hi:  # the most channels of g that do not overshoot
-                mid = (lo + hi + 1) // 2
-                lo, hi = (
-                    (mid, hi)
-                    if reduction({**counts, g: mid}) <= goal + TOLERANCE
-                    else (
-                        lo,
-                        mid - 1,
-                    )
-                )
-            counts[g] = lo
-        return counts
-
-    for ceiling in (above, ctx.limits()):
-        counts = fill(ceiling)
-        if abs(reduction(counts) - goal) <= TOLERANCE:
-            return counts
-    return above
 
 
 @ALLOCATIONS.register("uniform", description="the same fraction of every group's channels")
