@@ -16,6 +16,7 @@ from autoprune.errors import AutopruneError, CheckpointError
 from autoprune.graph import build_graph, normalize_model
 from autoprune.layers import ChannelPadShortcut
 from autoprune.models import create_model, list_models, model_info
+from autoprune.models.spec import spec_of
 
 # Per family: (layers whose output channels shrink, in order; the layer consuming them).
 CHAINS: dict[str, tuple[list[str], str]] = {
@@ -128,8 +129,8 @@ def test_round_trip_of_a_shrunk_zoo_model(name: str, kwargs: dict, tmp_path: Pat
     loaded = aio.load(tmp_path / "m").eval()
     assert torch.equal(loaded(x), expected)
     assert (
-        loaded.autoprune_arch
-        == model.autoprune_arch
+        spec_of(loaded).to_json()
+        == spec_of(model).to_json()
         == {"name": name, "kwargs": loaded_kwargs(name, kwargs)}
     )
     assert loaded.autoprune_metadata == {"top1": 91.6}
@@ -274,7 +275,7 @@ def test_rewritten_pad_shortcut_round_trip(net_file: Path, tmp_path: Path) -> No
     aio.save(model, tmp_path / "m", input_size=(3, 8, 8))
     loaded = aio.load(tmp_path / "m", trust_factory=True).eval()
     assert torch.equal(loaded(x), expected)
-    assert loaded.autoprune_arch == {**model.autoprune_arch, "input_size": [3, 8, 8]}
+    assert spec_of(loaded) == spec_of(model).with_input_size((3, 8, 8))
     aio.save(loaded, tmp_path / "again")  # the input size travels with the model now
     assert torch.equal(aio.load(tmp_path / "again", trust_factory=True).eval()(x), expected)
 

@@ -27,6 +27,7 @@ from .._forward import eval_mode
 from ..errors import AutopruneError
 from ..layers import ChannelPadShortcut, ChannelSplit
 from ..measure.complexity import as_inputs
+from ..models.spec import carry_spec
 from ._foreign import adapt_foreign_layers
 
 NORMALIZED_ATTR = "_autoprune_rewritten"
@@ -174,7 +175,7 @@ def _rewrite_splits(gm: fx.GraphModule) -> None:
 
 
 # Attributes that autoprune.io reads from a model; they move with a rewritten top-level module.
-_CARRIED_ATTRS = ("autoprune_arch", "autoprune_metadata")
+_CARRIED_ATTRS = ("autoprune_metadata",)
 
 
 def normalize_model(
@@ -219,6 +220,7 @@ def normalize_model(
     # A rewritten top-level module must still say how it was built, or it cannot be saved.
     carried = {a: getattr(original, a) for a in _CARRIED_ATTRS if hasattr(original, a)}
     carried[NORMALIZED_ATTR] = rewritten
+    carry_spec(original, model)
     for attr, value in carried.items():
         setattr(model, attr, value)
     if isinstance(model, fx.GraphModule):  # a GraphModule's deepcopy keeps only these

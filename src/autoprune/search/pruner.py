@@ -31,6 +31,7 @@ from .._device import follow
 from ..errors import AutopruneError
 from ..graph import PruningGraph, build_graph
 from ..graph.sparsity import restore_weights
+from ..models.spec import copy_model
 from ..task import Task
 from ._reach import refuse_unreachable
 from .calibration import CalibrationSet
@@ -86,7 +87,7 @@ class Pruner:
             )
         self.scorer = create_scorer(config.scorer, **config.scorer_options)
         self.graph = build_graph(
-            copy.deepcopy(model),
+            copy_model(model),
             example_inputs,
             ignored_layers=config.ignored_layers,
             scope=config.scope,
