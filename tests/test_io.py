@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 from autoprune import io as aio
+from autoprune._registry import Entry
 from autoprune.errors import AutopruneError, CheckpointError
 from autoprune.graph import build_graph, normalize_model
+from autoprune.io.removals import REMOVALS, SavedRemovals
 from autoprune.layers import ChannelPadShortcut
 from autoprune.models import create_model, list_models, model_info
 from autoprune.models.spec import spec_of
@@ -397,3 +399,24 @@ def test_round_trip_after_pruning_with_the_graph(name: str, tmp_path: Path) -> N
     assert sum(p.numel() for p in loaded.parameters()) < 0.7 * sum(
         p.numel() for p in create_model(name).parameters()
     )
+
+
+def test_a_registered_removal_is_saved_and_restored_in_rank_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def tagged(model: nn.Module) -> list[str]:
+        return [n for n, m in model.named_modules() if getattr(m, "tagged", False)]
+
+    def tag(model: nn.Module, names: list[str]) -> None:
+        for name in names:
+            model.get_submodule(name).tagged = True
+
+    entry = Entry("tagged", SavedRemovals(tagged, tag), {"rank": -1})
+    monkeypatch.setitem(REMOVALS._entries, "tagged", entry)
+    model = create_model("smallcnn")
+    model.stage2.conv.tagged = True
+    aio.save(model, tmp_path / "m")
+    record = json.loads((tmp_path / "m" / "arch.json").read_text())
+    assert [k for k in record if k in REMOVALS] == ["tagged", "removed", "masked"]
+    assert record["tagged"] == ["stage2.conv"] and record["removed"] == record["masked"] == []
+    assert tagged(aio.load(tmp_path / "m")) == ["stage2.conv"]

@@ -23,7 +23,7 @@ from torch import fx, nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .._forward import eval_mode
+from .._forward import eval_mode, hooked, run_eval
 from ..errors import AutopruneError
 from ..layers import ChannelPadShortcut, ChannelSplit
 from ..measure.complexity import as_inputs
@@ -113,19 +113,12 @@ def _capture_inputs(
     model: nn.Module, example_inputs: tuple, targets: dict[str, nn.Module]
 ) -> dict[str, tuple]:
     captured: dict[str, tuple] = {}
-    handles = [
-        m.register_forward_pre_hook(lambda _m, args, name=name: captured.setdefault(name, args))
+    hooks = (
+        (m, lambda _m, args, name=name: captured.setdefault(name, args))
         for name, m in targets.items()
-    ]
-    modes = {m: m.training for m in model.modules()}
-    try:
-        with torch.no_grad():
-            model.eval()(*example_inputs)  # eval: BatchNorm statistics stay as they are
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes.items():
-            m.training = training
+    )
+    with hooked(hooks, pre=True):
+        run_eval(model, example_inputs)
     return captured
 
 

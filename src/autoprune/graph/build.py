@@ -9,6 +9,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from .._forward import kept_modes
 from ..errors import AutopruneError
 from ..layers import ChannelPadShortcut
 from ..measure.complexity import as_inputs, count_macs
@@ -65,14 +66,11 @@ def build_graph(
     recorder = TraceRecorder(model, [*black_boxes, *shortcuts], attention, channelwise)
     opaque.channels = recorder.widths  # filled by the forward, read by tp's shape inference
     per_channel.channels = recorder.channels
-    modes = {m: m.training for m in model.modules()}  # tp's trace leaves the model in eval
-    try:
-        with torch.enable_grad(), recorder, sealed([*attention, *channelwise]):
+    try:  # kept_modes: tp's trace leaves the model in eval
+        with torch.enable_grad(), kept_modes(model), recorder, sealed([*attention, *channelwise]):
             dg = LabelledGraph(recorder.labels, recorder.split_layers, recorder.ops)
             dg.build_dependency(model, inputs, customized_pruners=pruners, verbose=False)
     finally:
-        for m, training in modes.items():
-            m.training = training
         drop_derived_caches(model)
     constant_nodes, barriers = check_ops(dg, recorder)
     matmuls = {a: (a.qkv, a.proj, recorder.attention_units[a]) for a in attention}

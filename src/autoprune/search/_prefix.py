@@ -34,8 +34,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
+from .._forward import Forward, patched_forwards
 from ..graph import PruningGraph
-from ..graph.units import Forward, patched_forwards
 
 if TYPE_CHECKING:
     from .candidates import Candidate

@@ -30,7 +30,6 @@ from .. import distributed
 from .._device import follow
 from ..errors import AutopruneError
 from ..graph import PruningGraph, build_graph
-from ..graph.sparsity import restore_weights
 from ..models.spec import copy_model
 from ..task import Task
 from ._reach import refuse_unreachable
@@ -38,6 +37,7 @@ from .calibration import CalibrationSet
 from .candidates import OBJECTIVES, Candidate
 from .config import PruneConfig
 from .granularity import Granularity, plan
+from .granularity.weight import restore_weights
 from .latency_target import LatencyTarget
 from .schedules import SCHEDULES, SearchContext, Step
 from .scorers import create_scorer

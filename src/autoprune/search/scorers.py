@@ -35,8 +35,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -44,6 +43,7 @@ import torch
 from torch import nn
 
 from .. import distributed
+from .._forward import eval_mode
 from .._registry import Registry
 from ..errors import AutopruneError
 from ..graph import PruningGraph
@@ -200,7 +200,7 @@ class FastScorer:
         seen = [0] * len(candidates)
         alive = list(range(len(candidates)))
         done = rounds = evaluated = 0
-        with _eval_mode(graph.model), torch.no_grad():
+        with eval_mode(graph.model), torch.no_grad():
             sample = self._layout(calib.batches[0][0][:2])
             profile = CallProfile.record(graph.model, sample) if self.prefix_cache else None
             cuts = plan_cuts(graph, candidates, profile)
@@ -280,15 +280,3 @@ def _check_scorable(graph: PruningGraph, calib: CalibrationSet) -> None:
         raise AutopruneError("remove the active channel masks before scoring candidates")
     if calib.size == 0:
         raise AutopruneError("the calibration set is empty")
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration; every module's own mode comes back afterwards."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
