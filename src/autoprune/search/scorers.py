@@ -153,14 +153,13 @@ class FastScorer:
 
     prefix_cache: bool = True
     halving: bool = True
-    # Measured on ResNet-20 to -50 % MACs (bench/search_quality.py): halving from the 16
-    # hardest images, keeping a quarter, dropped the exhaustive winner at iteration 20 of 57 and
-    # ended 17.8 points worse; from 64 images in their own order, keeping half, it made the
-    # exhaustive scorer's 57 decisions exactly; on ResNet-56 its first 36 of 52 (then a winner
-    # 2.5 % better was dropped), and the same accuracy after a 1-epoch fine-tune, 0.07 points
-    # apart. Racing instead of ranking (out at 3 standard errors of the paired per-image loss
-    # difference) was tried and not kept: per-image differences are heavy-tailed, so 77 of 87
-    # ResNet-56 candidates stayed in to the end, at 94 % of the exhaustive images.
+    # Halving from 64 images in their own order, keeping half: starting from the hardest few
+    # and keeping a quarter is cheaper per iteration but drops exhaustive winners over a whole
+    # search. Per iteration: docs/benchmarks/scorer_tricks.md; over whole searches (decisions
+    # shared with the exhaustive scorer, accuracy): docs/benchmarks/search_quality*.md. Racing
+    # instead of ranking (out at a few standard errors of the paired per-image loss
+    # difference) was not kept: per-image differences are heavy-tailed, so few candidates
+    # leave the race early.
     hard_first: bool = False
     min_images: int = 64
     keep: float = 0.5
