@@ -43,9 +43,9 @@ from _common import (
 
 import autoprune
 from autoprune.data import ImageData, load_dataset
-from autoprune.graph.sparsity import masks_held
 from autoprune.io import load, save
 from autoprune.measure import count_params
+from autoprune.search.granularity.weight import masks_held
 from autoprune.train import TrainConfig
 
 RUNS = REPO / "runs" / "bench-multigrain"

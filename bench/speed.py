@@ -39,6 +39,7 @@ from autoprune.errors import AutopruneError
 from autoprune.graph import build_graph
 from autoprune.io.export import Runner
 from autoprune.measure import BACKENDS, count_macs, count_params, time_runner
+from autoprune.models.spec import describe
 from autoprune.search.run import load_run_model
 
 INPUT_SHAPE = (3, 32, 32)
@@ -81,7 +82,7 @@ def pruned_models(args: argparse.Namespace, dense: nn.Module) -> dict[str, nn.Mo
         except AutopruneError as err:
             print(f"skipped {path}: {err}")
             continue
-        name = model.autoprune_arch.get("name")
+        name = describe(model).name
         if name == args.model:
             found[path.name] = model
         else:

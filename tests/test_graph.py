@@ -26,6 +26,7 @@ from autoprune.io import load, save
 from autoprune.layers import ChannelPadShortcut
 from autoprune.measure import count_macs
 from autoprune.models import create_model
+from autoprune.models.spec import ModelSpec, copy_model, set_spec, spec_of
 
 # ---------------------------------------------------------------------- models of the test
 
@@ -248,11 +249,12 @@ def build_top_level_pad_net() -> nn.Module:
 def test_a_rewritten_top_level_model_keeps_how_it_was_built(tmp_path):
     example = torch.randn(1, 3, 16, 16)
     model = TopLevelPadNet()
-    model.autoprune_arch = {"factory": f"{__file__}:build_top_level_pad_net", "kwargs": {}}
+    spec = ModelSpec(factory=f"{__file__}:build_top_level_pad_net")
+    set_spec(model, spec)
     normalized = normalize_model(model, example)
     assert normalized is not model
-    assert normalized.autoprune_arch == model.autoprune_arch
-    assert copy.deepcopy(normalized).autoprune_arch == model.autoprune_arch
+    assert spec_of(normalized) == spec
+    assert spec_of(copy_model(normalized)) == spec
     graph = build_graph(normalized, example)
     graph.prune(fraction(graph, 0.5))
     save(graph.model, tmp_path / "m", input_size=(3, 16, 16))

@@ -12,10 +12,13 @@ import torch
 from torch import nn
 
 from autoprune import io as aio
+from autoprune._registry import Entry
 from autoprune.errors import AutopruneError, CheckpointError
 from autoprune.graph import build_graph, normalize_model
+from autoprune.io.removals import REMOVALS, SavedRemovals
 from autoprune.layers import ChannelPadShortcut
 from autoprune.models import create_model, list_models, model_info
+from autoprune.models.spec import spec_of
 
 # Per family: (layers whose output channels shrink, in order; the layer consuming them).
 CHAINS: dict[str, tuple[list[str], str]] = {
@@ -128,8 +131,8 @@ def test_round_trip_of_a_shrunk_zoo_model(name: str, kwargs: dict, tmp_path: Pat
     loaded = aio.load(tmp_path / "m").eval()
     assert torch.equal(loaded(x), expected)
     assert (
-        loaded.autoprune_arch
-        == model.autoprune_arch
+        spec_of(loaded).to_json()
+        == spec_of(model).to_json()
         == {"name": name, "kwargs": loaded_kwargs(name, kwargs)}
     )
     assert loaded.autoprune_metadata == {"top1": 91.6}
@@ -274,7 +277,7 @@ def test_rewritten_pad_shortcut_round_trip(net_file: Path, tmp_path: Path) -> No
     aio.save(model, tmp_path / "m", input_size=(3, 8, 8))
     loaded = aio.load(tmp_path / "m", trust_factory=True).eval()
     assert torch.equal(loaded(x), expected)
-    assert loaded.autoprune_arch == {**model.autoprune_arch, "input_size": [3, 8, 8]}
+    assert spec_of(loaded) == spec_of(model).with_input_size((3, 8, 8))
     aio.save(loaded, tmp_path / "again")  # the input size travels with the model now
     assert torch.equal(aio.load(tmp_path / "again", trust_factory=True).eval()(x), expected)
 
@@ -396,3 +399,24 @@ def test_round_trip_after_pruning_with_the_graph(name: str, tmp_path: Path) -> N
     assert sum(p.numel() for p in loaded.parameters()) < 0.7 * sum(
         p.numel() for p in create_model(name).parameters()
     )
+
+
+def test_a_registered_removal_is_saved_and_restored_in_rank_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def tagged(model: nn.Module) -> list[str]:
+        return [n for n, m in model.named_modules() if getattr(m, "tagged", False)]
+
+    def tag(model: nn.Module, names: list[str]) -> None:
+        for name in names:
+            model.get_submodule(name).tagged = True
+
+    entry = Entry("tagged", SavedRemovals(tagged, tag), {"rank": -1})
+    monkeypatch.setitem(REMOVALS._entries, "tagged", entry)
+    model = create_model("smallcnn")
+    model.stage2.conv.tagged = True
+    aio.save(model, tmp_path / "m")
+    record = json.loads((tmp_path / "m" / "arch.json").read_text())
+    assert [k for k in record if k in REMOVALS] == ["tagged", "removed", "masked"]
+    assert record["tagged"] == ["stage2.conv"] and record["removed"] == record["masked"] == []
+    assert tagged(aio.load(tmp_path / "m")) == ["stage2.conv"]

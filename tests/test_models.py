@@ -24,6 +24,7 @@ from autoprune.models import (
     model_info,
     register_model,
 )
+from autoprune.models.spec import spec_of
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 AKAMASTER = SHARED / "weights" / "cifar10-resnet-akamaster"
@@ -71,13 +72,13 @@ def test_torchscript_matches_eager(name: str) -> None:
 @pytest.mark.parametrize("name", list_models())
 def test_arch_record_and_num_classes(name: str) -> None:
     model = create_model(name, num_classes=7).eval()
-    assert model.autoprune_arch["name"] == name
-    assert model.autoprune_arch["kwargs"]["num_classes"] == 7
+    assert spec_of(model).name == name
+    assert spec_of(model).kwargs["num_classes"] == 7
     assert model(example(name, batch=1)).shape == (1, 7)
 
 
 def test_default_num_classes_is_recorded() -> None:
-    assert create_model("smallcnn").autoprune_arch == {
+    assert spec_of(create_model("smallcnn")).to_json() == {
         "name": "smallcnn",
         "kwargs": {"num_classes": model_info("smallcnn").num_classes},
     }
@@ -293,7 +294,7 @@ def test_model_file_factory(tmp_path: Path) -> None:
     file.write_text(MODEL_FILE)
     model = create_model(f"{file}:build", num_classes=3, width=4)
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 3)
-    assert model.autoprune_arch == {
+    assert spec_of(model).to_json() == {
         "factory": f"{file}:build",
         "kwargs": {"num_classes": 3, "width": 4},
     }
@@ -309,7 +310,7 @@ def test_model_file_factory(tmp_path: Path) -> None:
 
 def test_module_factory() -> None:
     model = create_model("autoprune.models.smallcnn:smallcnn", num_classes=4)
-    assert model.autoprune_arch["factory"] == "autoprune.models.smallcnn:smallcnn"
+    assert spec_of(model).factory == "autoprune.models.smallcnn:smallcnn"
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 4)
     with pytest.raises(AutopruneError, match=r"cannot import module 'no_such_pkg.mod'"):
         create_model("no_such_pkg.mod:fn")

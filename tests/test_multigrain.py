@@ -18,8 +18,7 @@ import autoprune
 from autoprune.data import load_dataset
 from autoprune.errors import AutopruneError
 from autoprune.graph import build_graph
-from autoprune.graph.sparsity import MASK, mask_weights, masked_count, masks_held, weight_layers
-from autoprune.graph.units import RemovedLayer, find_units
+from autoprune.graph.units import RemovedLayer
 from autoprune.io import load, save
 from autoprune.io.export import FORMATS, run_onnx
 from autoprune.measure import count_macs, count_params
@@ -29,13 +28,18 @@ from autoprune.search import PruneConfig, create_scorer
 from autoprune.search import training as search_training
 from autoprune.search.calibration import CalibrationSet
 from autoprune.search.candidates import loss_objective
-from autoprune.search.granularity import (
-    EMPTY,
+from autoprune.search.granularity._base import EMPTY
+from autoprune.search.granularity.units import UnitCandidate, find_units
+from autoprune.search.granularity.weight import (
+    MASK,
     SPREAD_SCORES,
-    UnitCandidate,
     WeightCandidate,
     _spread,
     lamp_scores,
+    mask_weights,
+    masked_count,
+    masks_held,
+    weight_layers,
 )
 from autoprune.train import TrainConfig, fit
 

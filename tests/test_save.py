@@ -14,6 +14,7 @@ from torch import nn
 import autoprune
 from autoprune.errors import AutopruneError, CheckpointError
 from autoprune.models import create_model
+from autoprune.models.spec import spec_of
 from autoprune.search import scorers as search_scorers
 
 FACTORY_CODE = """
@@ -90,7 +91,7 @@ def test_rewritten_model_reloads_where_its_last_maps_are_one_pixel(tmp_path: Pat
 def test_timm_mobilevit_needs_no_input_size(tmp_path: Path) -> None:
     pytest.importorskip("timm", reason="timm is not importable")
     model = create_model("timm:mobilevit_xxs", num_classes=10)
-    assert model.autoprune_arch["input_size"] == [3, 256, 256]  # timm's own record
+    assert spec_of(model).input_size == (3, 256, 256)  # timm's own record
     assert_round_trip(fixed_prune(model, 64), tmp_path / "m", 64)  # the size it was pruned at
 
 

@@ -14,6 +14,7 @@ import autoprune
 from autoprune.errors import AutopruneError
 from autoprune.io import load
 from autoprune.models import create_model
+from autoprune.models.spec import spec_of
 from autoprune.search import PruneConfig
 from autoprune.transfer import (
     TRANSFER_ORDERS,
@@ -100,7 +101,7 @@ def test_new_head_is_seeded_and_recorded_for_loading():
     replace_head(a, CLASSES, seed=3)
     replace_head(b, CLASSES, seed=3)
     assert torch.equal(a.classifier.weight, b.classifier.weight)
-    assert a.autoprune_arch["kwargs"]["num_classes"] == CLASSES
+    assert spec_of(a).kwargs["num_classes"] == CLASSES
 
 
 def test_a_model_without_a_classifier_asks_for_the_head_name():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, fields, replace
@@ -23,7 +22,7 @@ from .feed import preprocessing as preprocessing
 from .io.model_io import check_savable
 from .measure import EvalResult, count_macs, count_params, evaluate_batches
 from .models import create_model
-from .models.spec import describe, set_spec
+from .models.spec import copy_model, describe, set_spec
 from .search import PruneConfig, PruneResult, Recover, run_search
 from .search.config import default_schedule
 from .search.run import RunDir
@@ -318,7 +317,7 @@ def _pretrained(
     """The model to prune, never the caller's object: built for the data's classes (or
     copied), then given the checkpoint, whose classifier may be for other classes."""
     if isinstance(model, nn.Module):
-        net = copy.deepcopy(model)
+        net = copy_model(model)
     else:
         net = build_model(model, num_classes=num_classes)
     if weights is not None:

@@ -9,7 +9,6 @@ loss-aware search: all of it, or only the head, recovery during the search doing
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
@@ -30,7 +29,7 @@ from .io.model_io import ARCH_FILE
 from .measure import evaluate_batches
 from .models import MODELS, load_weights, model_info
 from .models._weights import read_state_dict
-from .models.spec import set_spec, spec_of
+from .models.spec import copy_model, set_spec, spec_of
 from .task import CLASSIFICATION, Task
 from .train import TrainConfig, fit
 
@@ -326,7 +325,7 @@ def transfer_for_pruning(
     saved = Path(out_dir) / ADAPTED_DIR if out_dir is not None else None
     settings = _settings(config)
     if resume and saved is not None and (saved / ARCH_FILE).exists():
-        adapted = load(saved, model=copy.deepcopy(model))  # any model: its dense twin
+        adapted = load(saved, model=copy_model(model))  # any model: its dense twin
         metadata: Mapping[str, Any] = adapted.autoprune_metadata
         if metadata.get("transfer_settings") != settings:
             raise AutopruneError(

@@ -4,7 +4,7 @@ Torch-Pruning names a group's channels by its root layer's. Removing one root ch
 others of the root with it: a ghost module concatenates ``x`` with a depthwise ``cheap(x)``, so
 channel ``c`` of the first half and ``c`` of the second are one; a ``Linear(512, 4096)`` viewed
 as ``(256, 4, 4)`` into a conv loses whole 16-row blocks. Counting such a group in root
-channels makes every MACs prediction, cap and landing wrong (a -30 % target landed at -65 %).
+channels makes every MACs prediction, cap and landing wrong (a run overshoots its target).
 
 Torch-Pruning's own traversal meets the same layer channel by several paths, each carrying the
 root channel it started from; it keeps the first. Here the traversal is replayed over all root

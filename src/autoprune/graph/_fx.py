@@ -23,10 +23,11 @@ from torch import fx, nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .._forward import eval_mode
+from .._forward import eval_mode, hooked, run_eval
 from ..errors import AutopruneError
 from ..layers import ChannelPadShortcut, ChannelSplit
 from ..measure.complexity import as_inputs
+from ..models.spec import carry_spec
 from ._foreign import adapt_foreign_layers
 
 NORMALIZED_ATTR = "_autoprune_rewritten"
@@ -119,19 +120,12 @@ def _capture_inputs(
     model: nn.Module, example_inputs: tuple, targets: dict[str, nn.Module]
 ) -> dict[str, tuple]:
     captured: dict[str, tuple] = {}
-    handles = [
-        m.register_forward_pre_hook(lambda _m, args, name=name: captured.setdefault(name, args))
+    hooks = (
+        (m, lambda _m, args, name=name: captured.setdefault(name, args))
         for name, m in targets.items()
-    ]
-    modes = {m: m.training for m in model.modules()}
-    try:
-        with torch.no_grad():
-            model.eval()(*example_inputs)  # eval: BatchNorm statistics stay as they are
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes.items():
-            m.training = training
+    )
+    with hooked(hooks, pre=True):
+        run_eval(model, example_inputs)
     return captured
 
 
@@ -188,7 +182,7 @@ def _rewrite_splits(gm: fx.GraphModule) -> None:
 
 
 # Attributes that autoprune.io reads from a model; they move with a rewritten top-level module.
-_CARRIED_ATTRS = ("autoprune_arch", "autoprune_metadata")
+_CARRIED_ATTRS = ("autoprune_metadata",)
 
 
 def normalize_model(
@@ -233,6 +227,7 @@ def normalize_model(
     # A rewritten top-level module must still say how it was built, or it cannot be saved.
     carried = {a: getattr(original, a) for a in _CARRIED_ATTRS if hasattr(original, a)}
     carried[NORMALIZED_ATTR] = rewritten
+    carry_spec(original, model)
     for attr, value in carried.items():
         setattr(model, attr, value)
     if isinstance(model, fx.GraphModule):  # a GraphModule's deepcopy keeps only these

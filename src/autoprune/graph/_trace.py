@@ -22,10 +22,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from .._forward import patched_forwards
 from ..layers import ChannelSplit
 from ._labels import ChannelLabels
 from ._rules import CONV_TYPES, channels_of, channelwise_dim
-from .units import patched_forwards
 
 if TYPE_CHECKING:
     from .custom import CustomLayers

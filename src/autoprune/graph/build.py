@@ -9,6 +9,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from .._forward import kept_modes
 from ..errors import AutopruneError
 from ..layers import ChannelPadShortcut
 from ..measure.complexity import as_inputs, count_macs
@@ -66,17 +67,15 @@ def build_graph(
     recorder = TraceRecorder(model, [*black_boxes, *shortcuts], attention, channelwise, custom)
     opaque.channels = recorder.widths  # filled by the forward, read by tp's shape inference
     per_channel.channels = recorder.channels
-    modes = {m: m.training for m in model.modules()}  # tp's trace leaves the model in eval
     users = custom.pruners  # a user's registered layer types keep their own pruners
     own = {m: p for m, p in layer_pruners(model, channelwise).items() if type(m) not in users}
     rerun = [m for m in model.modules() if reruns_weight(m) and type(m) not in users]
-    try:
-        with torch.enable_grad(), recorder, sealed([*attention, *channelwise, *custom, *rerun]):
+    sealed_layers = [*attention, *channelwise, *custom, *rerun]
+    try:  # kept_modes: tp's trace leaves the model in eval
+        with torch.enable_grad(), kept_modes(model), recorder, sealed(sealed_layers):
             dg = LabelledGraph(recorder.labels, recorder.split_layers, recorder.ops, own)
             dg.build_dependency(model, inputs, customized_pruners=pruners, verbose=False)
     finally:
-        for m, training in modes.items():
-            m.training = training
         drop_derived_caches(model)
     custom.check({m: n for n, m in model.named_modules()})
     constant_nodes, barriers = check_ops(dg, recorder)

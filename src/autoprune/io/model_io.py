@@ -4,8 +4,9 @@
 :class:`~autoprune.models.spec.ModelSpec` that :func:`~autoprune.models.create_model`
 attaches: a registry name or a factory, with kwargs;
 for a user's own module, only its class, and loading is then given a fresh instance),
-the blocks and layers multi-grain pruning removed (``removed``), the layers holding weight
-masks (``masked``) and each layer's current shape; ``model.safetensors`` holds the state_dict,
+what multi-grain pruning removed beyond channels (one key per granularity,
+:mod:`.removals`: ``removed`` blocks and layers, ``masked`` layers) and each layer's current
+shape; ``model.safetensors`` holds the state_dict,
 masks included. Loading builds the dense model, puts the identity in place of the removed
 modules, gives the masked layers their mask buffers, shrinks its layers to the recorded
 shapes, then loads the tensors strictly. No code is
@@ -28,11 +29,10 @@ from torch import nn
 
 from ..errors import AutopruneError, CheckpointError
 from ..graph import NORMALIZED_ATTR, normalize_model
-from ..graph.sparsity import attach_mask, masked_layers
-from ..graph.units import remove_modules, removed_paths
 from ..models import MODELS, check_state_dict, create_model, model_info
 from ..models.spec import ModelSpec, describe, set_spec
 from ._atomic import write_atomic, write_text_atomic
+from .removals import read_removals, restore_removals
 from .shapes import apply_layers, record_layers
 
 ARCH_FILE, WEIGHTS_FILE = "arch.json", "model.safetensors"
@@ -137,8 +137,7 @@ def _arch_text(
     if rewritten is not None:
         record["normalized"] = list(rewritten)
     record["metadata"] = {**getattr(model, METADATA_ATTR, {}), **(metadata or {})}
-    record["removed"] = removed_paths(model)
-    record["masked"] = list(masked_layers(model))
+    record.update(read_removals(model))
     record["tied"] = tied
     try:
         return _dumps(record, record_layers(model))
@@ -225,9 +224,7 @@ def load(
     record = _read_record(path)
     model = _build(record, path, trust_factory, model)
     try:
-        remove_modules(model, record.get("removed", []))
-        for name in record.get("masked", []):
-            attach_mask(model.get_submodule(name))
+        restore_removals(model, record)
         apply_layers(model, record["layers"])
     except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._forward import eval_mode
+from .._forward import eval_mode, hooked, run_eval
 from ..errors import AutopruneError
 from ..io._atomic import write_text_atomic
 from .latency_table import (
@@ -146,13 +146,8 @@ def traced_shapes(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Mod
         if shape is not None:
             shapes.setdefault(module, shape)
 
-    hooks = [m.register_forward_pre_hook(record) for m in model.modules()]
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(example_inputs[:1])
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with hooked(((m, record) for m in model.modules()), pre=True):
+        run_eval(model, (example_inputs[:1],))
     return shapes
 
 

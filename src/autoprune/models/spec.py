@@ -4,19 +4,22 @@ A model built by :func:`~autoprune.models.create_model` carries its :class:`Mode
 zoo or ``tv:``/``timm:`` name, or the factory, with the keyword arguments, and the input size
 once known), as timm models carry their ``pretrained_cfg``. :mod:`autoprune.io` writes it to
 ``arch.json`` and rebuilds the dense architecture from it before applying a pruned model's
-shapes. It is kept on the module as its JSON form (the attribute :data:`SPEC_ATTR`), so that
-it survives ``copy.deepcopy`` and is carried across the graph's ``F.pad`` rewrite.
+shapes. The record is kept here, keyed by the module object, not patched onto the user's
+module: a bare ``copy.deepcopy`` does not carry it, so the library copies models with
+:func:`copy_model` and a rewrite that returns a new module calls :func:`carry_spec`.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
+from weakref import WeakKeyDictionary
 
 from torch import nn
 
-SPEC_ATTR = "autoprune_arch"
+M = TypeVar("M", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -66,14 +69,31 @@ class ModelSpec:
         )
 
 
+# Weak keys: a record lives exactly as long as its module.
+_SPECS: WeakKeyDictionary[nn.Module, ModelSpec] = WeakKeyDictionary()
+
+
 def spec_of(model: nn.Module) -> ModelSpec | None:
     """The record ``model`` was built with (None for a module built otherwise)."""
-    record = getattr(model, SPEC_ATTR, None)
-    return ModelSpec.from_json(record) if isinstance(record, dict) else None
+    return _SPECS.get(model)
 
 
 def set_spec(model: nn.Module, spec: ModelSpec) -> None:
-    setattr(model, SPEC_ATTR, spec.to_json())
+    _SPECS[model] = spec
+
+
+def carry_spec(src: nn.Module, dst: nn.Module) -> None:
+    """Give ``dst`` (a copy or rewrite of ``src``) ``src``'s record, if it has one."""
+    spec = spec_of(src)
+    if spec is not None:
+        set_spec(dst, spec)
+
+
+def copy_model(model: M) -> M:
+    """``copy.deepcopy(model)`` with its record: how the library copies a model it may save."""
+    twin = copy.deepcopy(model)
+    carry_spec(model, twin)
+    return twin
 
 
 def describe(model: nn.Module) -> ModelSpec:

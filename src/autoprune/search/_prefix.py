@@ -14,8 +14,8 @@ the same output as in the unmasked model. Found without knowing the architecture
 3. :class:`PrefixCache` walks the cuts of one batch in call order. Reaching the next cut runs
    the model with the current frontier replayed, records the new frontier's outputs and stops
    at the cut by raising: the clean prefix is computed once per batch in total, and only the
-   current frontier is held (ResNet-56, 128 images: ~110 MB at worst, a stage's block outputs,
-   where caching every cut's prefix at once would hold ~550 MB).
+   current frontier is held (at worst a stage's block outputs, a fraction of what caching
+   every cut's prefix at once would hold).
 
 Replayed outputs are inference tensors: an in-place op downstream (``ReLU(inplace=True)``,
 ``out += identity``) raises instead of corrupting the cache, and the batch continues with a fresh
@@ -34,8 +34,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
+from .._forward import Forward, patched_forwards
 from ..graph import PruningGraph
-from ..graph.units import Forward, patched_forwards
 
 if TYPE_CHECKING:
     from .candidates import Candidate

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .._forward import hooked
 from ..graph import PruningGraph, StackedMask, mask_channels, mask_pieces, stackable
 from ..graph.masking import Piece
 from ..task import Task
@@ -150,10 +151,6 @@ def _largest_activation(model: nn.Module, sample: torch.Tensor) -> int:
         if isinstance(output, torch.Tensor):
             largest = max(largest, output.numel() * output.element_size())
 
-    hooks = [m.register_forward_hook(note) for m in model.modules() if m is not model]
-    try:
+    with hooked((m, note) for m in model.modules() if m is not model):
         model(sample)
-    finally:
-        for hook in hooks:
-            hook.remove()
     return max(1, largest // len(sample))

@@ -14,7 +14,6 @@ blocks of 8 or 16 channels) the widths in between are never kept.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -25,6 +24,7 @@ from ..errors import AutopruneError
 from ..graph import ChannelGroup, PruningGraph
 from ..measure.latency_model import LatencyModel, build_latency_model, channel_counts
 from ..measure.latency_table import TIMERS, median_rounds
+from ..models.spec import copy_model
 from .candidates import Candidate, distinct_choices
 
 TOLERANCE = 0.005  # the stop rule's slack, as a fraction of the dense predicted latency
@@ -45,7 +45,7 @@ class LatencyTarget:
     ) -> None:
         self.model, self.graph, self.target, self.input_shape = model, graph, target, input_shape
         self.rounds = rounds
-        self.dense = copy.deepcopy(graph.model)  # timed beside the pruned model at the end
+        self.dense = copy_model(graph.model)  # timed beside the pruned model at the end
         self.dense_ms = model.predict()
 
     @classmethod

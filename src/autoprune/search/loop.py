@@ -7,7 +7,6 @@ writes the run directory and shows progress, every rank reads it to resume.
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from collections.abc import Sequence
@@ -21,7 +20,7 @@ from .. import distributed
 from .._device import follow
 from .._progress import progress_bar
 from ..io.model_io import check_savable
-from ..models.spec import model_label
+from ..models.spec import copy_model, model_label
 from ._display import Reporter
 from .config import PruneConfig
 from .pruner import Inputs, Pruner
@@ -86,7 +85,7 @@ class _Run:
         if self.run_dir is not None:  # a model that cannot be written fails now, not at the end
             check_savable(model, _input_size(self.example_inputs))
         self.progress = progress and distributed.is_main()
-        teacher = copy.deepcopy(model).eval().requires_grad_(False) if config.distill else None
+        teacher = copy_model(model).eval().requires_grad_(False) if config.distill else None
         self.pruner = Pruner(model, self.example_inputs, config, calib_data=data.calib)
         if teacher is not None:  # all ranks learn from rank 0's teacher
             distributed.broadcast_weights(teacher)

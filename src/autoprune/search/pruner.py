@@ -30,13 +30,14 @@ from .. import distributed
 from .._device import follow
 from ..errors import AutopruneError
 from ..graph import PruningGraph, build_graph, verify_groups
-from ..graph.sparsity import restore_weights
+from ..models.spec import copy_model
 from ..task import Task
 from ._reach import refuse_unreachable
 from .calibration import CalibrationSet
 from .candidates import OBJECTIVES, Candidate
 from .config import PruneConfig
 from .granularity import Granularity, plan
+from .granularity.weight import restore_weights
 from .latency_target import LatencyTarget
 from .schedules import SCHEDULES, SearchContext, Step
 from .scorers import create_scorer
@@ -86,7 +87,7 @@ class Pruner:
             )
         self.scorer = create_scorer(config.scorer, **config.scorer_options)
         self.graph = build_graph(
-            copy.deepcopy(model),
+            copy_model(model),
             example_inputs,
             ignored_layers=config.ignored_layers,
             scope=config.scope,

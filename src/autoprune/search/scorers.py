@@ -35,8 +35,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -44,6 +43,7 @@ import torch
 from torch import nn
 
 from .. import distributed
+from .._forward import eval_mode
 from .._registry import Registry
 from ..errors import AutopruneError
 from ..graph import PruningGraph
@@ -153,14 +153,13 @@ class FastScorer:
 
     prefix_cache: bool = True
     halving: bool = True
-    # Measured on ResNet-20 to -50 % MACs (bench/search_quality.py): halving from the 16
-    # hardest images, keeping a quarter, dropped the exhaustive winner at iteration 20 of 57 and
-    # ended 17.8 points worse; from 64 images in their own order, keeping half, it made the
-    # exhaustive scorer's 57 decisions exactly; on ResNet-56 its first 36 of 52 (then a winner
-    # 2.5 % better was dropped), and the same accuracy after a 1-epoch fine-tune, 0.07 points
-    # apart. Racing instead of ranking (out at 3 standard errors of the paired per-image loss
-    # difference) was tried and not kept: per-image differences are heavy-tailed, so 77 of 87
-    # ResNet-56 candidates stayed in to the end, at 94 % of the exhaustive images.
+    # Halving from 64 images in their own order, keeping half: starting from the hardest few
+    # and keeping a quarter is cheaper per iteration but drops exhaustive winners over a whole
+    # search. Per iteration: docs/benchmarks/scorer_tricks.md; over whole searches (decisions
+    # shared with the exhaustive scorer, accuracy): docs/benchmarks/search_quality*.md. Racing
+    # instead of ranking (out at a few standard errors of the paired per-image loss
+    # difference) was not kept: per-image differences are heavy-tailed, so few candidates
+    # leave the race early.
     hard_first: bool = False
     min_images: int = 64
     keep: float = 0.5
@@ -200,7 +199,7 @@ class FastScorer:
         seen = [0] * len(candidates)
         alive = list(range(len(candidates)))
         done = rounds = evaluated = 0
-        with _eval_mode(graph.model), torch.no_grad():
+        with eval_mode(graph.model), torch.no_grad():
             sample = self._layout(calib.batches[0][0][:2])
             profile = CallProfile.record(graph.model, sample) if self.prefix_cache else None
             cuts = plan_cuts(graph, candidates, profile)
@@ -280,15 +279,3 @@ def _check_scorable(graph: PruningGraph, calib: CalibrationSet) -> None:
         raise AutopruneError("remove the active channel masks before scoring candidates")
     if calib.size == 0:
         raise AutopruneError("the calibration set is empty")
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration; every module's own mode comes back afterwards."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.training = training

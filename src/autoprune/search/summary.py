@@ -6,11 +6,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..graph import scope_report
 from ..measure import count_macs, count_params, evaluate_batches
-from .granularity import accounting
+from .granularity import GRANULARITIES
+from .granularity.weight import masked_count, sparse_macs
 from .pruner import Inputs, Pruner
 from .training import SearchData
 
@@ -111,4 +113,27 @@ def summarize(
         "iterations": len(history),
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "config": dict(config),
+    }
+
+
+def accounting(
+    model: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    baseline_params: int,
+    dense_macs: int,
+    history: Sequence[Mapping[str, Any]],
+) -> dict[str, Any]:
+    """What summary.json reports of a multi-grain run: removals per granularity, non-zero
+    parameters and the compression they give, weight sparsity and the sparse MACs estimate."""
+    removed = {GRANULARITIES.get(n).counts: 0 for n in GRANULARITIES.names()}
+    for entry in history:
+        removed[GRANULARITIES.get(entry["granularity"]).counts] += entry["count"]
+    nonzero = count_params(model, nonzero=True)
+    masked, total = masked_count(model)
+    return {
+        "nonzero_params": nonzero,
+        "compression_ratio": baseline_params / max(1, nonzero),
+        "weight_sparsity": masked / max(1, total),
+        "sparse_macs": sparse_macs(model, example_inputs, dense_macs),
+        "removed": removed,
     }

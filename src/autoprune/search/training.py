@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from ..data import BatchLoader, UserBatches
-from ..graph.sparsity import masks_held
 from ..task import CLASSIFICATION, Task
 from ..train import LossFn, TrainConfig, TrainResult, distillation, fit
 from .calibration import CalibrationSet
 from .config import PruneConfig
+from .granularity.weight import masks_held
 from .state import SearchState
 
 Loader = BatchLoader | UserBatches

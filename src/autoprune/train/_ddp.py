@@ -24,6 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import distributed
+from .._forward import patched_forwards
 
 
 @contextmanager
@@ -37,16 +38,11 @@ def data_parallel(model: nn.Module) -> Iterator[nn.Module]:
         yield model
         return
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-    for norm in norms:
-        norm.forward = functools.partial(_global_batch_norm, norm)  # type: ignore[method-assign]
     device = next(model.parameters()).device
-    try:
+    with patched_forwards({n: functools.partial(_global_batch_norm, n) for n in norms}):
         yield DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    finally:
-        for norm in norms:
-            del norm.forward
 
 
 def _global_batch_norm(norm: _BatchNorm, x: torch.Tensor) -> torch.Tensor:

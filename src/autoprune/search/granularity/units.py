@@ -1,0 +1,245 @@
+"""Blocks and layers that can leave a model whole, letting their input pass through.
+
+The coarse granularities of multi-grain pruning (MGP, Kollek et al. 2021) remove computation
+that maps a tensor to one of the same shape, so that the identity can stand in for it:
+
+- a *block*: the innermost module of several convs whose input and output shapes match (a
+  residual block with stride 1: its shortcut is what remains), or, in a plain chain (VGG's
+  ``features``), a run of two or more conv layers between equal shapes;
+- a *layer*: one conv with equal input and output shapes and the norm and activation that
+  directly follow it.
+
+Both are found from one recorded forward pass (who consumed whose output, and the shapes), so
+no architecture is named here. Every removable unit is a candidate; trying one
+(:func:`substitute_identity`) swaps its modules' ``forward`` for the identity in place, which
+computes exactly what the removal does; applying it replaces each module by
+:class:`~autoprune.graph.units.RemovedLayer`, whose paths ``arch.json`` lists as ``removed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..._forward import hooked, patched_forwards, run_eval
+from ...graph import PruningGraph
+from ...graph._rules import CONV_TYPES
+from ...graph.units import remove_modules, removed_paths
+from ...io.removals import REMOVALS, SavedRemovals
+from ..candidates import GrainCandidate
+from ..schedules import TOLERANCE, SearchContext
+from ._base import EMPTY, GRANULARITIES, Granularity, touches_ignored
+
+NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+ACTIVATIONS = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.LeakyReLU,
+    nn.Mish,
+    nn.ELU,
+    nn.PReLU,
+)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Modules (``paths``) that go together, as a ``block`` or a ``layer``, named ``name``."""
+
+    name: str
+    kind: str
+    paths: tuple[str, ...]
+
+
+@dataclass
+class _Call:
+    module: nn.Module
+    input: torch.Tensor
+    output: torch.Tensor
+    calls: int = 1
+
+    @property
+    def keeps_shape(self) -> bool:
+        return self.calls == 1 and self.input.shape == self.output.shape
+
+
+def _record(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, _Call]:
+    """Every module's first tensor input and tensor output on ``inputs`` (eval, no grad)."""
+    calls: dict[str, _Call] = {}
+
+    def hook(name: str) -> Callable[[nn.Module, tuple, Any], None]:
+        def record(module: nn.Module, args: tuple, output: Any) -> None:
+            if name in calls:
+                calls[name].calls += 1
+            elif args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+                calls[name] = _Call(module, args[0], output)
+
+        return record
+
+    with hooked((m, hook(n)) for n, m in model.named_modules() if n):
+        run_eval(model, inputs)
+    return calls
+
+
+def _is_conv(module: nn.Module) -> bool:
+    return isinstance(module, CONV_TYPES) and not module.transposed
+
+
+def _convs(module: nn.Module) -> int:
+    return sum(_is_conv(m) for m in module.modules())
+
+
+def find_units(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[Unit]:
+    """The blocks and layers of ``model`` that could be replaced by the identity, in model order."""
+    calls = _record(model, inputs)
+    return [*_blocks(model, calls), *_runs(model, calls), *_layers(calls)]
+
+
+def _layers(calls: Mapping[str, _Call]) -> list[Unit]:
+    """Shape-keeping convs with the norm and activation that alone consume their output."""
+    leaves = {n: c for n, c in calls.items() if next(c.module.children(), None) is None}
+    readers: dict[int, list[str]] = {}
+    for name, call in leaves.items():
+        readers.setdefault(id(call.input), []).append(name)
+    units = []
+    for name, call in leaves.items():
+        if not (_is_conv(call.module) and call.keeps_shape):
+            continue
+        chain, out = [name], call.output
+        for kinds in (NORMS, ACTIVATIONS):
+            nxt = readers.get(id(out), [])
+            follower = leaves[nxt[0]] if len(nxt) == 1 else None
+            if follower is None or follower.calls > 1 or not isinstance(follower.module, kinds):
+                break
+            chain.append(nxt[0])
+            out = follower.output
+        units.append(Unit(name, "layer", tuple(chain)))
+    return units
+
+
+def _blocks(model: nn.Module, calls: Mapping[str, _Call]) -> list[Unit]:
+    """Innermost shape-keeping modules with at least two convs (residual blocks, stride 1)."""
+    found = [
+        name
+        for name, call in calls.items()
+        if next(call.module.children(), None) is not None
+        and call.keeps_shape
+        and _convs(call.module) >= 2
+    ]
+    innermost = [n for n in found if not any(o.startswith(n + ".") for o in found)]
+    return [Unit(n, "block", (n,)) for n in innermost]
+
+
+def _runs(model: nn.Module, calls: Mapping[str, _Call]) -> list[Unit]:
+    """Runs of two or more conv layers (conv + norm + activation children) of a Sequential
+    whose first input and last output have the same shape: VGG's blocks."""
+    units = []
+    for name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential) or name not in calls:
+            continue
+        prefix = f"{name}." if name else ""
+        for segments in _segments(seq, prefix, calls):
+            for i in range(len(segments)):
+                for j in range(i + 1, len(segments)):
+                    first, last = segments[i][0], segments[j][-1]
+                    if calls[first].input.shape == calls[last].output.shape:
+                        paths = tuple(p for s in segments[i : j + 1] for p in s)
+                        units.append(Unit(f"{first}..{last}", "block", paths))
+    return units
+
+
+def _segments(seq: nn.Sequential, prefix: str, calls: Mapping[str, _Call]) -> list[list[list[str]]]:
+    """The Sequential's leaf children as unbroken runs of conv layers (each a list of paths)."""
+    runs: list[list[list[str]]] = [[]]
+    for child, module in seq.named_children():
+        path = prefix + child
+        if path not in calls or next(module.children(), None) is not None:
+            runs.append([])
+        elif _is_conv(module) and calls[path].calls == 1:
+            runs[-1].append([path])
+        elif isinstance(module, NORMS + ACTIVATIONS) and runs[-1] and calls[path].calls == 1:
+            runs[-1][-1].append(path)
+        else:
+            runs.append([])
+    return [r for r in runs if len(r) >= 2]
+
+
+def _identity(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return x
+
+
+def substitute_identity(modules: Sequence[nn.Module]) -> Any:
+    """Make ``modules`` pass their input through for the duration: the trial of a removal."""
+    return patched_forwards(dict.fromkeys(modules, _identity))
+
+
+@dataclass(frozen=True)
+class UnitCandidate(GrainCandidate):
+    """Replacing the modules at ``paths`` by the identity (``group`` names the unit)."""
+
+    paths: tuple[str, ...] = ()
+
+    def _modules(self, graph: PruningGraph) -> list[nn.Module]:
+        return [graph.model.get_submodule(p) for p in self.paths]
+
+    def trial(self, graph: PruningGraph) -> AbstractContextManager[Any]:
+        return substitute_identity(self._modules(graph))
+
+    def changed(self, graph: PruningGraph) -> list[nn.Module]:
+        return self._modules(graph)
+
+    def prune(self, graph: PruningGraph) -> None:
+        graph.remove_modules(self.paths)
+
+    def removal(self) -> dict[str, torch.Tensor]:
+        return dict.fromkeys(self.paths, EMPTY)
+
+
+class _Units(Granularity):
+    """Every block or layer whose removal stays within the MACs target is a candidate."""
+
+    kind: ClassVar[str]
+
+    def candidates(self, ctx: SearchContext) -> list[GrainCandidate]:
+        graph = ctx.graph
+        room = ctx.remaining_macs + TOLERANCE * ctx.original_macs
+        candidates = []
+        for unit in find_units(graph.model, graph.example_inputs):
+            if unit.kind != self.kind or touches_ignored(unit.paths, self.config.ignored_layers):
+                continue
+            saved = graph.module_macs(graph.model.get_submodule(p) for p in unit.paths)
+            if 0 < saved <= room:
+                candidates.append(UnitCandidate(unit.name, (), EMPTY, saved, paths=unit.paths))
+        return candidates
+
+    def apply(self, graph: PruningGraph, removal: Mapping[str, torch.Tensor]) -> None:
+        graph.remove_modules(list(removal))
+
+    def count(self, removal: Mapping[str, torch.Tensor]) -> int:
+        return 1
+
+
+@GRANULARITIES.register(
+    "block", rank=0, description="residual blocks and runs of layers between equal shapes"
+)
+class Block(_Units):
+    kind = "block"
+    counts = "blocks"
+
+
+@GRANULARITIES.register("layer", rank=1, description="one conv + norm + activation, stride 1")
+class Layer(_Units):
+    kind = "layer"
+    counts = "layers"
+
+
+REMOVALS.register("removed", rank=GRANULARITIES.entry("block").meta["rank"])(
+    SavedRemovals(read=removed_paths, restore=remove_modules)
+)
