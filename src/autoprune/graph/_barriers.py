@@ -11,11 +11,13 @@ shrunk their widths.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch_pruning as tp
 from torch import nn
+from torch_pruning.dependency import index_mapping
 from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
 from ._grouped import add_couplings
@@ -27,6 +29,8 @@ from ._trace import TraceRecorder, meets_constant
 
 class LabelledGraph(tp.DependencyGraph):
     """A dependency graph whose reshapes are mapped by channel labels, not by guesses."""
+
+    _mappings_held = False
 
     def __init__(
         self,
@@ -78,6 +82,21 @@ class LabelledGraph(tp.DependencyGraph):
         map_orders(module2node, self._labels.orders)
         add_couplings(self)
 
+    @contextmanager
+    def mappings_held(self) -> Iterator[None]:
+        """Torch-Pruning updates every index mapping of the graph for each group it builds
+        (quadratic in the concats of a DenseNet). Mappings change only when channels are cut:
+        inside this block, which cuts none, one update serves every group."""
+        if self._mappings_held:
+            yield
+            return
+        _update_every_time(self)
+        self._mappings_held = True
+        try:
+            yield
+        finally:
+            self._mappings_held = False
+
     def cut(self, removals: Sequence[tp.dependency.Group]) -> None:
         """Prune ``removals`` (all resolved against the model as it is) as one cut. Splits,
         concats (ours and the model's) and permuted reads first lose the channels cut."""
@@ -87,6 +106,17 @@ class LabelledGraph(tp.DependencyGraph):
             if fn in self.split_layers:
                 self.split_layers[fn].remove(idxs)
         merged.prune()
+
+
+_update_every_time = index_mapping.update_index_mapping
+
+
+def _update_unless_held(graph: tp.DependencyGraph) -> None:
+    if not getattr(graph, "_mappings_held", False):
+        _update_every_time(graph)
+
+
+index_mapping.update_index_mapping = _update_unless_held  # read by get_pruning_group
 
 
 def _merge(groups: Sequence[tp.dependency.Group]) -> tp.dependency.Group:

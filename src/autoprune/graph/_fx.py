@@ -28,7 +28,9 @@ from ..errors import AutopruneError
 from ..layers import ChannelPadShortcut, ChannelSplit
 from ..measure.complexity import as_inputs
 from ..models.spec import carry_spec
+from ._attention import is_attention
 from ._foreign import adapt_foreign_layers
+from .custom import layer_pruner
 
 NORMALIZED_ATTR = "_autoprune_rewritten"
 """Attribute set on the model :func:`normalize_model` returned, naming the rewritten layers
@@ -99,9 +101,13 @@ def _split_dim(node: fx.Node, root: nn.Module) -> int | None:
 
 
 def _find_pads(module: nn.Module) -> fx.GraphModule | None:
-    """The module traced shallowly, when its own code pads or splits channels; else None."""
-    if type(module).__module__.startswith("torch.") or isinstance(
-        module, (ChannelPadShortcut, ChannelSplit)
+    """The module traced shallowly, when its own code pads or splits channels; else None.
+    Layers with pruners of their own (attention, registered types) keep their code."""
+    if (
+        type(module).__module__.startswith("torch.")
+        or isinstance(module, (ChannelPadShortcut, ChannelSplit))
+        or is_attention(module)
+        or layer_pruner(module) is not None
     ):
         return None
     try:

@@ -148,7 +148,9 @@ class PruningGraph:
         order = {m: i for i, m in enumerate(names)}
         groups: list[ChannelGroup] = []
         self._frozen = {}
-        for tp_group in self._dg.get_all_groups(root_module_types=self._root_types):
+        with self._dg.mappings_held():
+            tp_groups = list(self._dg.get_all_groups(root_module_types=self._root_types))
+        for tp_group in tp_groups:
             members, reason, barrier = self._members(tp_group, names)
             outs = [m for m in members if m.out_channels] or members
             name = min(outs, key=lambda m: order[m.module]).layer
@@ -360,20 +362,23 @@ class PruningGraph:
         if self.masks.active:
             raise AutopruneError("remove the active channel masks before pruning")
         version = self._version + 1
-        # Every removal is resolved against the model as it is now, then each layer is cut
-        # once with the union of its indices: no mapping goes stale halfway through a plan.
-        removals: list[tp.dependency.Group] = []
+        # Heads go first (they cut no channel of any group); then every channel removal is
+        # resolved against the model as it is, and each layer is cut once with the union of
+        # its indices: no mapping goes stale halfway through a plan.
+        plan = [(g, ids) for g, ids in plan if ids.numel()]
         for g, ids in plan:
-            if not ids.numel():
-                continue
             module, handler = g.root
             if isinstance(handler, HeadPruning):
                 handler(module, ids.tolist())
-                continue
-            removals.append(self._dg.get_pruning_group(module, handler, g.root_channels(ids)))
+        with self._dg.mappings_held():
+            removals = [
+                self._dg.get_pruning_group(*g.root, g.root_channels(ids))
+                for g, ids in plan
+                if not isinstance(g.root[1], HeadPruning)
+            ]
         if removals:
             self._dg.cut(removals)
-        if any(ids.numel() for _, ids in plan):
+        if plan:
             drop_derived_caches(self.model)
             self._version, self._groups = version, None
 
