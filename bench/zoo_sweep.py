@@ -201,7 +201,9 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1, help="models run in parallel")
-    parser.add_argument("--only", help="fnmatch pattern on 'tv:NAME' / 'timm:NAME'; merged")
+    parser.add_argument(
+        "--only", help="fnmatch patterns on 'tv:NAME' / 'timm:NAME', comma-separated; merged"
+    )
     parser.add_argument(
         "--failed", action="store_true", help="rerun the recorded models that did not pass; merged"
     )
@@ -218,7 +220,7 @@ def main() -> None:
     if args.smoke:
         args.jobs = max(args.jobs, 2)
     sizes = ",".join(
-        str(s) for s in sorted({args.input_size, 64, 96, 128, 224}) if s >= args.input_size
+        str(s) for s in sorted({args.input_size, 64, 96, 112, 128, 192, 224, 240}) if s >= args.input_size
     )
     out = (SMOKE if args.smoke else DOCS) / "zoo_sweep"
     old = (
@@ -231,10 +233,11 @@ def main() -> None:
     else:
         specs = old.get("models") or [*torchvision_models(), *timm_models()]
     recorded = {r["model"]: r for r in old.get("runs", [])}
+    patterns = args.only.split(",") if args.only else []
     selected = [
         s
         for s in specs
-        if (not args.only or fnmatch.fnmatch(s.partition("|")[0], args.only))
+        if (not args.only or any(fnmatch.fnmatch(s.partition("|")[0], p) for p in patterns))
         and (not args.failed or not model_passes(recorded.get(s.partition("|")[0], {})))
     ]
     start = time.perf_counter()
