@@ -219,9 +219,8 @@ def main() -> None:
     install_shim()
     if args.smoke:
         args.jobs = max(args.jobs, 2)
-    sizes = ",".join(
-        str(s) for s in sorted({args.input_size, 64, 96, 112, 128, 192, 224, 240}) if s >= args.input_size
-    )
+    tried = {args.input_size, 64, 96, 112, 128, 192, 224, 240}
+    sizes = ",".join(str(s) for s in sorted(tried) if s >= args.input_size)
     out = (SMOKE if args.smoke else DOCS) / "zoo_sweep"
     old = (
         json.loads(out.with_suffix(".json").read_text())

@@ -97,10 +97,19 @@ class LabelledGraph(tp.DependencyGraph):
         finally:
             self._mappings_held = False
 
-    def cut(self, removals: Sequence[tp.dependency.Group]) -> None:
-        """Prune ``removals`` (all resolved against the model as it is) as one cut. Splits,
-        concats (ours and the model's) and permuted reads first lose the channels cut."""
-        merged = _merge(removals)
+    def all_groups(self, root_types: tuple[type[nn.Module], ...]) -> list[tp.dependency.Group]:
+        """Torch-Pruning's groups rooted at layers of ``root_types``."""
+        with self.mappings_held():
+            return list(self.get_all_groups(root_module_types=root_types))
+
+    def cut(self, removals: Sequence[tuple[Any, Any, Sequence[int]]]) -> None:
+        """Prune ``removals`` ((root layer, handler, root channels) each, all resolved against
+        the model as it is) as one cut. Splits, concats (ours and the model's) and permuted
+        reads first lose the channels cut."""
+        if not removals:
+            return
+        with self.mappings_held():
+            merged = _merge([self.get_pruning_group(*removal) for removal in removals])
         shrink_orders(merged, self._labels.orders)
         for fn, idxs in shrink_pieces(merged, self._labels).items():
             if fn in self.split_layers:

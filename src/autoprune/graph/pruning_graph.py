@@ -148,9 +148,7 @@ class PruningGraph:
         order = {m: i for i, m in enumerate(names)}
         groups: list[ChannelGroup] = []
         self._frozen = {}
-        with self._dg.mappings_held():
-            tp_groups = list(self._dg.get_all_groups(root_module_types=self._root_types))
-        for tp_group in tp_groups:
+        for tp_group in self._dg.all_groups(self._root_types):
             members, reason, barrier = self._members(tp_group, names)
             outs = [m for m in members if m.out_channels] or members
             name = min(outs, key=lambda m: order[m.module]).layer
@@ -370,14 +368,8 @@ class PruningGraph:
             module, handler = g.root
             if isinstance(handler, HeadPruning):
                 handler(module, ids.tolist())
-        with self._dg.mappings_held():
-            removals = [
-                self._dg.get_pruning_group(*g.root, g.root_channels(ids))
-                for g, ids in plan
-                if not isinstance(g.root[1], HeadPruning)
-            ]
-        if removals:
-            self._dg.cut(removals)
+        cuts = [(*g.root, g.root_channels(ids)) for g, ids in plan]
+        self._dg.cut([c for c in cuts if not isinstance(c[1], HeadPruning)])
         if plan:
             drop_derived_caches(self.model)
             self._version, self._groups = version, None
