@@ -36,6 +36,7 @@ SCRIPTS = (
     "transfer.py",
     "custom_layers.py",
     "graph_verify.py",
+    "fixed_landing.py",
     "zoo_sweep.py",
 )
 
