@@ -29,7 +29,14 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ._rules import CONV_TYPES, ChannelwisePruner, ScaledConvPruner, matches
+from ._rules import (
+    ACROSS_CHANNELS,
+    CONV_TYPES,
+    ChannelwisePruner,
+    ScaledConvPruner,
+    channelwise_dim,
+    matches,
+)
 from ._shuffle import _canonical
 
 Rule = Callable[[nn.Module, int], Iterable[int]]  # (layer, channel) -> channels going with it
@@ -294,7 +301,8 @@ def run_as_pruned(
     output, a per-channel layer's kept channels (the others are zero). The layer is cut on a
     shallow copy; its own parameters are untouched."""
     x = args[0]
-    keep = _keep(x.shape[1], idxs.tolist(), x.device)
+    dim = 1 if isinstance(module, CONV_TYPES) else channelwise_dim(module, output)
+    keep = _keep(x.shape[dim], idxs.tolist(), x.device)
     clone = copy.copy(module)
     clone._parameters = dict(module._parameters)
     clone._buffers = dict(module._buffers)
@@ -303,11 +311,13 @@ def run_as_pruned(
         pruner.prune_in_channels(clone, idxs.tolist())
         return clone.forward(x.index_select(1, keep), *args[1:])
     pruner.prune_out_channels(clone, idxs.tolist())
-    y = clone.forward(x.index_select(1, keep), *args[1:])
-    return output.new_zeros(output.shape).index_copy(1, keep, y)
+    y = clone.forward(x.index_select(dim, keep), *args[1:])
+    return output.new_zeros(output.shape).index_copy(dim, keep, y)
 
 
 def reruns(module: nn.Module) -> bool:
     """Whether masking runs ``module`` as pruned (:func:`run_as_pruned`) where it reads a
-    group's channels: a weight-standardising conv, a one-group GroupNorm."""
-    return reruns_weight(module) or (isinstance(module, nn.GroupNorm) and module.num_groups == 1)
+    group's channels: a weight-standardising conv, a one-group GroupNorm, a norm across the
+    channels (:data:`~._rules.ACROSS_CHANNELS`)."""
+    one_group = isinstance(module, nn.GroupNorm) and module.num_groups == 1
+    return reruns_weight(module) or one_group or matches(module, ACROSS_CHANNELS)
