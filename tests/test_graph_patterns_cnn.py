@@ -4,10 +4,11 @@ hand-written model."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from test_graph_patterns_b import Head
+from test_graph_patterns_b import Head, check_prunes
 from torch import nn
 
 import autoprune
@@ -111,3 +112,38 @@ class SpaceToDepthNet(nn.Module):
 def test_input_channels_follow_the_config_not_the_first_conv() -> None:
     assert autoprune.api.input_channels(SpaceToDepthNet()) == 3
     assert autoprune.api.input_channels(DenseConcat()) == 3
+
+
+class AcrossChannelNorms(nn.Module):
+    """MobileNetV5's RmsNorm2d and CSATv2's GlobalResponseNorm (channels first and last):
+    their statistics run across the channels, so zeroing a channel is not removing it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import RmsNorm2d, RmsNormAct2d
+        from timm.layers.grn import GlobalResponseNorm
+
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.rms = RmsNorm2d(12)
+        self.pw = nn.Conv2d(12, 16, 1)
+        self.rms_act = RmsNormAct2d(16)
+        self.grn = GlobalResponseNorm(16, channels_last=False)
+        self.fc1 = nn.Linear(16, 24)
+        self.grn_last = GlobalResponseNorm(24, channels_last=True)
+        self.fc2 = nn.Linear(24, 16)
+        self.head = Head(16)
+        for p in (self.rms.weight, self.rms_act.weight, self.grn.weight, self.grn_last.weight):
+            nn.init.uniform_(p, 0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.grn(self.rms_act(self.pw(self.rms(self.stem(x)))))
+        y = self.fc2(self.grn_last(self.fc1(x.permute(0, 2, 3, 1))))
+        return self.head(x + y.permute(0, 3, 1, 2))
+
+
+def test_norms_across_channels_are_masked_as_pruned(tmp_path: Path) -> None:
+    model = AcrossChannelNorms()
+    check_prunes(
+        model, 8, tmp_path, expect=("stem", "pw", "fc1"), factory=f"{__file__}:AcrossChannelNorms"
+    )
+    assert model.rms.normalized_shape == (model.rms.weight.numel(),) < (12,)

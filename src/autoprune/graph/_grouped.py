@@ -291,6 +291,8 @@ def layer_pruners(
 # ------------------------------------------------------------------------------ masking
 def _pruner_for(module: nn.Module) -> tp.pruner.BasePruningFunc:
     pruner = _conv_pruner(module) if isinstance(module, CONV_TYPES) else _norm_pruner(module)
+    if pruner is None and matches(module, ACROSS_CHANNELS):
+        return ChannelwisePruner()
     return pruner or tp.pruner.function.PrunerBox[tp.ops.module2type(module)]
 
 
