@@ -303,7 +303,7 @@ def run_as_pruned(
     output, a per-channel layer's kept channels (the others are zero). The layer is cut on a
     shallow copy; its own parameters are untouched."""
     x = args[0]
-    dim = 1 if isinstance(module, CONV_TYPES) else channelwise_dim(module, output)
+    dim = channelwise_dim(module, output) if matches(module, ACROSS_CHANNELS) else 1
     keep = _keep(x.shape[dim], idxs.tolist(), x.device)
     clone = copy.copy(module)
     clone._parameters = dict(module._parameters)
