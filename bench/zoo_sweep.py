@@ -220,7 +220,9 @@ def main() -> None:
     if args.smoke:
         args.jobs = max(args.jobs, 2)
     sizes = ",".join(
-        str(s) for s in sorted({args.input_size, 64, 96, 112, 128, 192, 224, 240}) if s >= args.input_size
+        str(s)
+        for s in sorted({args.input_size, 64, 96, 112, 128, 192, 224, 240})
+        if s >= args.input_size
     )
     out = (SMOKE if args.smoke else DOCS) / "zoo_sweep"
     old = (
