@@ -59,13 +59,17 @@ def build(spec: str, sizes: list[int]) -> tuple[nn.Module, int]:
             except TypeError as e:  # no such size argument: build it without
                 errors.append(e)
                 continue
+            except Exception as e:  # the size refused when built (a patch size): the next one
+                errors.append(e)
+                break
             model.eval()
             try:
                 with torch.no_grad():
                     out = model(torch.zeros(1, 3, size, size))
                 if isinstance(out, torch.Tensor) and out.shape == (1, CLASSES):
                     return model, size
-                errors.append(ValueError(f"output {type(out).__name__} is not (1, {CLASSES})"))
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                errors.append(ValueError(f"output {shape} is not (1, {CLASSES})"))
             except Exception as e:  # too small for the model: try the next size
                 errors.append(e)
             break

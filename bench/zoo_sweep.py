@@ -219,7 +219,7 @@ def main() -> None:
     install_shim()
     if args.smoke:
         args.jobs = max(args.jobs, 2)
-    tried = {args.input_size, 64, 96, 112, 128, 192, 224, 240}
+    tried = {args.input_size, 64, 96, 112, 128, 192, 224, 240, 256}
     sizes = ",".join(str(s) for s in sorted(tried) if s >= args.input_size)
     out = (SMOKE if args.smoke else DOCS) / "zoo_sweep"
     old = (

@@ -49,7 +49,12 @@ def get_data(
 
 
 def input_channels(model: nn.Module) -> int | None:
-    """Input channels the model expects: those of its first convolution."""
+    """Input channels the model expects: what its timm config says (its first convolution may
+    see a rearranged image: TResNet's space-to-depth, CSATv2's DCT), else those of its first
+    convolution."""
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    if size is not None:
+        return int(size[0])
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     return conv.in_channels if conv is not None else None
 

@@ -32,7 +32,8 @@ def _rows(member: Member, channels: int) -> torch.Tensor | None:
     if getattr(member.module, "transposed", False):
         w = w.transpose(0, 1)
     ordered = torch.arange(channels)
-    if torch.equal(member.group_idxs, ordered) and torch.equal(member.idxs, ordered):
+    whole = w.shape[0] == channels  # else a slice of it: a depthwise conv after a concat
+    if whole and torch.equal(member.group_idxs, ordered) and torch.equal(member.idxs, ordered):
         return w.reshape(channels, -1)  # the usual case: a view, no copy
     counts = torch.bincount(member.group_idxs, minlength=channels)
     if not bool((counts == counts[0]).all()):

@@ -119,7 +119,25 @@ def _find_pads(module: nn.Module) -> fx.GraphModule | None:
     for node in graph.nodes:  # annotations become mangled names TorchScript cannot resolve
         node.type = None
     gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    _keep_plain_attrs(module, gm)
     return gm.train(module.training)
+
+
+def _keep_plain_attrs(module: nn.Module, gm: fx.GraphModule) -> None:
+    """Carry the layer's plain attributes (ints, flags) onto its rewrite: a parent's code may
+    read them (timm's ``LocalWindowAttention`` reads ``self.attn.resolution``), and a
+    GraphModule keeps only what its own graph uses, through a deepcopy only what ``meta``
+    names."""
+    plain = {
+        k: v
+        for k, v in vars(module).items()
+        if not k.startswith("_")
+        and k not in vars(gm)
+        and not isinstance(v, (torch.Tensor, nn.Module))
+    }
+    for key, value in plain.items():
+        setattr(gm, key, value)
+    gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {}).update(plain)
 
 
 def _capture_inputs(

@@ -29,7 +29,14 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ._rules import CONV_TYPES, ChannelwisePruner, ScaledConvPruner, matches
+from ._rules import (
+    ACROSS_CHANNELS,
+    CONV_TYPES,
+    ChannelwisePruner,
+    ScaledConvPruner,
+    channelwise_dim,
+    matches,
+)
 from ._shuffle import _canonical
 
 Rule = Callable[[nn.Module, int], Iterable[int]]  # (layer, channel) -> channels going with it
@@ -284,6 +291,8 @@ def layer_pruners(
 # ------------------------------------------------------------------------------ masking
 def _pruner_for(module: nn.Module) -> tp.pruner.BasePruningFunc:
     pruner = _conv_pruner(module) if isinstance(module, CONV_TYPES) else _norm_pruner(module)
+    if pruner is None and matches(module, ACROSS_CHANNELS):
+        return ChannelwisePruner()
     return pruner or tp.pruner.function.PrunerBox[tp.ops.module2type(module)]
 
 
@@ -294,7 +303,8 @@ def run_as_pruned(
     output, a per-channel layer's kept channels (the others are zero). The layer is cut on a
     shallow copy; its own parameters are untouched."""
     x = args[0]
-    keep = _keep(x.shape[1], idxs.tolist(), x.device)
+    dim = channelwise_dim(module, output) if matches(module, ACROSS_CHANNELS) else 1
+    keep = _keep(x.shape[dim], idxs.tolist(), x.device)
     clone = copy.copy(module)
     clone._parameters = dict(module._parameters)
     clone._buffers = dict(module._buffers)
@@ -303,11 +313,13 @@ def run_as_pruned(
         pruner.prune_in_channels(clone, idxs.tolist())
         return clone.forward(x.index_select(1, keep), *args[1:])
     pruner.prune_out_channels(clone, idxs.tolist())
-    y = clone.forward(x.index_select(1, keep), *args[1:])
-    return output.new_zeros(output.shape).index_copy(1, keep, y)
+    y = clone.forward(x.index_select(dim, keep), *args[1:])
+    return output.new_zeros(output.shape).index_copy(dim, keep, y)
 
 
 def reruns(module: nn.Module) -> bool:
     """Whether masking runs ``module`` as pruned (:func:`run_as_pruned`) where it reads a
-    group's channels: a weight-standardising conv, a one-group GroupNorm."""
-    return reruns_weight(module) or (isinstance(module, nn.GroupNorm) and module.num_groups == 1)
+    group's channels: a weight-standardising conv, a one-group GroupNorm, a norm across the
+    channels (:data:`~._rules.ACROSS_CHANNELS`)."""
+    one_group = isinstance(module, nn.GroupNorm) and module.num_groups == 1
+    return reruns_weight(module) or one_group or matches(module, ACROSS_CHANNELS)

@@ -51,6 +51,17 @@ TP_DUMMY_OPS = (
 )
 
 
+# Channel-wise layers whose statistics run across the channels (an RMS over them, GRN's mean
+# of the channel norms): zeroing a channel is not its removal, so masking runs them as pruned
+# (``._grouped.run_as_pruned``).
+ACROSS_CHANNELS = (
+    "timm.layers.norm.RmsNorm2d",
+    "timm.layers.norm.RmsNorm2dFp32",
+    "timm.layers.norm_act.RmsNormAct2d",
+    "timm.layers.norm_act.RmsNormAct2dFp32",
+    "timm.layers.grn.GlobalResponseNorm",
+)
+
 # Layers that carry channels one to one but move them between dims (a feature map's dim 1,
 # tokens' last dim), or scale each channel by a parameter of their own. Torch-Pruning sees
 # each as one layer whose input and output channels are the same ones (their internals are
@@ -69,6 +80,7 @@ CHANNELWISE_TYPES: tuple[type[nn.Module] | str, ...] = (
     "timm.layers.evo_norm.EvoNorm2dS1",
     "timm.layers.evo_norm.EvoNorm2dS2",
     "timm.models.metaformer.Scale",  # views its scale to a ``shape`` of its own (``._grouped``)
+    *ACROSS_CHANNELS,
 )
 
 
@@ -207,6 +219,8 @@ class ChannelwisePruner(tp.pruner.BasePruningFunc):
                 setattr(layer, name, nn.Parameter(sliced, requires_grad=p.requires_grad))
         if layer in self.channels:
             self.channels[layer] -= len(idxs)
+        if isinstance(getattr(layer, "normalized_shape", None), tuple):  # timm's RmsNorm2d
+            layer.normalized_shape = (layer.normalized_shape[0] - len(idxs),)
         return layer
 
     prune_in_channels = prune_out_channels  # one set of channels: Torch-Pruning couples them
