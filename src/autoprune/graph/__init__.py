@@ -6,6 +6,7 @@ heads and head dimensions, scopes, checks for layers and ops it would get wrong,
 accounting and exact masking; a user's own layer types join through :func:`register_layer`.
 """
 
+from . import _swin  # noqa: F401  (registers torchvision Swin attention)
 from ._clone import clone_graph
 from ._fx import NORMALIZED_ATTR, normalize_model
 from ._verify import verify_groups

@@ -75,6 +75,22 @@ class AttentionAdapter:
     def check(self, m: nn.Module) -> None:
         """Refuse a configuration whose embedding width cannot be pruned by qkv and proj alone."""
 
+    def drop_heads(self, m: nn.Module, heads: torch.Tensor) -> None:
+        """Remove the per-head parameters of ``heads`` (``qkv`` and ``proj`` are done)."""
+        for name in self.per_head:
+            slice_parameter(m, name, 0, heads)
+
+    def head_members(self, name: str, m: nn.Module) -> list[Member]:
+        """Layers (other than ``qkv`` and ``proj``) with one output per head, so the MACs
+        of the ``heads`` group count them; :meth:`drop_heads` cuts them."""
+        return []
+
+    def matmul_unit(self, m: nn.Module, x: torch.Tensor) -> int:
+        """MACs of ``q @ k^T`` per query/key feature (:class:`~.groups.MacTable`) on input ``x``:
+        batch x tokens^2 for global attention over ``(batch, tokens, dim)``."""
+        batch, tokens = x.shape[:2]
+        return batch * tokens * tokens
+
 
 ADAPTERS: dict[type[nn.Module] | str, AttentionAdapter] = {}
 
@@ -216,7 +232,7 @@ def _keep(size: int, drop: torch.Tensor) -> torch.Tensor:
     return keep.nonzero().flatten()
 
 
-def _slice(owner: nn.Module, name: str, dim: int, drop: torch.Tensor) -> None:
+def slice_parameter(owner: nn.Module, name: str, dim: int, drop: torch.Tensor) -> None:
     tensor = getattr(owner, name)
     if tensor is None or not drop.numel():
         return
@@ -239,14 +255,13 @@ class HeadPruning:
         rows = torch.cat([p.rows for p in picked])
         cols = torch.cat([p.cols for p in picked])
         qkv, proj = module.qkv, module.proj
-        _slice(qkv, "weight", 0, rows)
-        _slice(qkv, "bias", 0, rows)
-        _slice(proj, "weight", 1, cols)
+        slice_parameter(qkv, "weight", 0, rows)
+        slice_parameter(qkv, "bias", 0, rows)
+        slice_parameter(proj, "weight", 1, cols)
         qkv.out_features, proj.in_features = qkv.weight.shape[0], proj.weight.shape[1]
         n = len(idxs)
         if self.kind == "heads":
-            for name in adapter.per_head:
-                _slice(module, name, 0, torch.as_tensor(list(idxs), dtype=torch.long))
+            adapter.drop_heads(module, torch.as_tensor(list(idxs), dtype=torch.long))
             shape = replace(shape, num_heads=shape.num_heads - n)
         elif self.kind == "head_dim":
             v_dim = shape.v_dim - n if adapter.tied else shape.v_dim
@@ -320,6 +335,8 @@ def attention_groups(
                     group_idxs=col_ids,
                 )
             )
+        if kind == "heads":
+            members += adapter.head_members(name, module)
         root = (module, HeadPruning(kind))
         groups.append(ChannelGroup(f"{name}[{kind}]", members, channels, macs, root, version))
     return groups

@@ -68,8 +68,10 @@ class LabelledGraph(tp.DependencyGraph):
         super()._build_dependency(module2node)
         by_grad_fn = {n.grad_fn: n for n in module2node.values()}
         for node in module2node.values():
-            if node.type == tp.ops.OPTYPE.RESHAPE:
-                node.type = tp.ops.OPTYPE.ELEMENTWISE  # labels say where its channels go
+            if node.type in (tp.ops.OPTYPE.RESHAPE, tp.ops.OPTYPE.SLICE):
+                # labels say where its channels go (tp's slice mapping assumes channels-first;
+                # a slice that drops channels is a break)
+                node.type = tp.ops.OPTYPE.ELEMENTWISE
         for grad_fn, stride in self._labels.flattens.items():
             node = by_grad_fn.get(grad_fn)
             if node is not None:

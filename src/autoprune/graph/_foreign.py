@@ -35,7 +35,7 @@ ADAPTED = "_autoprune_adapted"  # class attribute of the subclasses made here
 
 
 @functools.cache
-def _subclass(cls: type[nn.Module], forward: Callable[..., torch.Tensor]) -> type[nn.Module]:
+def adapted_class(cls: type[nn.Module], forward: Callable[..., torch.Tensor]) -> type[nn.Module]:
     namespace = {"forward": forward, "__module__": cls.__module__, ADAPTED: True}
     return type(cls.__name__, (cls,), namespace)
 
@@ -45,7 +45,7 @@ def _timm_mobilevit_block(block: nn.Module) -> None:
     if ph != pw:
         raise AutopruneError(f"MobileViT blocks with {ph}x{pw} patches are not supported")
     block.unfold, block.fold = PatchUnfold(ph), PatchFold(ph)
-    block.__class__ = _subclass(type(block), _mobilevit_forward)
+    block.__class__ = adapted_class(type(block), _mobilevit_forward)
 
 
 REWRITES: dict[str, Callable[[nn.Module], None]] = {

@@ -143,6 +143,17 @@ def _fewer(selected: torch.Tensor, label: torch.Tensor) -> bool:
     return compress(selected).unique().numel() < compress(label).unique().numel()
 
 
+def _pads_uniform(label: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+    """Whether ``F.pad`` grows only dims the label is constant along (the token grid of a
+    channels-last map): pruning a channel removes its border too, so its label carries over."""
+    pad = kwargs.get("pad", args[1] if len(args) > 1 else None)
+    if not isinstance(pad, (list, tuple)):
+        return False
+    label = compress(label)
+    grown = {label.dim() - 1 - k // 2 for k, p in enumerate(pad) if p}
+    return all(0 <= d < label.dim() and label.shape[d] == 1 for d in grown)
+
+
 def _varying(label: torch.Tensor) -> list[int]:
     """The dims a compressed label varies along."""
     return [d for d in range(label.dim()) if label.shape[d] > 1]
@@ -270,6 +281,9 @@ class ChannelLabels:
     def _replay(
         self, func: Callable, name: str, args: tuple, kwargs: dict, outs: list, labelled: list
     ) -> None:
+        if name == "pad" and _pads_uniform(labelled[0][1], args, kwargs):
+            self.set(outs[0], labelled[0][1], name)  # a border of tokens: each keeps its channel
+            return
         swap = {id(t): lab for t, lab in labelled}
         try:
             with torch.no_grad():

@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_leaves
 
 from .._forward import patched_forwards
 from ..layers import ChannelSplit
+from ._attention import attention_adapter
 from ._labels import ChannelLabels
 from ._rules import CONV_TYPES, channels_of, channelwise_dim
 
@@ -136,8 +137,9 @@ class TraceRecorder(TorchFunctionMode):
 
     def _count_attention(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self.order.setdefault(module, len(self.order))
-        batch, tokens = args[0].shape[:2]
-        self.attention_units[module] += batch * tokens * tokens
+        adapter = attention_adapter(module)
+        assert adapter is not None
+        self.attention_units[module] += adapter.matmul_unit(module, args[0])
         self.labels.start(output, -1)
 
     def _channelwise(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
