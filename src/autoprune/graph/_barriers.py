@@ -26,6 +26,8 @@ from ._shuffle import map_orders, shrink_orders
 from ._split import map_splits_and_concats, shrink_pieces
 from ._trace import TraceRecorder, meets_constant
 
+_LABELLED_TYPES = (tp.ops.OPTYPE.RESHAPE, tp.ops.OPTYPE.EXPAND)
+
 
 class LabelledGraph(tp.DependencyGraph):
     """A dependency graph whose reshapes are mapped by channel labels, not by guesses."""
@@ -67,9 +69,9 @@ class LabelledGraph(tp.DependencyGraph):
         module2node.update(ordered)
         super()._build_dependency(module2node)
         by_grad_fn = {n.grad_fn: n for n in module2node.values()}
-        for node in module2node.values():
-            if node.type == tp.ops.OPTYPE.RESHAPE:
-                node.type = tp.ops.OPTYPE.ELEMENTWISE  # labels say where its channels go
+        for node in module2node.values():  # labels say where their channels go (tp's
+            if node.type in _LABELLED_TYPES:  # expand rule is for 5-D GQA repeats only)
+                node.type = tp.ops.OPTYPE.ELEMENTWISE
         for grad_fn, stride in self._labels.flattens.items():
             node = by_grad_fn.get(grad_fn)
             if node is not None:
