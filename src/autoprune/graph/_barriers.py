@@ -27,6 +27,7 @@ from ._split import map_splits_and_concats, shrink_pieces
 from ._trace import TraceRecorder, meets_constant
 
 _LABELLED_TYPES = (tp.ops.OPTYPE.RESHAPE, tp.ops.OPTYPE.EXPAND)
+_CONCATS = ("cat", "concat", "concatenate")
 
 
 class LabelledGraph(tp.DependencyGraph):
@@ -70,8 +71,8 @@ class LabelledGraph(tp.DependencyGraph):
         super()._build_dependency(module2node)
         by_grad_fn = {n.grad_fn: n for n in module2node.values()}
         for node in module2node.values():  # labels say where their channels go (tp's
-            if node.type in _LABELLED_TYPES:  # expand rule is for 5-D GQA repeats only)
-                node.type = tp.ops.OPTYPE.ELEMENTWISE
+            if node.type in _LABELLED_TYPES or self._token_concat(node):  # expand rule is
+                node.type = tp.ops.OPTYPE.ELEMENTWISE  # for 5-D GQA repeats only)
         for grad_fn, stride in self._labels.flattens.items():
             node = by_grad_fn.get(grad_fn)
             if node is not None:
@@ -83,6 +84,12 @@ class LabelledGraph(tp.DependencyGraph):
         map_splits_and_concats(module2node, self._labels)
         map_orders(module2node, self._labels.orders)
         add_couplings(self)
+
+    def _token_concat(self, node: tp.dependency.Node) -> bool:
+        """A concat the labels replayed along a dim other than the channels' (a class token
+        joining the patch tokens): it keeps every channel where it is."""
+        made_by = self._labels.made_by.get(node.grad_fn)
+        return node.type == tp.ops.OPTYPE.CONCAT and made_by in _CONCATS
 
     @contextmanager
     def mappings_held(self) -> Iterator[None]:
