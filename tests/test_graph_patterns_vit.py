@@ -1,7 +1,7 @@
 """Token-stream patterns of timm's ViT-family models that Torch-Pruning's own reshape rules
 misread: a batched 5-D attention matmul (nest's blocked tokens, whose broadcast Torch-Pruning
-took for a GQA repeat), and a
-layer called with a keyword argument next to a channel split (coat's ``crpe(q, v, size=size)``).
+took for a GQA repeat), and a layer called with a keyword argument next to a channel split
+(coat's ``crpe(q, v, size=size)``).
 Each small model is checked by ``test_graph_patterns_b.check_prunes`` (masked == pruned, MACs
 as predicted, save/load exact).
 """
@@ -67,7 +67,7 @@ class PositionalConvs(nn.Module):
         h, w = size
         feat = x.transpose(1, 2).reshape(b, c, h, w)
         parts = torch.split(feat, self.splits, dim=1)
-        feat = torch.cat([conv(p) for conv, p in zip(self.convs, parts, strict=True)], dim=1)
+        feat = torch.cat([conv(parts[i]) for i, conv in enumerate(self.convs)], dim=1)
         return x * tokens(feat)
 
 
