@@ -1,7 +1,7 @@
 """Token-stream patterns of timm's ViT-family models that Torch-Pruning's own reshape rules
 misread: a batched 5-D attention matmul (nest's blocked tokens, whose broadcast Torch-Pruning
-took for a GQA repeat), and a layer called with a keyword argument next to a channel split
-(coat's ``crpe(q, v, size=size)``).
+took for a GQA repeat), a class token re-joined by a concat along the token dim (tnt), and a
+layer called with a keyword argument next to a channel split (coat's ``crpe(q, v, size=size)``).
 Each small model is checked by ``test_graph_patterns_b.check_prunes`` (masked == pruned, MACs
 as predicted, save/load exact).
 """
@@ -53,6 +53,29 @@ class BlockedAttention(nn.Module):
         return self.fc(x.mean((1, 2)))
 
 
+class ClassTokenRejoined(nn.Module):
+    """tnt: every block updates only the patch tokens and re-joins the class token by a concat
+    along the token dim; Torch-Pruning took each for a channel concat and, deep in the stack,
+    could not infer its inputs' widths."""
+
+    def __init__(self, dim: int = 32, depth: int = 12) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 2, stride=2)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.inner = nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth))
+        self.mlp = Mlp(dim, 64)
+        self.fc = nn.Linear(dim, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = tokens(self.embed(x))
+        pixels = x
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        for inner in self.inner:
+            x = torch.cat([x[:, 0:1], x[:, 1:] + inner(pixels)], dim=1)
+        x = x + self.mlp(x)
+        return self.fc(x[:, 0])
+
+
 class PositionalConvs(nn.Module):
     """coat's ConvRelPosEnc: a channel split into depthwise convs, the map's size passed by
     keyword (torch.fx shape propagation feeds placeholders by position only)."""
@@ -95,6 +118,10 @@ def check(model: nn.Module, tmp_path: Path, expect: tuple[str, ...]) -> None:
 
 def test_blocked_attention_prunes(tmp_path: Path) -> None:
     check(BlockedAttention(), tmp_path, ("mlp.0",))
+
+
+def test_class_token_rejoined_prunes(tmp_path: Path) -> None:
+    check(ClassTokenRejoined(), tmp_path, ("embed", "mlp.0"))
 
 
 def test_layer_called_with_keyword_keeps_its_code(tmp_path: Path) -> None:
