@@ -1,7 +1,8 @@
 """Token-stream patterns of timm's ViT-family models that Torch-Pruning's own reshape rules
 misread: a batched 5-D attention matmul (nest's blocked tokens, whose broadcast Torch-Pruning
-took for a GQA repeat), a class token re-joined by a concat along the token dim (tnt), and a
-layer called with a keyword argument next to a channel split (coat's ``crpe(q, v, size=size)``).
+took for a GQA repeat), a class token re-joined by a concat along the token dim (tnt),
+channels-last tokens padded to whole windows (twins), and a layer called with a keyword
+argument next to a channel split (coat's ``crpe(q, v, size=size)``).
 Each small model is checked by ``test_graph_patterns_b.check_prunes`` (masked == pruned, MACs
 as predicted, save/load exact).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from test_graph_patterns_b import check_prunes
 from torch import nn
 
@@ -76,6 +78,27 @@ class ClassTokenRejoined(nn.Module):
         return self.fc(x[:, 0])
 
 
+class WindowPadding(nn.Module):
+    """twins' LocallyGroupedAttn: channels-last tokens zero-padded up to whole windows (along
+    height and width only) before a linear reads them."""
+
+    def __init__(self, dim: int = 32, window: int = 3) -> None:
+        super().__init__()
+        self.window = window
+        self.embed = nn.Conv2d(3, dim, 2, stride=2)
+        self.mix = nn.Linear(dim, dim)
+        self.mlp = Mlp(dim, 64)
+        self.fc = nn.Linear(dim, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).permute(0, 2, 3, 1)  # (B, H, W, C)
+        h, w = x.shape[1:3]
+        pad_w, pad_h = -w % self.window, -h % self.window
+        x = x + self.mix(F.pad(x, (0, 0, 0, pad_w, 0, pad_h)))[:, :h, :w]
+        x = x + self.mlp(x)
+        return self.fc(x.mean((1, 2)))
+
+
 class PositionalConvs(nn.Module):
     """coat's ConvRelPosEnc: a channel split into depthwise convs, the map's size passed by
     keyword (torch.fx shape propagation feeds placeholders by position only)."""
@@ -122,6 +145,10 @@ def test_blocked_attention_prunes(tmp_path: Path) -> None:
 
 def test_class_token_rejoined_prunes(tmp_path: Path) -> None:
     check(ClassTokenRejoined(), tmp_path, ("embed", "mlp.0"))
+
+
+def test_window_padding_prunes_the_embedding(tmp_path: Path) -> None:
+    check(WindowPadding(), tmp_path, ("embed", "mlp.0"))
 
 
 def test_layer_called_with_keyword_keeps_its_code(tmp_path: Path) -> None:
