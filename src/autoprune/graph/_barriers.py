@@ -26,6 +26,11 @@ from ._shuffle import map_orders, shrink_orders
 from ._split import map_splits_and_concats, shrink_pieces
 from ._trace import TraceRecorder, meets_constant
 
+# Nodes whose channels our labels follow; tp's own rules for them guess (its expand rule is for
+# 5-D GQA repeats, its slice rule assumes channels-first; a slice dropping channels is a break).
+_LABELLED_TYPES = (tp.ops.OPTYPE.RESHAPE, tp.ops.OPTYPE.EXPAND, tp.ops.OPTYPE.SLICE)
+_CONCATS = ("cat", "concat", "concatenate")
+
 
 class LabelledGraph(tp.DependencyGraph):
     """A dependency graph whose reshapes are mapped by channel labels, not by guesses."""
@@ -67,10 +72,8 @@ class LabelledGraph(tp.DependencyGraph):
         module2node.update(ordered)
         super()._build_dependency(module2node)
         by_grad_fn = {n.grad_fn: n for n in module2node.values()}
-        for node in module2node.values():
-            if node.type in (tp.ops.OPTYPE.RESHAPE, tp.ops.OPTYPE.SLICE):
-                # labels say where its channels go (tp's slice mapping assumes channels-first;
-                # a slice that drops channels is a break)
+        for node in module2node.values():  # labels say where their channels go
+            if node.type in _LABELLED_TYPES or self._token_concat(node):
                 node.type = tp.ops.OPTYPE.ELEMENTWISE
         for grad_fn, stride in self._labels.flattens.items():
             node = by_grad_fn.get(grad_fn)
@@ -83,6 +86,12 @@ class LabelledGraph(tp.DependencyGraph):
         map_splits_and_concats(module2node, self._labels)
         map_orders(module2node, self._labels.orders)
         add_couplings(self)
+
+    def _token_concat(self, node: tp.dependency.Node) -> bool:
+        """A concat the labels replayed along a dim other than the channels' (a class token
+        joining the patch tokens): it keeps every channel where it is."""
+        made_by = self._labels.made_by.get(node.grad_fn)
+        return node.type == tp.ops.OPTYPE.CONCAT and made_by in _CONCATS
 
     @contextmanager
     def mappings_held(self) -> Iterator[None]:

@@ -14,7 +14,7 @@ are rewritten the same way, into :class:`ChannelSplit` layers whose sizes follow
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from torch import fx, nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .._forward import eval_mode, hooked, run_eval
+from .._forward import eval_mode, run_eval
 from ..errors import AutopruneError
 from ..layers import ChannelPadShortcut, ChannelSplit
 from ..measure.complexity import as_inputs
@@ -143,14 +143,27 @@ def _keep_plain_attrs(module: nn.Module, gm: fx.GraphModule) -> None:
 def _capture_inputs(
     model: nn.Module, example_inputs: tuple, targets: dict[str, nn.Module]
 ) -> dict[str, tuple]:
+    """The positional inputs of each target's first call. A layer called with keyword
+    arguments (coat's ``crpe(q, v, size=size)``) is left out: shape propagation feeds
+    placeholders by position only, so such a layer keeps its code."""
     captured: dict[str, tuple] = {}
-    hooks = (
-        (m, lambda _m, args, name=name: captured.setdefault(name, args))
-        for name, m in targets.items()
-    )
-    with hooked(hooks, pre=True):
+    keyworded: set[str] = set()
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            if kwargs:
+                keyworded.add(name)
+            captured.setdefault(name, args)
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in targets.items()]
+    try:
         run_eval(model, example_inputs)
-    return captured
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: args for name, args in captured.items() if name not in keyworded}
 
 
 def _rewrite(gm: fx.GraphModule, args: tuple) -> None:

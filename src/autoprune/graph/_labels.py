@@ -249,6 +249,9 @@ class ChannelLabels:
         if name in MAPPED:
             self._mapped(func, name, args, kwargs, outs, labelled)
             return
+        if name == "pad" and _pads_other_dims(labelled[0][1], args, kwargs):
+            self.set(outs[0], labelled[0][1], name)  # zeros added along the tokens
+            return
         if name in MOVES:
             self._replay(func, name, args, kwargs, outs, labelled)
             return
@@ -370,3 +373,15 @@ def _dim_arg(name: str, args: tuple, kwargs: dict) -> int:
         return int(kwargs["dim"])
     position = 1 if name in ("cat", "concat", "concatenate") or name in ALONG_DIM else 2
     return int(args[position]) if len(args) > position else 0
+
+
+def _pads_other_dims(label: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+    """Whether an ``F.pad`` only grows dims the label is constant along (a window padding of
+    channels-last tokens): every channel stays where it is, padded positions included. A
+    replayed pad would write its fill value into the label there, as if channels moved."""
+    pad = kwargs.get("pad", args[1] if len(args) > 1 else None)
+    if not isinstance(pad, (tuple, list)):
+        return False
+    compressed = compress(label)
+    grown = [label.dim() - 1 - k // 2 for k, p in enumerate(pad) if p]
+    return all(compressed.shape[d] == 1 for d in grown)
