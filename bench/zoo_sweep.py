@@ -75,7 +75,7 @@ def run_model(
     ``tp_record``: Torch-Pruning's result from an earlier sweep, kept instead of rerun."""
     name, _, family = spec.partition("|")
     default = "torchvision" if name.startswith("tv:") else "timm"
-    record: dict[str, Any] = {"model": name, "family": family or default}
+    record: dict[str, Any] = {"model": name, "family": family or default, "commit": _commit()}
     if tp_record is not None:
         record["tp"] = tp_record
     processes = (("ap", PHASES),) if tp_record is not None else (("ap", PHASES), ("tp", ("tp",)))
@@ -100,6 +100,14 @@ def run_model(
             if phase == "build" and "error" in record["build"]:
                 break
     return record
+
+
+def _commit() -> str:
+    """The autoprune commit a record was measured on: a merged table mixes sweeps."""
+    done = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=BENCH, capture_output=True, text=True
+    )
+    return done.stdout.strip() or "unknown"
 
 
 def _last_line(text: str) -> str:
@@ -151,6 +159,13 @@ def totals(records: list[dict[str, Any]], source: str) -> dict[str, Any]:
     }
 
 
+def _by_commit(result: dict[str, Any]) -> str:
+    counts: dict[str, int] = {}
+    for r in result["runs"]:
+        counts[r.get("commit", "earlier")] = counts.get(r.get("commit", "earlier"), 0) + 1
+    return ", ".join(f"{c} {n}" for c, n in counts.items())
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Zoo sweep: torchvision and timm models, autoprune against Torch-Pruning 1.6.1",
@@ -171,7 +186,8 @@ def markdown(result: dict[str, Any]) -> str:
         machine_line(result["machine"]),
         "",
         f"{len(result['runs'])} of the {len(result['models'])} listed models were run "
-        f"({result['seconds']:.0f} s).",
+        f"({result['seconds']:.0f} s). Records by the commit they were measured on (a merged "
+        f"table mixes sweeps; 'earlier': before commits were recorded): {_by_commit(result)}.",
         "",
         "| | models | families | pass (a)+(b) | fixed | search | masked | Torch-Pruning |",
         "|---|---|---|---|---|---|---|---|",
