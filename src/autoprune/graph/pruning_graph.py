@@ -364,12 +364,14 @@ class PruningGraph:
         # resolved against the model as it is, and each layer is cut once with the union of
         # its indices: no mapping goes stale halfway through a plan.
         plan = [(g, ids) for g, ids in plan if ids.numel()]
+        channels = []
         for g, ids in plan:
             module, handler = g.root
             if isinstance(handler, HeadPruning):
                 handler(module, ids.tolist())
-        cuts = [(*g.root, g.root_channels(ids)) for g, ids in plan]
-        self._dg.cut([c for c in cuts if not isinstance(c[1], HeadPruning)])
+            else:
+                channels.append((module, handler, g.root_channels(ids)))
+        self._dg.cut(channels)
         if plan:
             drop_derived_caches(self.model)
             self._version, self._groups = version, None
