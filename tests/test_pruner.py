@@ -66,6 +66,32 @@ def test_step_chooses_the_best_scored_candidate(smallcnn):
     assert pruner.history == [entry] and pruner.macs_reduction == entry["macs_reduction"]
 
 
+def chain(width: int = 16, depth: int = 6) -> torch.nn.Module:
+    """Convolutions of one width in a row: no group alone can give half of the MACs."""
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = [torch.nn.Conv2d(1, width, 3, padding=1), torch.nn.ReLU()]
+    for _ in range(depth - 1):
+        layers += [torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.ReLU()]
+    layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(width, 10)]
+    return torch.nn.Sequential(*layers)
+
+
+def test_a_step_no_group_can_give_is_filled_from_the_next_best_groups():
+    settings = {"recover_steps": 0, "distill": False, "step": 0.5, "target_macs_reduction": 0.6}
+    pruner = Pruner(chain(), EXAMPLE, PruneConfig(**{**SMALL, **settings}), calib_data=TRAIN)
+    candidates = pruner.candidates()
+    most = max(c.macs_saved for c in candidates) / pruner.original_macs
+    assert most < 0.5 - 0.005  # a single group falls short of the step
+    entry = pruner.step()
+    assert entry is not None and len(entry["removed"]) >= 2 and entry["group"] is None
+    assert entry["scorer"]["filled_groups"] == len(entry["removed"]) - 1
+    assert abs(entry["macs_reduction"] - 0.5) <= 0.005  # a whole step
+    assert entry["loss"] == pytest.approx(pruner.calib_loss("now"), rel=1e-5)
+    while pruner.step() is not None:
+        pass
+    assert abs(pruner.macs_reduction - 0.6) <= 0.005 and len(pruner.history) <= 3
+
+
 def test_state_dict_resumes_to_the_uninterrupted_result(smallcnn):
     whole = Pruner(smallcnn, EXAMPLE, CONFIG, calib_data=TRAIN)
     while whole.step() is not None:

@@ -19,11 +19,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._registry import Registry
-from ..criteria import CRITERIA, list_criteria, score
+from ..criteria import CRITERIA, list_criteria, score, select
 from ..errors import AutopruneError
 from ..graph import PruningGraph, mask_channels
 from ._landing import TOLERANCE, Plans, Ranked, land
-from .candidates import OBJECTIVES, Candidate, criteria_state, make_candidates, removable
+from .candidates import (
+    OBJECTIVES,
+    Candidate,
+    channels_for,
+    criteria_state,
+    make_candidates,
+    removable,
+)
 
 if TYPE_CHECKING:
     from .calibration import CalibrationSet
@@ -129,17 +136,23 @@ class LossAware(Schedule):
         """The criteria allowed at ``progress`` (the part of the target reached so far)."""
 
     def propose(self, ctx: SearchContext) -> Step:
-        return choose(ctx, self.candidates(ctx))
+        candidates, state = self._offer(ctx)
+        return choose(ctx, candidates, fill=state if ctx.latency is None else None)
 
     def candidates(self, ctx: SearchContext) -> list[Candidate]:
         """Every (group, criterion) removal of about one step allowed at this point."""
+        return self._offer(ctx)[0]
+
+    def _offer(self, ctx: SearchContext) -> tuple[list[Candidate], dict[str, Any]]:
+        """The candidates, and what their criteria needed (:func:`criteria_state`)."""
         cfg = self.config
         if ctx.calib is None or ctx.scorer is None or ctx.loss is None:
             raise AutopruneError(f"schedule {cfg.schedule!r} needs calibration data")
         allowed = self.criteria(ctx.progress)
         state = criteria_state(ctx.graph, allowed, ctx.calib, cfg.seed, cfg.taylor_size)
         if ctx.latency is not None:
-            return _offered(ctx.latency.candidates(allowed, ctx.limits(), state, cfg.step))
+            offered = ctx.latency.candidates(allowed, ctx.limits(), state, cfg.step)
+            return _offered(offered), state
         step, remaining = cfg.step * ctx.original_macs, ctx.remaining_macs
         candidates = make_candidates(
             ctx.graph, allowed, min(step, remaining), ctx.limits(), state, cfg.channel_multiple
@@ -148,7 +161,7 @@ class LossAware(Schedule):
             slack = TOLERANCE * ctx.original_macs
             landing = [c for c in candidates if abs(remaining - c.macs_saved) <= slack]
             candidates = landing or candidates
-        return _offered(candidates)
+        return _offered(candidates), state
 
 
 def _offered(candidates: list[Candidate]) -> list[Candidate]:
@@ -157,10 +170,82 @@ def _offered(candidates: list[Candidate]) -> list[Candidate]:
     return candidates
 
 
-def choose(
-    ctx: SearchContext, candidates: Sequence[Candidate], granularity: str = "channel"
+def _fill(
+    ctx: SearchContext,
+    candidates: Sequence[Candidate],
+    losses: Sequence[float],
+    step: Step,
+    state: Mapping[str, Any],
 ) -> Step:
-    """The candidate with the best objective on the calibration set, as the step to apply."""
+    """Where no group can give a whole step (a model of many small groups: DenseNet, NASNet),
+    the best candidate's step is topped up with the next best candidates of other groups, in
+    the scorer's ranking, until the step's MACs are saved (the last one shrunk to fit, its
+    criterion choosing fewer channels); the loss of the whole removal is then measured.
+    Without this such a model takes one small iteration per group.
+
+    The best candidate stays the first choice, so a step one group can give is unchanged.
+    """
+    goal = min(ctx.config.step * ctx.original_macs, ctx.remaining_macs)
+    slack = TOLERANCE * ctx.original_macs
+    current = ctx.graph.macs()
+    removal, criteria = dict(step.removal), list(step.criteria)
+    saved = current - ctx.graph.macs(removal)
+    if saved >= goal - slack or ctx.calib is None:
+        return step
+    for candidate in _ranking(ctx, candidates, losses):
+        if candidate.group in removal:
+            continue
+        idxs = candidate.idxs
+        if candidate.macs_saved > goal - saved + slack:  # too many: fewer of the same choice
+            group = ctx.graph.group(candidate.group)
+            n = channels_for(group, goal - saved, len(idxs), ctx.config.channel_multiple)
+            if n < 1:
+                continue
+            idxs = select(group, candidate.criteria[0], n, **state)
+        trial = {**removal, candidate.group: idxs}
+        with_it = current - ctx.graph.macs(trial)
+        if with_it > goal + slack:
+            continue
+        removal, saved = trial, with_it
+        criteria += [c for c in candidate.criteria if c not in criteria]
+        if saved >= goal - slack:
+            break
+    if len(removal) == 1:
+        return step
+    with mask_channels(ctx.graph, removal):
+        loss = ctx.calib.loss(ctx.graph.model)
+    stats = {**step.stats, "filled_groups": len(removal) - 1}
+    return Step(removal, tuple(criteria), loss, step.candidates, stats, step.granularity)
+
+
+def _ranking(
+    ctx: SearchContext, candidates: Sequence[Candidate], losses: Sequence[float]
+) -> list[Candidate]:
+    """The candidates as the scorer ranked them: those that saw more calibration images (the
+    survivors of successive halving) first, then by the objective on the images they saw."""
+    assert ctx.scorer is not None and ctx.loss is not None
+    stats = ctx.scorer.last_stats
+    n = len(candidates)
+    seen = stats.get("images_per_candidate") or [0] * n
+    losses = stats.get("estimates") or losses
+    objective = OBJECTIVES.get(ctx.config.search_objective)(ctx.loss)
+
+    def key(i: int) -> tuple[float, float, int]:
+        value = objective(losses[i], candidates[i]) if math.isfinite(losses[i]) else math.inf
+        return (-seen[i], value, i)
+
+    return [candidates[i] for i in sorted(range(n), key=key)]
+
+
+def choose(
+    ctx: SearchContext,
+    candidates: Sequence[Candidate],
+    granularity: str = "channel",
+    fill: Mapping[str, Any] | None = None,
+) -> Step:
+    """The candidate with the best objective on the calibration set, as the step to apply;
+    with ``fill`` (the criteria's state), topped up from other groups where it saves less
+    than a step (:func:`_fill`)."""
     cfg = ctx.config
     if ctx.calib is None or ctx.scorer is None or ctx.loss is None:
         raise AutopruneError(f"granularity {granularity!r} needs calibration data")
@@ -172,7 +257,7 @@ def choose(
     ]
     best = min(range(len(candidates)), key=values.__getitem__)  # first of equals: deterministic
     chosen = candidates[best]
-    return Step(
+    step = Step(
         chosen.removal(),
         chosen.criteria,
         losses[best],
@@ -180,6 +265,7 @@ def choose(
         dict(ctx.scorer.last_stats),
         granularity,
     )
+    return step if fill is None else _fill(ctx, candidates, losses, step, fill)
 
 
 @SCHEDULES.register("auto", description="the whole criteria pool every iteration (LAASP)")
