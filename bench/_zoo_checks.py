@@ -1,11 +1,12 @@
 """One model of the zoo sweep (bench/zoo_sweep.py), run in its own process.
 
 Every phase writes its result to the JSON file as soon as it ends, so a phase that hangs or
-crashes the process leaves the ones before it recorded. Phases: ``build`` (the smallest input
-size the model accepts), ``fixed`` (fixed L1 to the target through ``autoprune.prune``),
-``search`` (the loss-aware search, a few iterations on synthetic data), ``masked`` (the graph's
-masks against its physical removal) and, in a process of its own, ``tp`` (Torch-Pruning
-1.6.1 with L1 to the same target).
+crashes the process leaves the ones before it recorded; each phase has its own time limit
+(the sweep's ``--timeout``), so a slow phase does not take the others' time. Phases:
+``build`` (the smallest input size the model accepts), ``fixed`` (fixed L1 to the target
+through ``autoprune.prune``), ``search`` (the loss-aware search, a few iterations on synthetic
+data), ``masked`` (the graph's masks against its physical removal) and, in a process of its
+own, ``tp`` (Torch-Pruning 1.6.1 with L1 to the same target).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import signal
 import sys
 import tempfile
 import time
@@ -69,11 +71,15 @@ def build(spec: str, sizes: list[int]) -> tuple[nn.Module, int]:
                 if isinstance(out, torch.Tensor) and out.shape == (1, CLASSES):
                     return model, size
                 shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                errors.append(ValueError(f"output {shape} is not (1, {CLASSES})"))
+                errors.append(NotAClassifier(f"output {shape} is not (1, {CLASSES})"))
             except Exception as e:  # too small for the model: try the next size
                 errors.append(e)
             break
-    raise errors[-1]
+    raise next((e for e in errors if isinstance(e, NotAClassifier)), errors[-1])
+
+
+class NotAClassifier(ValueError):
+    """The model runs but gives features, not class scores: not counted in the sweep."""
 
 
 def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -198,16 +204,31 @@ def one_line(e: BaseException) -> str:
     return text[:300]
 
 
-def run_phase(record: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]], out: Path):
+class PhaseTimeout(Exception):
+    pass
+
+
+def run_phase(
+    record: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]], out: Path, limit: float
+) -> None:
+    def expire(signum: int, frame: Any) -> None:
+        raise PhaseTimeout(f"no answer within {limit:.0f} s")
+
     t0 = time.perf_counter()
+    signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, limit)
     try:
         record[name] = fn()
+    except PhaseTimeout as e:
+        record[name] = {"error": "Timeout", "kind": "crash", "message": str(e)}
     except Exception as e:  # the sweep records every failure
-        kind = "refused" if isinstance(e, AutopruneError) else "crash"
+        kind = {AutopruneError: "refused", NotAClassifier: "excluded"}.get(type(e), "crash")
         record[name] = {"error": type(e).__name__, "kind": kind, "message": one_line(e)}
         if kind == "crash":
             tb = traceback.extract_tb(e.__traceback__)
             record[name]["where"] = f"{Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
     record[name]["seconds"] = round(time.perf_counter() - t0, 2)
     out.write_text(json.dumps(record))
 
@@ -223,6 +244,7 @@ def install_shim() -> None:
 def main() -> None:
     install_shim()
     spec, which, out, sizes = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+    limit = float(sys.argv[5])
     torch.set_num_threads(1)
     record: dict[str, Any] = {"model": spec}
     holder: dict[str, Any] = {}
@@ -232,7 +254,7 @@ def main() -> None:
         params = sum(p.numel() for p in holder["model"].parameters())
         return {"input_size": holder["size"], "params": params}
 
-    run_phase(record, "build", do_build, out)
+    run_phase(record, "build", do_build, out, limit)
     if "model" not in holder:
         return
     model, size = holder["model"], holder["size"]
@@ -245,7 +267,7 @@ def main() -> None:
         "tp": {"tp": lambda: torch_pruning(model, size)},
     }[which]
     for name, fn in phases.items():
-        run_phase(record, name, fn, out)
+        run_phase(record, name, fn, out, limit)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Zoo sweep: every torchvision classification model and the smallest timm models of every
 family, pruned by autoprune (fixed L1 and the loss-aware search) and by Torch-Pruning 1.6.1.
 
-Each model runs in processes of its own (bench/_zoo_checks.py) under a timeout, so a hang or
-a crash is recorded, not fatal. Checks per run: forward at another batch size, MACs within
+Each model runs in processes of its own (bench/_zoo_checks.py), each phase under a timeout, so
+a hang or a crash is recorded, not fatal. Checks per run: forward at another batch size, MACs within
 0.5 % of the -30 % target, save/load exact; for the graph, masked == pruned outputs when every
 group loses its lowest-L1 30 % at once. Writes docs/benchmarks/zoo_sweep.{json,md}.
 
@@ -81,12 +81,15 @@ def run_model(
     processes = (("ap", PHASES),) if tp_record is not None else (("ap", PHASES), ("tp", ("tp",)))
     for which, phases in processes:
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-            cmd = [sys.executable, str(BENCH / "_zoo_checks.py"), name, which, tmp.name, sizes]
+            script = str(BENCH / "_zoo_checks.py")
+            cmd = [sys.executable, script, name, which, tmp.name, sizes, str(timeout)]
+            # each phase stops itself at ``timeout``; this catches a hang in native code
+            whole = timeout * (len(phases) + 1) + 60
             try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=whole)
                 failure = f"process died (exit {done.returncode}): {_last_line(done.stderr)}"
             except subprocess.TimeoutExpired:
-                failure = f"no answer within {timeout:.0f} s"
+                failure = f"no answer within {whole:.0f} s"
             text = Path(tmp.name).read_text()
         part = json.loads(text) if text else {}
         record.update(part)
@@ -143,8 +146,14 @@ def cell(record: dict[str, Any], phase: str) -> str:
     return f"{mark} -{100 * r['reduction']:.1f} %, {r['seconds']:.0f} s"
 
 
+def excluded(record: dict[str, Any]) -> bool:
+    """Not a classifier (its output is not ``(batch, classes)``): listed, not counted."""
+    return record.get("build", {}).get("kind") == "excluded"
+
+
 def totals(records: list[dict[str, Any]], source: str) -> dict[str, Any]:
-    rows = [r for r in records if r["model"].partition(":")[0] == source]
+    mine = [r for r in records if r["model"].partition(":")[0] == source]
+    rows = [r for r in mine if not excluded(r)]
     n = len(rows)
     both = sum(model_passes(r) for r in rows)
     tp = sum(passed(r, "tp") for r in rows)
@@ -156,6 +165,7 @@ def totals(records: list[dict[str, Any]], source: str) -> dict[str, Any]:
         **{f"pass_{p}": sum(passed(r, p) for r in rows) for p in PHASES},
         "tp_pass": tp,
         "tp_pass_pct": round(100 * tp / n, 1) if n else 0.0,
+        "excluded": [r["model"] for r in mine if excluded(r)],
     }
 
 
@@ -180,8 +190,8 @@ def markdown(result: dict[str, Any]) -> str:
         "loses its lowest-L1 30 % at once, masked outputs == pruned outputs (1e-4). A model "
         "passes when (a), (b) and masked all pass. Torch-Pruning: `MetaPruner` with "
         "`GroupMagnitudeImportance(p=1)`, ratio stepped 0.5 % at a time up to -30 % MACs; it "
-        "passes when it runs, forwards at batch 3 and lands within 0.5 %. Per-process "
-        f"timeout {result['timeout']} s.",
+        "passes when it runs, forwards at batch 3 and lands within 0.5 %. Timeout "
+        f"{result['timeout']} s per phase.",
         "",
         machine_line(result["machine"]),
         "",
@@ -199,6 +209,14 @@ def markdown(result: dict[str, Any]) -> str:
             f"({t['pass_both_pct']} %) | {t['pass_fixed']} | {t['pass_search']} | "
             f"{t['pass_masked']} | {t['tp_pass']} ({t['tp_pass_pct']} %) |"
         )
+    left_out = [m for key in ("torchvision", "timm") for m in result["totals"][key]["excluded"]]
+    if left_out:
+        lines += [
+            "",
+            "Not counted, not classifiers (their output is not (batch, classes)): "
+            + ", ".join(left_out)
+            + ".",
+        ]
     lines += [
         "",
         "| model | family | px | (a) fixed | (b) search | masked | Torch-Pruning |",
@@ -225,7 +243,7 @@ def main() -> None:
     )
     parser.add_argument("--smoke", action="store_true", help=f"{len(SMOKE_MODELS)} models, /tmp")
     parser.add_argument("--input-size", type=int, default=32, help="smallest size tried (px)")
-    parser.add_argument("--timeout", type=float, default=60, help="seconds per process")
+    parser.add_argument("--timeout", type=float, default=60, help="seconds per phase")
     parser.add_argument(
         "--reuse-tp",
         action="store_true",
