@@ -125,6 +125,25 @@ class SplitCat(nn.Module):
         return self.head(self.mix(torch.cat([y1, y2, p3], dim=1)))
 
 
+class Rejoined(nn.Module):
+    """A map concatenated with itself, chunked and concatenated back, block after block (CoaT,
+    CPU-bone): every channel lands in three places, and the walk back and forth through the
+    pieces must not multiply the indices it carries (it did: 3 ** blocks, a hang)."""
+
+    def __init__(self, blocks: int = 6) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.convs = nn.ModuleList(conv_bn(24, 8, 1) for _ in range(blocks))
+        self.head = Head(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for conv in self.convs:
+            a, b, c = torch.cat([x, x, x], dim=1).chunk(3, dim=1)
+            x = x + conv(torch.cat([a, b, c], dim=1))
+        return self.head(x)
+
+
 class SliceAdd(nn.Module):
     """ReXNet: the first channels of the expanded map add the shortcut, selected by bounds
     written in the code (``y[:, :8]``): pruning would shift what they select."""
@@ -381,6 +400,7 @@ PATTERNS = {
     "chunk_cat": (ChunkCat, 16, ("stem.0", "left.0", "right.0")),
     "split_cat": (SplitCat, 16, ("stem.0", "b2.0")),
     "slice_add": (SliceAdd, 16, ("mix.0",)),
+    "rejoined": (Rejoined, 16, ("stem.0",)),
     "layernorm2d": (ConvNeXtish, 16, ("stem", "fc1", "down")),
     "window_attention": (Swinish, 16, ("patch", "block.mlp.1")),
     "einops_mobilevit": (EinopsMobileViT, 32, ("conv1.0", "mvit.conv1.0", "conv2.0")),

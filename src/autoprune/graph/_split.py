@@ -39,14 +39,16 @@ class PiecewiseMapping:
     reverse: bool = False
 
     def __call__(self, idxs: Sequence[_helpers._HybridIndex]) -> list[_helpers._HybridIndex]:
-        out = []
+        """Each (index, root index) pair once: a tensor read by several pieces maps a channel
+        to several places, and repeats would multiply along every such edge (CoaT, CPU-bone)."""
+        out: dict[tuple[int, int], None] = {}
         ranges = self.ranges()
         for i in idxs:
             for src, width, dst in ranges:
                 a, b = (dst, src) if self.reverse else (src, dst)
                 if a <= i.idx < a + width:
-                    out.append(_helpers._HybridIndex(idx=i.idx - a + b, root_idx=i.root_idx))
-        return out
+                    out[(i.idx - a + b, i.root_idx)] = None
+        return [_helpers._HybridIndex(idx=k, root_idx=r) for k, r in out]
 
 
 def _offsets(sizes: Sequence[int]) -> list[int]:
