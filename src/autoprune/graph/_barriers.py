@@ -17,6 +17,7 @@ from typing import Any
 
 import torch_pruning as tp
 from torch import nn
+from torch_pruning._helpers import GroupItem
 from torch_pruning.dependency import index_mapping
 from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
@@ -137,6 +138,49 @@ def _update_unless_held(graph: tp.DependencyGraph) -> None:
 
 
 index_mapping.update_index_mapping = _update_unless_held  # read by get_pruning_group
+
+
+def _has_pruning_op(group: tp.dependency.Group, dep: tp.dependency.Dependency, idxs: Any) -> bool:
+    """Torch-Pruning's check, hashed: it scans the whole group for every edge it walks, which
+    is quadratic where a group holds thousands of pieces (CoaT's serial and parallel blocks).
+    What the group held at the last call is remembered; a group only grows while walked."""
+    items = group._group
+    seen = group.__dict__.get("_seen_ops")
+    if seen is None or seen[0] > len(items):
+        seen = group.__dict__["_seen_ops"] = [0, set()]
+    for item in items[seen[0] :]:
+        seen[1].add((item.dep.target, item.dep.handler, tuple(item.idxs)))
+    seen[0] = len(items)
+    return (dep.target, dep.handler, tuple(idxs)) in seen[1]
+
+
+def _add_and_merge(group: tp.dependency.Group, dep: tp.dependency.Dependency, idxs: Any) -> None:
+    """Torch-Pruning's merge of a walked group into one item per layer and handler, hashed (it
+    scans the group and rebuilds the item's index list for every piece: quadratic). Indices
+    keep their first occurrence per channel, as Torch-Pruning keeps them."""
+    state = group.__dict__.get("_merged")
+    if state is None or state[0] != len(group._group):
+        state = group.__dict__["_merged"] = [0, {}]
+        for pos, (d, known) in enumerate(group._group):
+            if (d.target, d.handler) not in state[1]:
+                group._group[pos] = GroupItem(dep=d, idxs=list(known))
+                state[1][(d.target, d.handler)] = (pos, {i.idx for i in known})
+    found = state[1].get((dep.target, dep.handler))
+    if found is None:
+        state[1][(dep.target, dep.handler)] = (len(group._group), set())
+        group.add_dep(dep, [])
+        found = state[1][(dep.target, dep.handler)]
+    pos, seen = found
+    merged = group._group[pos].idxs
+    for index in idxs:
+        if index.idx not in seen:
+            seen.add(index.idx)
+            merged.append(index)
+    state[0] = len(group._group)
+
+
+tp.dependency.Group.has_pruning_op = _has_pruning_op
+tp.dependency.Group.add_and_merge = _add_and_merge
 
 
 def _merge(groups: Sequence[tp.dependency.Group]) -> tp.dependency.Group:
