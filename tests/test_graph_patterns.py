@@ -91,6 +91,27 @@ def scale_bias_net(num_classes: int = 10) -> nn.Module:
     return nn.Sequential(nn.Linear(16, 32), ScaleBias(32), nn.ReLU(), nn.Linear(32, num_classes))
 
 
+class Gates(nn.Module):
+    """EfficientViM's branch gates: one ``(branches, C)`` parameter, ``sigmoid``-ed, viewed and
+    indexed per branch before it meets the channels."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(dim, dim, 3, padding=1)
+        self.conv2 = nn.Conv2d(dim, dim, 1)
+        self.alpha = nn.Parameter(torch.randn(2, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alpha = torch.sigmoid(self.alpha).view(2, -1, 1, 1)
+        x = x + alpha[0] * (self.conv1(x) - x)
+        return x + alpha[1] * (self.conv2(x) - x)
+
+
+def gated_net(num_classes: int = 10) -> nn.Module:
+    head = (nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+    return nn.Sequential(nn.Conv2d(3, 16, 3), Gates(16), *head)
+
+
 class UnusedParameterNet(nn.Module):
     """A root module holding a parameter its forward never uses."""
 
@@ -253,6 +274,13 @@ def test_vit_cls_token_and_pos_embed_follow_the_embedding(tmp_path: Path) -> Non
 def test_custom_per_channel_parameters_need_no_registration(tmp_path: Path) -> None:
     graph = prune_and_check("scale_bias_net", VECTOR, tmp_path)
     assert graph.model[1].scale.shape == graph.model[1].bias.shape == (22,)
+
+
+def test_gates_through_sigmoid_view_and_index_are_pruned_with_their_channels(
+    tmp_path: Path,
+) -> None:
+    graph = prune_and_check("gated_net", IMAGE, tmp_path)
+    assert graph.model[1].alpha.shape == (2, 11)
 
 
 def test_conv_subclass_gain_is_pruned_with_its_filters(tmp_path: Path) -> None:

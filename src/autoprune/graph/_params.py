@@ -18,13 +18,20 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ._trace import TraceRecorder, channel_dim
+from ._trace import OpRecord, TraceRecorder, channel_dim
 
 # Ops through which a parameter reaches the channels unchanged (a view of it, broadcast).
 _PASS_THROUGH = frozenset(
     {"view", "reshape", "unsqueeze", "squeeze", "expand", "expand_as", "broadcast_to",
      "flatten", "contiguous", "clone", "to", "type", "float", "half", "bfloat16"}
 )  # fmt: skip
+# Functions of one element: a gate's ``sigmoid(alpha)`` keeps every channel where it is.
+_UNARY = frozenset(
+    {"sigmoid", "tanh", "exp", "log", "neg", "abs", "relu", "softplus", "sqrt", "rsqrt",
+     "reciprocal", "__neg__", "__abs__"}
+)  # fmt: skip
+# Indexing; passed through only where it picks along leading dims, keeping the channels whole.
+_INDEXING = frozenset({"__getitem__", "select"})
 # Ops that combine a parameter with the channels one to one.
 _ELEMENTWISE = frozenset(
     {"add", "sub", "mul", "div", "addcmul", "addcdiv", "cat", "concat", "where", "lerp",
@@ -74,7 +81,8 @@ def _problem(
         seen.add(op)
         rec = recorder.ops.get(op.grad_fn)
         name = rec.name if rec is not None else type(op.grad_fn).__name__
-        if isinstance(op.module, tp.ops._ReshapeOp) or name in _PASS_THROUGH:
+        through = name in _PASS_THROUGH or name in _UNARY
+        if isinstance(op.module, tp.ops._ReshapeOp) or through or _leading_pick(rec, param, dim):
             stack.extend(op.outputs)
             continue
         if name not in _ELEMENTWISE or rec is None or len(rec.output) < 2:
@@ -86,6 +94,16 @@ def _problem(
         if shape.count(width) > 1:
             return f"more than one of its dims {shape} could be the {width} channels"
     return None
+
+
+def _leading_pick(rec: OpRecord | None, param: nn.Parameter, dim: int | None) -> bool:
+    """``alpha[0]`` of a ``(4, C, 1, 1)`` gate: the output is the operand without some leading
+    dims, and the parameter's channels are still among its dims (EfficientViM's gates)."""
+    if rec is None or rec.name not in _INDEXING or len(rec.operands) != 1 or dim is None:
+        return False
+    shape, out = tuple(rec.operands[0]), tuple(rec.output)
+    cut = len(shape) - len(out)
+    return cut >= 1 and shape[cut:] == out and param.shape[dim] in out
 
 
 def drop_derived_caches(model: nn.Module) -> None:
