@@ -266,6 +266,7 @@ def main() -> None:
     else:
         specs = old.get("models") or [*torchvision_models(), *timm_models()]
     recorded = {r["model"]: r for r in old.get("runs", [])}
+    old_timeout = old.get("timeout", 0.0)
     patterns = args.only.split(",") if args.only else []
     selected = [
         s
@@ -298,8 +299,8 @@ def main() -> None:
     def one(spec: str) -> None:
         name = spec.partition("|")[0]
         tp = recorded.get(name, {}).get("tp") if args.reuse_tp else None
-        if tp is not None and tp.get("error") == "Timeout":
-            tp = None  # a timeout is rerun: the timeout may be longer this time
+        if tp is not None and tp.get("error") == "Timeout" and args.timeout > old_timeout:
+            tp = None  # a timeout is rerun where the timeout is longer this time
         record = run_model(spec, sizes, args.timeout, tp)
         with lock:
             fresh[record["model"]] = record
