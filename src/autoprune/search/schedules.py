@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,8 @@ from .._registry import Registry
 from ..criteria import CRITERIA, list_criteria, score, select
 from ..errors import AutopruneError
 from ..graph import PruningGraph, mask_channels
-from ._landing import TOLERANCE, Plans, Ranked, land
+from ._allocations import ALLOCATIONS
+from ._landing import TOLERANCE, Ranked, land
 from .candidates import (
     OBJECTIVES,
     Candidate,
@@ -299,10 +300,6 @@ def _of_kind(names: tuple[str, ...], kind: str) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------------ fixed
-Allocation = Callable[[SearchContext, str, Mapping[str, Any]], Plans]
-ALLOCATIONS: Registry[Allocation] = Registry("allocation")
-
-
 @SCHEDULES.register(
     "fixed", description="one criterion, no loss evaluation, allocation uniform or global"
 )
@@ -350,56 +347,3 @@ class Fixed(Schedule):
             with mask_channels(ctx.graph, removal):
                 loss = ctx.calib.loss(ctx.graph.model)
         return Step(removal, cfg.criteria, loss, 1)
-
-
-@ALLOCATIONS.register("uniform", description="the same fraction of every group's channels")
-def uniform(ctx: SearchContext, criterion: str, state: Mapping[str, Any]) -> Plans:
-    """Plans by ratio ``r`` of the original channels: each group loses ``floor(r * original)``
-    in all (fewer where its cap stops it). The ratios tried are every one where a count moves."""
-    groups = ctx.graph.groups()
-    limits = ctx.limits()
-    original = {g.name: ctx.original_channels[g.name] for g in groups}
-    removed = {g.name: original[g.name] - g.channels for g in groups}
-    ratios = sorted(
-        {
-            j / original[name]
-            for name in original
-            for j in range(removed[name], removed[name] + limits[name] + 1)
-        }
-    )
-
-    def plan(i: int) -> dict[str, int]:
-        r = ratios[i]
-        return {
-            name: min(limits[name], max(0, math.floor(r * original[name] + 1e-9) - removed[name]))
-            for name in original
-        }
-
-    return len(ratios), plan
-
-
-@ALLOCATIONS.register("global", description="channels ranked across groups by normalised score")
-def global_ranking(ctx: SearchContext, criterion: str, state: Mapping[str, Any]) -> Plans:
-    """Plans by the ``k`` lowest channels of all groups, each group's scores divided by their
-    mean so groups of different scale compare; a group at its cap is passed over."""
-    limits = ctx.limits()
-    names, values = [], []
-    for group in ctx.graph.groups():
-        s = score(group, criterion, **state).double()
-        names += [group.name] * group.channels
-        values.append(s / s.mean().clamp_min(1e-30))
-    order = torch.argsort(torch.cat(values), stable=True).tolist()
-    taken: dict[str, int] = dict.fromkeys(limits, 0)
-    eligible = []
-    for i in order:
-        if taken[names[i]] < limits[names[i]]:
-            taken[names[i]] += 1
-            eligible.append(names[i])
-
-    def plan(k: int) -> dict[str, int]:
-        counts = dict.fromkeys(limits, 0)
-        for name in eligible[:k]:
-            counts[name] += 1
-        return counts
-
-    return len(eligible) + 1, plan
