@@ -10,11 +10,14 @@ scales have their own criterion.
 Every weight-based criterion needs only two things of that concatenation: per-channel L1 norms
 and the Gram matrix (all pairwise dot products: L2 norms, distances and cosines follow). Both
 are sums over producers, so no concatenated copy is ever built, and one matrix product per
-producer serves all criteria, however long the filters are. The cache key holds each weight's
-version counter, so training or pruning in between invalidates it.
+producer serves every Gram-based criterion, however long the filters are; each is cached on
+its own (L1 needs no Gram). The cache key holds each weight's version counter, so training or
+pruning in between invalidates it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -42,23 +45,33 @@ def _rows(member: Member, channels: int) -> torch.Tensor | None:
     return w[member.idxs[order].to(w.device)].reshape(channels, -1)
 
 
-def filter_stats(group: ChannelGroup) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L1 norm per channel, float64 Gram matrix) of the concatenated producer filters."""
+def filter_l1(group: ChannelGroup) -> torch.Tensor:
+    """L1 norm per channel of the concatenated producer filters (float64)."""
+    return _cached(group, "l1", lambda rows: rows.abs().sum(dim=1))
+
+
+def filter_gram(group: ChannelGroup) -> torch.Tensor:
+    """Float64 Gram matrix of the concatenated producer filters: its own cache entry, since
+    it costs ``channels**2 * filter length`` (a wide RegNet stage: seconds) and L1 needs none."""
+    return _cached(group, "gram", lambda rows: rows @ rows.T)
+
+
+def _cached(
+    group: ChannelGroup, stat: str, per_producer: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``per_producer(rows)`` summed over the group's producers, cached on the group."""
     producers = [m for m in group.members if m.out_channels and m.kind in PRODUCER_KINDS]
     key = tuple((id(p), p._version) for m in producers for p in m.module.parameters())
-    cached = group.cache.get("filters")
+    cached = group.cache.get(f"filters.{stat}")
     if cached is not None and cached[0] == key:
         return cached[1]
-    l1 = torch.zeros(group.channels, dtype=torch.float64)
-    gram = torch.zeros(group.channels, group.channels, dtype=torch.float64)
-    found = False
+    total: torch.Tensor | None = None
     for m in producers:
         rows = _rows(m, group.channels)
         if rows is not None:
-            l1 += rows.abs().sum(dim=1).cpu().double()
-            gram += (rows @ rows.T).cpu().double()
-            found = True
-    if not found:
+            value = per_producer(rows).cpu().double()
+            total = value if total is None else total + value
+    if total is None:
         raise AutopruneError(f"group {group.name!r} has no weights to score its channels by")
-    group.cache["filters"] = (key, (l1, gram))
-    return l1, gram
+    group.cache[f"filters.{stat}"] = (key, total)
+    return total

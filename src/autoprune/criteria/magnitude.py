@@ -10,19 +10,19 @@ from torch import nn
 from ..errors import AutopruneError
 from ..graph import ChannelGroup
 from ._base import register_criterion
-from ._features import filter_stats
+from ._features import filter_gram, filter_l1
 
 
 @register_criterion("l1", kind="magnitude")
 def l1(group: ChannelGroup, **state: Any) -> torch.Tensor:
     """L1 norm of each channel's filters (Li et al. 2017), summed over producing layers."""
-    return filter_stats(group)[0].float()
+    return filter_l1(group).float()
 
 
 @register_criterion("l2", kind="magnitude")
 def l2(group: ChannelGroup, **state: Any) -> torch.Tensor:
     """L2 norm of each channel's concatenated filters."""
-    return filter_stats(group)[1].diagonal().sqrt().float()
+    return filter_gram(group).diagonal().sqrt().float()
 
 
 @register_criterion("bn_scale", kind="magnitude")

@@ -15,7 +15,7 @@ import torch
 
 from ..graph import ChannelGroup
 from ._base import register_criterion
-from ._features import filter_stats
+from ._features import filter_gram
 
 _WEISZFELD_STEPS = 100
 
@@ -52,19 +52,19 @@ def median_distances(gram: torch.Tensor, steps: int = _WEISZFELD_STEPS) -> torch
 @register_criterion("fpgm", kind="similarity")
 def fpgm(group: ChannelGroup, **state: Any) -> torch.Tensor:
     """Distance of each channel's filters to their geometric median."""
-    return median_distances(filter_stats(group)[1]).float()
+    return median_distances(filter_gram(group)).float()
 
 
 @register_criterion("euclidean", kind="similarity")
 def euclidean(group: ChannelGroup, **state: Any) -> torch.Tensor:
     """Sum of Euclidean distances from each channel's filters to all others'."""
-    return _pairwise_distances(filter_stats(group)[1]).sum(dim=1).float()
+    return _pairwise_distances(filter_gram(group)).sum(dim=1).float()
 
 
 @register_criterion("cosine", kind="similarity")
 def cosine(group: ChannelGroup, **state: Any) -> torch.Tensor:
     """Sum of cosine distances (1 - cos) from each channel's filters to all others'."""
-    gram = filter_stats(group)[1]
+    gram = filter_gram(group)
     norms = gram.diagonal().sqrt().clamp_min(1e-30)
     cos = (gram / norms[:, None] / norms[None, :]).fill_diagonal_(1.0)
     return (1.0 - cos).sum(dim=1).float()
