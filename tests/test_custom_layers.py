@@ -55,8 +55,8 @@ class LowRankConvPruner(autoprune.LayerPruner):
 
 
 class ChannelGate(nn.Module):
-    """A per-channel gate through a sigmoid: a parameter the graph cannot follow by itself
-    (it meets the channels through ``sigmoid``), so it must be registered."""
+    """A per-channel gate whose width is an attribute (``channels``) its view reads: the graph
+    cannot know to update it, so the layer is registered (with ``out_attribute``)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -412,20 +412,21 @@ def test_a_model_returning_hidden_features_is_refused_with_advice_that_works() -
 
 def test_an_unknown_layer_freezes_its_group_with_advice_that_works() -> None:
     class Gate(nn.Module):
-        """Like ChannelGate, registered only once the refusal's advice is followed."""
+        """Gates normalised across the channels (a softmax mixes them), registered only once
+        the refusal's advice is followed."""
 
         def __init__(self, channels: int) -> None:
             super().__init__()
             self.logit = nn.Parameter(torch.randn(channels))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x * torch.sigmoid(self.logit).view(1, -1, 1, 1)
+            return x * torch.softmax(self.logit, 0).view(1, -1, 1, 1)
 
     def gated() -> nn.Module:
         return nn.Sequential(nn.Conv2d(3, 8, 3), Gate(8), nn.Conv2d(8, 4, 3))
 
     reason = build_graph(gated(), IMAGE).frozen["0"]
-    assert reason.startswith("parameter '1.logit' cannot lose channels: it is used in 'sigmoid'")
+    assert reason.startswith("parameter '1.logit' cannot lose channels: it is used in 'softmax'")
     assert reason.endswith("(register Gate with autoprune.register_layer)")
     autoprune.register_layer(Gate, LogitPruner())
     assert [g.name for g in build_graph(gated(), IMAGE).groups()] == ["0"]
