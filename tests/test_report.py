@@ -103,8 +103,10 @@ def test_markdown_links_the_plots_and_holds_the_tables(run):
         assert f"| {layer['name']} | {layer['before']} | {layer['after']} | " in markdown
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert len(history) == summary["iterations"] >= 2
-    for h in history:
-        assert f"| {h['iteration']} | {h['group']} -{h['channels']} | " in markdown
+    for h in history:  # a step topped up from several groups lists each
+        removed = ", ".join(f"{group} -{n}" for group, n in h["removed"].items())
+        assert f"| {h['iteration']} | {removed} | " in markdown
+    assert any(len(h["removed"]) > 1 for h in history)
 
 
 def test_run_without_data_or_iterations_is_reported(data_free_run):
