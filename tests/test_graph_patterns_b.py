@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import autoprune
-from autoprune.criteria import select
+from autoprune.criteria import score, select
 from autoprune.data.synthetic import load_synthetic
 from autoprune.graph import build_graph, mask_channels
 from autoprune.io.model_io import load, save
@@ -537,3 +537,22 @@ def test_efficientformer_loss_aware_search_runs_two_iterations() -> None:
     )
     assert len(result.history) >= 2
     assert abs(result.summary["macs_reduction"] - 0.1) <= 0.005
+
+
+def test_l1_scores_groups_whose_channels_own_unequal_numbers_of_rows() -> None:
+    """Res2NeXt: grouped convs on split pieces give some group channels more producer rows
+    than others; L1 sums whatever rows a channel owns (the fixed schedule refused the model)."""
+    graph = build_graph(timm_model("timm:res2next50"), torch.randn(1, 3, 32, 32))
+    uneven = [
+        g
+        for g in graph.groups()
+        if any(
+            len(set(torch.bincount(m.group_idxs, minlength=g.channels).tolist())) > 1
+            for m in g.members
+            if m.out_channels and m.kind == "conv"
+        )
+    ]
+    assert uneven
+    for group in uneven:
+        scores = score(group, "l1")
+        assert scores.shape == (group.channels,) and bool((scores > 0).all())

@@ -28,12 +28,16 @@ from ..graph.custom import filter_rows
 PRODUCER_KINDS = ("conv", "depthwise", "linear", "custom")
 
 
-def _rows(member: Member, channels: int) -> torch.Tensor | None:
-    """The member's weight rows, ordered by group channel: (channels, k * d), or None."""
+def _weight(member: Member) -> torch.Tensor:
+    """The member's weight, output channels first."""
     w = filter_rows(member.module)  # a user's registered layer: its output-channel tensors
     w = member.module.weight.detach() if w is None else w
-    if getattr(member.module, "transposed", False):
-        w = w.transpose(0, 1)
+    return w.transpose(0, 1) if getattr(member.module, "transposed", False) else w
+
+
+def _rows(member: Member, channels: int) -> torch.Tensor | None:
+    """The member's weight rows, ordered by group channel: (channels, k * d), or None."""
+    w = _weight(member)
     ordered = torch.arange(channels)
     whole = w.shape[0] == channels  # else a slice of it: a depthwise conv after a concat
     if whole and torch.equal(member.group_idxs, ordered) and torch.equal(member.idxs, ordered):
@@ -46,20 +50,37 @@ def _rows(member: Member, channels: int) -> torch.Tensor | None:
 
 
 def filter_l1(group: ChannelGroup) -> torch.Tensor:
-    """L1 norm per channel of the concatenated producer filters (float64)."""
-    return _cached(group, "l1", lambda rows: rows.abs().sum(dim=1))
+    """L1 norm per channel of the concatenated producer filters (float64). Rows are summed
+    into the group channel they belong to, so any mapping is scored, also one giving group
+    channels unequal numbers of rows (Res2NeXt's grouped convs on split pieces)."""
+
+    def l1(member: Member, channels: int) -> torch.Tensor:
+        w = _weight(member)
+        per_row = w.reshape(w.shape[0], -1).abs().sum(dim=1)[member.idxs.to(w.device)]
+        total = torch.zeros(channels, dtype=torch.float64)
+        return total.index_add_(0, member.group_idxs, per_row.cpu().double())
+
+    return _cached(group, "l1", l1)
 
 
 def filter_gram(group: ChannelGroup) -> torch.Tensor:
     """Float64 Gram matrix of the concatenated producer filters: its own cache entry, since
     it costs ``channels**2 * filter length`` (a wide RegNet stage: seconds) and L1 needs none."""
-    return _cached(group, "gram", lambda rows: rows @ rows.T)
+
+    def gram(member: Member, channels: int) -> torch.Tensor | None:
+        rows = _rows(member, channels)
+        return None if rows is None else (rows @ rows.T).cpu().double()
+
+    return _cached(group, "gram", gram)
 
 
 def _cached(
-    group: ChannelGroup, stat: str, per_producer: Callable[[torch.Tensor], torch.Tensor]
+    group: ChannelGroup,
+    stat: str,
+    per_producer: Callable[[Member, int], torch.Tensor | None],
 ) -> torch.Tensor:
-    """``per_producer(rows)`` summed over the group's producers, cached on the group."""
+    """``per_producer(member, channels)`` summed over the group's producers (None: none from
+    that one), cached on the group."""
     producers = [m for m in group.members if m.out_channels and m.kind in PRODUCER_KINDS]
     key = tuple((id(p), p._version) for m in producers for p in m.module.parameters())
     cached = group.cache.get(f"filters.{stat}")
@@ -67,9 +88,8 @@ def _cached(
         return cached[1]
     total: torch.Tensor | None = None
     for m in producers:
-        rows = _rows(m, group.channels)
-        if rows is not None:
-            value = per_producer(rows).cpu().double()
+        value = per_producer(m, group.channels)
+        if value is not None:
             total = value if total is None else total + value
     if total is None:
         raise AutopruneError(f"group {group.name!r} has no weights to score its channels by")
