@@ -50,17 +50,22 @@ def _rows(member: Member, channels: int) -> torch.Tensor | None:
 
 
 def filter_l1(group: ChannelGroup) -> torch.Tensor:
-    """L1 norm per channel of the concatenated producer filters (float64). Rows are summed
-    into the group channel they belong to, so any mapping is scored, also one giving group
-    channels unequal numbers of rows (Res2NeXt's grouped convs on split pieces)."""
+    """L1 norm per channel of the concatenated producer filters (float64), from the producers
+    that give every group channel the same number of rows. Where none does (Res2NeXt's
+    grouped convs on split pieces), each channel's L1 is that of all the rows it owns."""
 
-    def l1(member: Member, channels: int) -> torch.Tensor:
+    def even(member: Member, channels: int) -> torch.Tensor | None:
+        rows = _rows(member, channels)
+        return None if rows is None else rows.abs().sum(dim=1).cpu().double()
+
+    def owned(member: Member, channels: int) -> torch.Tensor:
         w = _weight(member)
         per_row = w.reshape(w.shape[0], -1).abs().sum(dim=1)[member.idxs.to(w.device)]
         total = torch.zeros(channels, dtype=torch.float64)
         return total.index_add_(0, member.group_idxs, per_row.cpu().double())
 
-    return _cached(group, "l1", l1)
+    found = _cached(group, "l1", even)
+    return found if found is not None else _required(group, _cached(group, "l1.owned", owned))
 
 
 def filter_gram(group: ChannelGroup) -> torch.Tensor:
@@ -71,16 +76,22 @@ def filter_gram(group: ChannelGroup) -> torch.Tensor:
         rows = _rows(member, channels)
         return None if rows is None else (rows @ rows.T).cpu().double()
 
-    return _cached(group, "gram", gram)
+    return _required(group, _cached(group, "gram", gram))
+
+
+def _required(group: ChannelGroup, value: torch.Tensor | None) -> torch.Tensor:
+    if value is None:
+        raise AutopruneError(f"group {group.name!r} has no weights to score its channels by")
+    return value
 
 
 def _cached(
     group: ChannelGroup,
     stat: str,
     per_producer: Callable[[Member, int], torch.Tensor | None],
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """``per_producer(member, channels)`` summed over the group's producers (None: none from
-    that one), cached on the group."""
+    that one, or from any), cached on the group."""
     producers = [m for m in group.members if m.out_channels and m.kind in PRODUCER_KINDS]
     key = tuple((id(p), p._version) for m in producers for p in m.module.parameters())
     cached = group.cache.get(f"filters.{stat}")
@@ -91,7 +102,5 @@ def _cached(
         value = per_producer(m, group.channels)
         if value is not None:
             total = value if total is None else total + value
-    if total is None:
-        raise AutopruneError(f"group {group.name!r} has no weights to score its channels by")
     group.cache[f"filters.{stat}"] = (key, total)
     return total
