@@ -27,6 +27,7 @@ from ._landing import TOLERANCE, Ranked, land
 from .candidates import (
     OBJECTIVES,
     Candidate,
+    Objective,
     channels_for,
     criteria_state,
     make_candidates,
@@ -177,6 +178,7 @@ def _fill(
     losses: Sequence[float],
     step: Step,
     state: Mapping[str, Any],
+    objective: Objective,
 ) -> Step:
     """Where no group can give a whole step (a model of many small groups: DenseNet, NASNet),
     the best candidate's step is topped up with the next best candidates of other groups, in
@@ -186,14 +188,16 @@ def _fill(
 
     The best candidate stays the first choice, so a step one group can give is unchanged.
     """
+    assert ctx.calib is not None and ctx.scorer is not None  # choose() has checked
     goal = min(ctx.config.step * ctx.original_macs, ctx.remaining_macs)
     slack = TOLERANCE * ctx.original_macs
     current = ctx.graph.macs()
     removal, criteria = dict(step.removal), list(step.criteria)
     saved = current - ctx.graph.macs(removal)
-    if saved >= goal - slack or ctx.calib is None:
+    if saved >= goal - slack:
         return step
-    for candidate in _ranking(ctx, candidates, losses):
+    ranked = _ranking(candidates, losses, ctx.scorer.last_stats, objective)
+    for candidate in ranked:
         if candidate.group in removal:
             continue
         idxs = candidate.idxs
@@ -220,16 +224,17 @@ def _fill(
 
 
 def _ranking(
-    ctx: SearchContext, candidates: Sequence[Candidate], losses: Sequence[float]
+    candidates: Sequence[Candidate],
+    losses: Sequence[float],
+    stats: Mapping[str, Any],
+    objective: Objective,
 ) -> list[Candidate]:
-    """The candidates as the scorer ranked them: those that saw more calibration images (the
-    survivors of successive halving) first, then by the objective on the images they saw."""
-    assert ctx.scorer is not None and ctx.loss is not None
-    stats = ctx.scorer.last_stats
+    """The candidates as the scorer ranked them (``stats``: its ``last_stats``): those that saw
+    more calibration images (the survivors of successive halving) first, then by the objective
+    on the images they saw."""
     n = len(candidates)
     seen = stats.get("images_per_candidate") or [0] * n
     losses = stats.get("estimates") or losses
-    objective = OBJECTIVES.get(ctx.config.search_objective)(ctx.loss)
 
     def key(i: int) -> tuple[float, float, int]:
         value = objective(losses[i], candidates[i]) if math.isfinite(losses[i]) else math.inf
@@ -266,7 +271,7 @@ def choose(
         dict(ctx.scorer.last_stats),
         granularity,
     )
-    return step if fill is None else _fill(ctx, candidates, losses, step, fill)
+    return step if fill is None else _fill(ctx, candidates, losses, step, fill, objective)
 
 
 @SCHEDULES.register("auto", description="the whole criteria pool every iteration (LAASP)")
