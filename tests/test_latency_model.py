@@ -2,8 +2,8 @@
 
 The fake backend costs a module as if its kernels worked on blocks of 8 channels: a conv costs
 ``blocks(out) * blocks(in) * kernel`` units (``blocks``: rounded up to 8), a linear layer
-``blocks(out)``, and every BatchNorm adds a fixed overhead that no layer table sees (what the
-fit through a thinner model must find).
+``blocks(out)``, and every pooling layer adds a fixed overhead that no layer table sees (what
+the fit through a thinner model must find); norms and activations cost nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from _small import SMALL, TRAIN
+from _small import SMALL, TRAIN, synthetic_task
 from torch import nn
 
 import autoprune
@@ -43,7 +43,7 @@ def fake_ms(module: nn.Module, shape: tuple[int, ...], batch: int) -> float:
             total += blocks(m.out_channels) * blocks(m.in_channels) * m.kernel_size[0] ** 2 * 1e-4
         elif isinstance(m, nn.Linear):
             total += blocks(m.out_features) * 1e-3
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, nn.MaxPool2d | nn.AdaptiveMaxPool2d):
             total += 0.05
     return total * batch
 
@@ -90,7 +90,7 @@ def test_prediction_matches_the_backend_dense_and_after_pruning(model):
     target = LatencyTarget.build(graph, EXAMPLE, 0.3, backend="fake8", batch=2)
     lm = target.model
     assert lm.dense_ms == pytest.approx(fake_ms(model, (1, 16, 16), 2))
-    assert lm.fixed_ms == pytest.approx(3 * 0.05 * 2)  # the BatchNorms, found by the fit
+    assert lm.fixed_ms == pytest.approx(3 * 0.05 * 2)  # the pools, found by the fit
     assert lm.ratio > 1.0
     for group in graph.groups():
         graph.prune(group.name, torch.arange(group.channels // 3))
@@ -290,3 +290,59 @@ def test_a_resumed_latency_run_decides_as_the_saved_one(model):
     third = Pruner(model, EXAMPLE, latency_config(), calib_data=TRAIN)
     third.load_state_dict({**saved, "latency_fit": {**saved["latency_fit"], "fixed_ms": 0.5}})
     assert third.latency.model.fixed_ms == 0.5  # the saved fit, not a new measurement
+
+
+def test_a_layer_is_timed_with_the_norm_and_activation_that_follow_it(model):
+    from autoprune.measure.latency_model import traced_shapes
+
+    shapes = traced_shapes(model, EXAMPLE)
+    convs = [s for m, s in shapes.items() if isinstance(m, nn.Conv2d)]
+    assert [s.followers for s in convs] == [("BatchNorm2d", "ReLU")] * 3
+    (linear,) = [s for m, s in shapes.items() if isinstance(m, nn.Linear)]
+    assert linear.followers == ()  # a pool and a flatten come first
+    built, input_shape = convs[1].build(16, 12)
+    assert [type(m) for m in built] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+    assert built(torch.zeros(2, *input_shape)).shape[1] == 12
+
+
+def test_a_residual_conv_is_timed_without_what_follows_the_addition():
+    from autoprune.measure.latency_model import traced_shapes
+
+    shapes = traced_shapes(create_model("resnet20"), torch.zeros(1, 3, 16, 16))
+    followers = [s.followers for s in shapes.values() if s.kind == "conv2d"]
+    assert followers[:3] == [("BatchNorm2d", "ReLU"), ("BatchNorm2d", "ReLU"), ("BatchNorm2d",)]
+
+
+def test_blocks_leave_under_a_latency_target_costed_by_their_layers():
+    """Blocks first, to their share of the predicted latency, then channels to the target; the
+    prediction without the removed blocks is the backend's measurement."""
+    torch.manual_seed(0)
+    resnet = create_model("resnet20")
+    example = torch.zeros(1, 3, 16, 16)
+    train, _ = synthetic_task(channels=3)
+    config = latency_config(granularity=("block", "channel"), target_latency_reduction=0.3)
+    pruner = Pruner(resnet, example, config, calib_data=train)
+    target = pruner.latency
+    candidates = pruner.candidates()
+    assert candidates and all(c.paths and c.latency_saved > 0 for c in candidates)
+    lm = target.model
+    for candidate in candidates:
+        modules = [pruner.model.get_submodule(p) for p in candidate.paths]
+        layers = [m for mod in modules for m in mod.modules() if m in lm.layers]
+        assert candidate.latency_saved == pytest.approx(lm.scale * sum(map(lm._layer_ms, layers)))
+    history = list(iter(pruner.step, None))
+    grains = [h["granularity"] for h in history]
+    assert grains[0] == "block" and grains[-1] == "channel"
+    assert grains == sorted(grains, key=["block", "channel"].index)
+    first_channel = grains.index("channel")
+    before_channels = history[first_channel - 1]["latency_predicted_ms"]
+    assert 1 - before_channels / target.dense_ms >= 0.15 - 0.005  # the blocks' half
+    assert 1 - history[-1]["latency_predicted_ms"] / target.dense_ms >= 0.3 - 0.005
+    assert target.predicted_ms() == pytest.approx(fake_ms(pruner.model, (3, 16, 16), 1))
+
+
+def test_latency_targets_refuse_weights_and_fixed_channels_but_take_blocks():
+    assert latency_config(granularity=("block", "layer", "channel")).granularity[0] == "block"
+    assert latency_config(granularity=("block",), schedule="fixed", criteria=("l1",))
+    with pytest.raises(AutopruneError, match="use target_macs_reduction for weight"):
+        latency_config(granularity=("channel", "weight"))

@@ -18,9 +18,10 @@ import json
 import math
 import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,13 +34,14 @@ from .latency_table import (
     LayerShape,
     LayerTable,
     layer_shape,
+    follower_name,
     measure_tables,
     median_rounds,
 )
 
 # layer -> (output channels removed, input channels removed), as a channel group reports it
 Removed = Mapping[nn.Module, tuple[int, int]]
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: tables time each layer with its followers
 
 
 @dataclass
@@ -79,19 +81,34 @@ class LatencyModel:
         self.fixed_ms = max(0.0, self.dense_ms - scale * self.tables_ms)  # inf: proportional
         self.scale = (self.dense_ms - self.fixed_ms) / self.tables_ms
 
-    def layers_ms(self, removed: Removed | None = None) -> float:
-        """Sum of the layer tables for the model as it is now, less ``removed`` channels."""
+    def layers_ms(self, removed: Removed | None = None, live: Set[nn.Module] | None = None) -> float:
+        """Sum of the tables of the layers still in the model (``live``: those modules; None:
+        all), at their widths now less ``removed`` channels."""
         removed = removed or {}
-        return sum(self._layer_ms(m, *removed.get(m, (0, 0))) for m in self.layers)
+        return sum(
+            self._layer_ms(m, *removed.get(m, (0, 0)))
+            for m in self.layers
+            if live is None or m in live
+        )
 
-    def predict(self, removed: Removed | None = None) -> float:
-        """Milliseconds predicted for the model as it is now, less ``removed`` channels."""
-        return self.fixed_ms + self.scale * self.layers_ms(removed)
+    def predict(self, removed: Removed | None = None, live: Set[nn.Module] | None = None) -> float:
+        """Milliseconds predicted for the model as it is now (``live``: the modules still in it;
+        None: every modelled layer is), less ``removed`` channels. The fixed part is spread over
+        the modelled layers: a layer removed whole takes its share of the per-op cost along."""
+        share = 1.0 if live is None else sum(m in live for m in self.layers) / len(self.layers)
+        return self.fixed_ms * share + self.scale * self.layers_ms(removed, live)
 
     def saved(self, removed: Removed) -> float:
         """Milliseconds predicted to be saved by removing ``removed`` from the model now."""
         layers = [(m, r) for m, r in removed.items() if m in self.layers]
         return self.scale * sum(self._layer_ms(m) - self._layer_ms(m, *r) for m, r in layers)
+
+    def saved_whole(self, modules: Iterable[nn.Module]) -> float:
+        """Milliseconds predicted to be saved by removing the modelled layers among ``modules``
+        (and their submodules) whole: their tables and their share of the fixed part."""
+        layers = {m for module in modules for m in module.modules() if m in self.layers}
+        fixed = self.fixed_ms * len(layers) / len(self.layers)
+        return fixed + self.scale * sum(self._layer_ms(m) for m in layers)
 
     def _layer_ms(self, module: nn.Module, out_removed: int = 0, in_removed: int = 0) -> float:
         cin, cout = channel_counts(module)
@@ -138,16 +155,33 @@ def build_latency_model(
 
 
 def traced_shapes(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Module, LayerShape]:
-    """Every modelled layer that a forward pass of ``example_inputs`` runs, with its shape."""
-    shapes: dict[nn.Module, LayerShape] = {}
+    """Every modelled layer that a forward pass of ``example_inputs`` runs, with its shape and
+    the norm and activation modules run on its output alone after it (its followers)."""
+    calls: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}  # first call, tensors held
 
-    def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        shape = layer_shape(module, tuple(args[0].shape[1:]))
-        if shape is not None:
-            shapes.setdefault(module, shape)
+    def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+            calls.setdefault(module, (args[0], output))
 
-    with hooked(((m, record) for m in model.modules()), pre=True):
+    leaves = (m for m in model.modules() if next(m.children(), None) is None)
+    with hooked((m, record) for m in leaves):
         run_eval(model, (example_inputs[:1],))
+    readers: dict[int, list[nn.Module]] = {}
+    for module, (given, _) in calls.items():
+        readers.setdefault(id(given), []).append(module)
+    shapes: dict[nn.Module, LayerShape] = {}
+    for layer, (given, output) in calls.items():
+        followers: list[str] = []
+        last = layer
+        while len(after := [r for r in readers.get(id(output), []) if r is not last]) == 1:
+            name = follower_name(after[0], layer)
+            if name is None:
+                break
+            followers.append(name)
+            last, output = after[0], calls[after[0]][1]
+        shape = layer_shape(layer, tuple(given.shape[1:]), tuple(followers))
+        if shape is not None:
+            shapes[layer] = shape
     return shapes
 
 

@@ -3,7 +3,10 @@
 The NetAdapt / HALP habit: a layer's latency on the target depends on its shape (kernel,
 stride, input size, batch) and its channel counts, so each distinct layer shape is rebuilt at
 a few output widths (at full input width) and a few input widths (at full output width), and
-timed in isolation on the backend, median of a few repeats. A layer at ``(cin, cout)`` is
+timed in isolation on the backend, median of a few repeats. A layer is timed with the norm and
+activation that alone consume its output in the model (:data:`FOLLOWERS`): ONNX Runtime fuses
+them into the convolution, and eager runs them on the layer's output, where on large feature
+maps they cost as much as the convolution itself. A layer at ``(cin, cout)`` is
 then predicted as ``dense * r_out(cout) * r_in(cin)``, each ratio read at the nearest
 measured width at or above: cheap to build (two short sweeps per distinct shape) and fine
 enough to show the widths where a backend's kernels step.
@@ -76,13 +79,21 @@ class LayerShape:
     dilation: tuple[int, ...] = ()
     depthwise: bool = False  # groups == in == out: one width moves both sides
     bias: bool = True
+    followers: tuple[str, ...] = ()  # FOLLOWERS keys of the modules run on the output, in order
 
     @property
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     def build(self, cin: int, cout: int) -> tuple[nn.Module, tuple[int, ...]]:
-        """A fresh layer of this shape at ``(cin, cout)`` and its input shape."""
+        """A fresh layer of this shape at ``(cin, cout)``, with its followers, and its input
+        shape."""
+        layer, input_shape = self._layer(cin, cout)
+        if not self.followers:
+            return layer, input_shape
+        return nn.Sequential(layer, *(build_follower(f, cout) for f in self.followers)), input_shape
+
+    def _layer(self, cin: int, cout: int) -> tuple[nn.Module, tuple[int, ...]]:
         if self.kind == "linear":
             return nn.Linear(cin, cout, bias=self.bias), (*self.input_shape[:-1], cin)
         conv = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}[self.kind]
@@ -101,12 +112,44 @@ class LayerShape:
         return layer, (cin, *self.input_shape[1:])
 
 
-def layer_shape(module: nn.Module, input_shape: tuple[int, ...]) -> LayerShape | None:
+# What may follow a layer in its table, by type name: norms (built at the layer's output
+# width) and activations.
+NORM_FOLLOWERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+ACTIVATION_FOLLOWERS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.Mish)
+FOLLOWERS: dict[str, type[nn.Module]] = {
+    cls.__name__: cls for cls in NORM_FOLLOWERS + ACTIVATION_FOLLOWERS
+}
+
+
+def build_follower(name: str, channels: int) -> nn.Module:
+    cls = FOLLOWERS[name]
+    return cls(channels) if cls in NORM_FOLLOWERS else cls()
+
+
+def follower_name(module: nn.Module, layer: nn.Module) -> str | None:
+    """The :data:`FOLLOWERS` key of ``module`` where it may follow ``layer`` in a table (None:
+    it may not). Activations go after any layer, whatever their settings (the latency is the
+    same); a BatchNorm only after a conv of its dimensions."""
+    name = type(module).__name__
+    if FOLLOWERS.get(name) is not type(module):
+        return None
+    if isinstance(module, NORM_FOLLOWERS):
+        dims = len(getattr(layer, "kernel_size", ()))
+        return name if dims and name.endswith(f"{dims}d") else None
+    return name
+
+
+def layer_shape(
+    module: nn.Module, input_shape: tuple[int, ...], followers: tuple[str, ...] = ()
+) -> LayerShape | None:
     """The shape record of a conv (not transposed, not grouped other than depthwise) or linear
-    layer fed ``input_shape`` (without batch); None for any other layer (not modelled)."""
+    layer fed ``input_shape`` (without batch) and followed by ``followers``; None for any other
+    layer (not modelled)."""
     if isinstance(module, nn.Linear):
         features = (module.in_features, module.out_features)
-        return LayerShape("linear", *features, input_shape, bias=module.bias is not None)
+        return LayerShape(
+            "linear", *features, input_shape, bias=module.bias is not None, followers=followers
+        )
     if not isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         return None
     depthwise = module.groups == module.in_channels == module.out_channels
@@ -123,6 +166,7 @@ def layer_shape(module: nn.Module, input_shape: tuple[int, ...]) -> LayerShape |
         tuple(module.dilation),
         depthwise,
         module.bias is not None,
+        followers,
     )
 
 

@@ -333,8 +333,8 @@ class PruneConfig:
 
 
 def _check_latency_target(config: PruneConfig) -> None:
-    """A latency target works with a loss-aware schedule on channels alone; its objective
-    (``loss_per_latency``) needs one."""
+    """A latency target works with the structured granularities (blocks, layers, channels by a
+    loss-aware schedule); its objective (``loss_per_latency``) needs one."""
     if config.target_latency_reduction is None:
         if config.objective and OBJECTIVES.entry(config.objective).meta.get("target") == "latency":
             raise AutopruneError(
@@ -342,11 +342,13 @@ def _check_latency_target(config: PruneConfig) -> None:
             )
         return
     _fraction("target_latency_reduction", config.target_latency_reduction, open_right=True)
-    if config.granularity != ("channel",) or config.schedule == "fixed":
+    unstructured = [n for n in config.granularity if not GRANULARITIES.get(n).structured]
+    if unstructured or (config.schedule == "fixed" and "channel" in config.granularity):
         raise AutopruneError(
-            "target_latency_reduction works with a loss-aware schedule (auto, "
-            "saliency-then-similarity) on granularity 'channel' alone; use "
-            "target_macs_reduction for the others"
+            "target_latency_reduction works with the structured granularities (block, layer, "
+            "channel) and, for channels, a loss-aware schedule (auto, "
+            "saliency-then-similarity); use target_macs_reduction for "
+            f"{', '.join(unstructured) or 'the fixed schedule'}"
         )
 
 

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
 from .._forward import eval_mode
 from ..errors import AutopruneError
@@ -94,7 +95,12 @@ class LatencyTarget:
 
     # ------------------------------------------------------------------------- progress
     def predicted_ms(self) -> float:
-        return self.model.predict()
+        """The model as it is now: its layers' widths, without the blocks and layers removed."""
+        return self.model.predict(live=set(self.graph.model.modules()))
+
+    def saved_whole(self, modules: Iterable[nn.Module]) -> float:
+        """Milliseconds predicted to be saved by removing ``modules`` whole (a block, a layer)."""
+        return self.model.saved_whole(modules)
 
     @property
     def reduction(self) -> float:

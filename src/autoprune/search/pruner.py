@@ -134,10 +134,10 @@ class Pruner:
         the first step when not called (a loaded state has started already)."""
         if self._started:
             return
-        if self.latency is not None:
-            self.latency.check_reachable(self.context().limits())
-        elif "channel" in self.config.granularity:
+        if self.latency is None and "channel" in self.config.granularity:
             self._check_reachable()
+        elif self.latency is not None and self.config.granularity == ("channel",):
+            self.latency.check_reachable(self.context().limits())  # blocks reach further
         self.state.loss = self.calib_loss("before pruning")
         self._started = True
 

@@ -60,6 +60,11 @@ class SearchContext:
         return 1.0 - self.graph.macs() / self.original_macs
 
     @property
+    def achieved(self) -> float:
+        """The reduction the target is in: of the MACs, or of the predicted latency."""
+        return self.reduction if self.latency is None else self.latency.reduction
+
+    @property
     def progress(self) -> float:
         """The part of the target reached: of the MACs, or of the predicted latency."""
         if self.latency is not None:

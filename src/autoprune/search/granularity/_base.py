@@ -24,8 +24,9 @@ EMPTY = torch.zeros(0, dtype=torch.long)  # the indices of a removal that names 
 class Granularity(ABC):
     """One phase of a run: proposes its steps until ``goal`` and applies them.
 
-    ``structured`` granularities save dense MACs (their goal is a MACs reduction); ``counts``
-    names what the summary counts of them.
+    ``structured`` granularities save dense MACs; their goal is a reduction of what the target
+    is in (MACs, or the predicted latency with a latency target). ``counts`` names what the
+    summary counts of them.
     """
 
     structured: ClassVar[bool] = True
@@ -43,7 +44,7 @@ class Granularity(ABC):
         return True
 
     def reached(self, ctx: SearchContext) -> bool:
-        return ctx.reduction >= self.goal - TOLERANCE
+        return ctx.achieved >= self.goal - TOLERANCE
 
     @abstractmethod
     def candidates(self, ctx: SearchContext) -> Sequence[Candidate]:
@@ -89,13 +90,15 @@ def check_granularity(config: PruneConfig) -> None:
 
 
 def plan(config: PruneConfig, schedule: Schedule) -> list[Granularity]:
-    """The run's granularities in order, each with its goal: structured ones share the MACs
-    target (``macs_shares``, equal by default), ``weight`` aims at ``weight_sparsity``."""
+    """The run's granularities in order, each with its goal: structured ones share the target
+    (MACs, or predicted latency; ``macs_shares``, equal by default), ``weight`` aims at
+    ``weight_sparsity``."""
     structured = [n for n in config.granularity if GRANULARITIES.get(n).structured]
     shares = config.macs_shares or [1.0] * len(structured)
     total = sum(shares)
+    target = config.target_latency_reduction or config.target_macs_reduction
     goals = {
-        n: config.target_macs_reduction * min(1.0, s / total)
+        n: target * min(1.0, s / total)
         for n, s in zip(structured, accumulate(shares), strict=True)
     }
     return [

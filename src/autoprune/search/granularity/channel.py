@@ -1,6 +1,6 @@
 """The ``channel`` granularity: the schedule's (group, criterion) candidates, as in a
-channel-only run. Its goal is the MACs target (it is the last structured granularity, so it
-finishes the MACs); candidates are tried by channel masks and applied by the pruning graph,
+channel-only run. Its goal is the whole target (it is the last structured granularity, so it
+finishes it); candidates are tried by channel masks and applied by the pruning graph,
 and saving needs no record of its own: the saved layer shapes are what is left.
 """
 
@@ -26,10 +26,6 @@ class Channel(Granularity):
 
     def candidates(self, ctx: SearchContext) -> list[Candidate]:
         return self.schedule.candidates(ctx)
-
-    def reached(self, ctx: SearchContext) -> bool:
-        """The MACs goal, or with a latency target the predicted latency's."""
-        return super().reached(ctx) if ctx.latency is None else ctx.latency.reached()
 
     def propose(self, ctx: SearchContext) -> Step | None:
         return self.schedule.propose(ctx)

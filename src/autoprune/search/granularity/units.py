@@ -203,20 +203,35 @@ class UnitCandidate(GrainCandidate):
 
 
 class _Units(Granularity):
-    """Every block or layer whose removal stays within the MACs target is a candidate."""
+    """Every block or layer whose removal stays within the target is a candidate; with a
+    latency target each is costed by the predicted latency of its layers."""
 
     kind: ClassVar[str]
 
     def candidates(self, ctx: SearchContext) -> list[GrainCandidate]:
-        graph = ctx.graph
-        room = ctx.remaining_macs + TOLERANCE * ctx.original_macs
+        graph, latency = ctx.graph, ctx.latency
+        if latency is None:
+            room = ctx.remaining_macs + TOLERANCE * ctx.original_macs
+        else:
+            room = (latency.target - latency.reduction + TOLERANCE) * latency.dense_ms
         candidates = []
         for unit in find_units(graph.model, graph.example_inputs):
             if unit.kind != self.kind or touches_ignored(unit.paths, self.config.ignored_layers):
                 continue
-            saved = graph.module_macs(graph.model.get_submodule(p) for p in unit.paths)
-            if 0 < saved <= room:
-                candidates.append(UnitCandidate(unit.name, (), EMPTY, saved, paths=unit.paths))
+            modules = [graph.model.get_submodule(p) for p in unit.paths]
+            saved = graph.module_macs(modules)
+            cost = saved if latency is None else latency.saved_whole(modules)
+            if saved > 0 and 0 < cost <= room:
+                candidates.append(
+                    UnitCandidate(
+                        unit.name,
+                        (),
+                        EMPTY,
+                        saved,
+                        latency_saved=0.0 if latency is None else cost,
+                        paths=unit.paths,
+                    )
+                )
         return candidates
 
     def apply(self, graph: PruningGraph, removal: Mapping[str, torch.Tensor]) -> None:
