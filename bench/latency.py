@@ -4,11 +4,13 @@ Protocol (issue 16), for each ``--targets`` entry ``backend:batch`` (default: ON
 batch 1, torch eager at batch 64): prune the adapted CIFAR ResNet with
 
 - ``autoprune-latency``: ``target_latency_reduction`` for a ``--speedup`` predicted on that
-  backend and batch (the latency model is built there, from per-layer tables);
+  backend and batch (the latency model is built there, from per-layer tables), removing
+  ``--granularity`` (blocks, then channels, by default);
 - ``autoprune-macs``: the same search to ``--macs-target`` of the MACs;
 - ``tp-l1-global``: Torch-Pruning's L1 global ranking to the same MACs target;
 
-all without recovery, then give each the same distilled fine-tune (``--finetune-epochs``, as in
+all without recovery (the last two do not depend on the backend: pruned and fine-tuned once,
+timed under every target), then give each the same distilled fine-tune (``--finetune-epochs``, as in
 bench/quality.py) and measure test accuracy on CIFAR-10-JPEG75. Dense and pruned models are
 timed in the same run on that backend and batch: ``--rounds`` rounds visiting every model in
 turn, median of the rounds' medians. The latency-targeted model's predicted latency stands
@@ -63,6 +65,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--speedup", type=float, default=2.0, help="predicted speed-up to reach")
     p.add_argument("--macs-target", type=float, default=0.5)
     p.add_argument("--methods", default="autoprune-latency,autoprune-macs,tp-l1-global")
+    p.add_argument("--granularity", default="block,channel", help="autoprune-latency's")
     p.add_argument("--calib", type=int, default=512, help="calibration images")
     p.add_argument("--step", type=float, default=0.01)
     p.add_argument("--train-size", type=int, default=50_000)
@@ -100,9 +103,11 @@ def autoprune_latency(dense, train, backend, batch, args) -> tuple[nn.Module, di
         target_latency_reduction=1 - 1 / args.speedup,
         latency_backend=backend,
         latency_batch=batch,
+        granularity=args.granularity,
         **_search(args),
     )
-    return result.model, {"latency_model": result.summary["latency"]}
+    summary = result.summary
+    return result.model, {"latency_model": summary["latency"], "removed": summary["removed"]}
 
 
 def autoprune_macs(dense, train, backend, batch, args) -> tuple[nn.Module, dict]:
@@ -134,6 +139,7 @@ METHODS: dict[str, Method] = {
     "autoprune-macs": autoprune_macs,
     "tp-l1-global": tp_l1_global,
 }
+ANY_BACKEND = {"autoprune-macs", "tp-l1-global"}  # pruned once, timed under every target
 
 
 def timed_in_rounds(
@@ -153,13 +159,25 @@ def timed_in_rounds(
 
 
 def run_target(
-    backend: str, batch: int, dense: nn.Module, train: ImageData, test: ImageData, args
+    backend: str,
+    batch: int,
+    dense: nn.Module,
+    train: ImageData,
+    test: ImageData,
+    args,
+    done: dict[str, tuple[nn.Module, dict[str, Any]]],
 ) -> dict[str, Any]:
+    """Prune, fine-tune and time every method for one target; ``done`` keeps the methods of
+    :data:`ANY_BACKEND` for the next target."""
     example = torch.zeros(1, *INPUT_SHAPE)
     kd = distillation(dense, temperature=4.0, weight=0.5)
     dense_macs = count_macs(dense, example)
     rows, models = [], {"dense": dense}
     for method in args.methods.split(","):
+        if method in done:
+            models[method], row = done[method]
+            rows.append(dict(row))
+            continue
         torch.manual_seed(args.seed)
         start = time.perf_counter()
         model, extra = METHODS[method](dense, train, backend, batch, args)
@@ -179,6 +197,8 @@ def run_target(
                 **extra,
             }
         )
+        if method in ANY_BACKEND:
+            done[method] = (model, dict(rows[-1]))
         print(f"{backend}:{batch} {method}: {rows[-1]}", flush=True)
     timings = timed_in_rounds(models, backend, batch, args)
     dense_ms = timings["dense"]["median_ms"]
@@ -208,9 +228,9 @@ def write(out: Path, results: dict[str, Any]) -> None:
             f"## {target['backend']}, batch {target['batch']} "
             f"(dense: {target['dense_ms']:.2f} ms, {target['dense_accuracy']:.2f} %)",
             "",
-            "| method | MACs red. | measured (ms) | speed-up | predicted speed-up | predicted / "
-            "measured | acc. after prune | acc. after fine-tune | search (s) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| method | MACs red. | blocks removed | measured (ms) | speed-up | predicted speed-up "
+            "| predicted / measured | acc. after prune | acc. after fine-tune | search (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in target["rows"]:
             model = row.get("latency_model")
@@ -218,6 +238,7 @@ def write(out: Path, results: dict[str, Any]) -> None:
             error = f"{model['speedup_predicted'] / row['speedup']:.2f}" if model else "–"
             lines.append(
                 f"| {row['method']} | {100 * row['macs_reduction']:.1f} % | "
+                f"{row.get('removed', {}).get('blocks', 0)} | "
                 f"{row['median_ms']:.2f} | {row['speedup']:.2f}x | {predicted} | {error} | "
                 f"{row['accuracy_after_prune']:.2f} | {row['accuracy_after_finetune']:.2f} | "
                 f"{row['search_s']:.0f} |"
@@ -244,9 +265,10 @@ def main() -> None:
     train, test = cifar10_jpeg75(args.test_size)
     train = train.subset(range(args.train_size))
     targets: list[dict[str, Any]] = []
+    done: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
     for spec in args.targets.split(","):
         backend, batch = spec.split(":")
-        targets.append(run_target(backend, int(batch), dense, train, test, args))
+        targets.append(run_target(backend, int(batch), dense, train, test, args, done))
         report(args, targets)  # after every target: a long run shows what it has
 
 
@@ -262,14 +284,15 @@ def report(args: argparse.Namespace, targets: list[dict[str, Any]]) -> None:
             f"{args.step:g}), then gets {args.finetune_epochs:g} epoch(s) of distilled fine-tune "
             f"on {args.train_size} training images; accuracy on {args.test_size} test images. "
             f"autoprune-latency targets a {args.speedup:g}x predicted speed-up on the backend "
-            f"and batch of its table; the others -{100 * args.macs_target:.0f} % MACs. Latency: "
+            f"and batch of its table, removing {args.granularity.replace(',', ', then ')}; "
+            "the others -{100 * args.macs_target:.0f} % MACs. Latency: "
             f"median of {args.rounds} round(s) of {args.repeats} timed runs, all models of a "
             "table timed in the same run."
         ),
         "note": (
-            "Measured on a shared 2-core machine under heavy load from other processes: "
-            "speed-ups and prediction errors move from run to run; they are what this run "
-            "measured, not the must-show of issue 16 unless the flags above are empty."
+            "Measured on a shared 2-core machine (see the load average): single timed runs "
+            "of the dense model vary by 15 % or more here, so speed-ups and prediction errors "
+            "move from run to run; they are what this run measured."
         ),
         "targets": targets,
     }

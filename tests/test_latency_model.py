@@ -21,7 +21,12 @@ import autoprune
 from autoprune.errors import AutopruneError
 from autoprune.graph import build_graph
 from autoprune.measure import available_backends
-from autoprune.measure.latency_model import LatencyModel, build_latency_model, cache_key
+from autoprune.measure.latency_model import (
+    LatencyModel,
+    Thinned,
+    build_latency_model,
+    cache_key,
+)
 from autoprune.measure.latency_table import TIMERS, LayerTable, probe_widths
 from autoprune.models import create_model
 from autoprune.search import PruneConfig, Pruner
@@ -260,15 +265,28 @@ def test_a_real_backend_builds_a_table_for_every_layer(model, backend):
     assert all(len(t.out_widths) == 2 for t in lm.layers.values())
 
 
-def test_the_fit_keeps_the_dense_measurement_and_splits_off_fixed_cost():
-    lm = LatencyModel("fake8", 1, {}, dense_ms=10.0, tables_ms=5.0)
-    assert lm.scale == 2.0 and lm.fixed_ms == 0.0
-    lm.fit(tables_ms=2.5, measured_ms=7.5)  # half the tables saved a quarter: 5 ms is fixed
-    assert (lm.fixed_ms, lm.scale) == (5.0, 1.0)
-    lm.fit(tables_ms=2.5, measured_ms=11.0)  # a thinner model measured slower: nothing helps
-    assert (lm.fixed_ms, lm.scale) == (10.0, 0.0)
-    lm.fit(tables_ms=5.0, measured_ms=9.0)  # no thinner tables: proportional
-    assert (lm.fixed_ms, lm.scale) == (0.0, 2.0)
+def test_the_fit_finds_per_channel_cost_table_scales_and_fixed_cost_per_region():
+    big, small = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)  # on a 32x32 map, on an 8x8 one
+    table = LayerTable([4, 8], [2.0, 4.0], [4, 8], [2.0, 4.0])
+
+    def fitted(dense_ms: float, big_ms: float, small_ms: float) -> LatencyModel:
+        lm = LatencyModel(
+            "fake8", 1, {big: table, small: table}, dense_ms, 8.0, regions={big: 1024, small: 64}
+        )
+        assert lm.predict() == pytest.approx(dense_ms)  # built: scaled to the measurement
+        lm.fit_regions([Thinned(1024, 6.0, 4, big_ms), Thinned(64, 6.0, 4, small_ms)])
+        return lm
+
+    # the big map's half saved 4 ms where its table says 2: 0.5 ms per channel besides;
+    # the small one's saved 1 where its table says 2: its table counts half
+    lm = fitted(14.0, 10.0, 13.0)
+    assert lm.channel_ms == {1024: 0.5} and lm.scales == {64: 0.5}
+    assert (lm.fixed_ms, lm.scale) == (4.0, 1.0)
+    assert lm.predict() == 14.0
+    assert lm.predict({big: (4, 0)}) == 10.0 and lm.predict({small: (4, 0)}) == 13.0
+    lm = fitted(9.0, 5.0, 8.0)  # the layers alone would cost more than the dense model
+    assert lm.fixed_ms == 0.0 and lm.scale == pytest.approx(0.9)
+    assert lm.predict() == pytest.approx(9.0)
 
 
 def test_the_cli_offers_the_latency_options(cli):

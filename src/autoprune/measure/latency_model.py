@@ -19,7 +19,7 @@ import math
 import os
 import platform
 from collections.abc import Iterable, Mapping, Set
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,8 @@ from .latency_table import (
     TIMERS,
     LayerShape,
     LayerTable,
-    layer_shape,
     follower_name,
+    layer_shape,
     measure_tables,
     median_rounds,
 )
@@ -44,15 +44,27 @@ Removed = Mapping[nn.Module, tuple[int, int]]
 CACHE_FORMAT = 2  # 2: tables time each layer with its followers
 
 
+@dataclass(frozen=True)
+class Thinned:
+    """A copy of the model thinned in one region, as the fit sees it."""
+
+    region: int
+    tables_ms: float  # its layer tables summed (every region)
+    channels: int  # its region's layers' output channels summed
+    measured_ms: float
+
+
 @dataclass
 class LatencyModel:
     """Predicted latency of a model as its layers' widths change, on one backend and batch.
 
     ``layers`` maps each modelled module (of the model it was built on, which may then be
-    pruned in place) to its table. The prediction is ``fixed_ms + scale * (sum of tables)``:
-    built, ``scale`` makes it match the dense model as measured (``dense_ms``); :meth:`fit`
-    sets both from the dense model and a thinner one, since part of what is not in the tables
-    (per-op overhead) does not shrink with the layers.
+    pruned in place) to its table. Layers are grouped in *regions*: those whose outputs have
+    one feature-map size (``regions``). A layer costs ``scale * (s * table + c * channels)``
+    with its region's table scale ``s`` (``scales``, default 1) and cost per output channel
+    ``c`` (``channel_ms``, default 0); the model costs the layers' sum plus ``fixed_ms``.
+    Built, ``scale`` makes the dense model's prediction its measurement (``dense_ms``);
+    :meth:`fit_regions` fits the rest through copies thinned one region at a time.
     """
 
     backend: str
@@ -63,6 +75,9 @@ class LatencyModel:
     cache_file: str | None = None
     fixed_ms: float = 0.0
     scale: float = 0.0
+    regions: dict[nn.Module, int] = field(default_factory=dict)  # layer -> output map size
+    scales: dict[int, float] = field(default_factory=dict)  # region -> table scale
+    channel_ms: dict[int, float] = field(default_factory=dict)  # region -> ms per channel
 
     def __post_init__(self) -> None:
         if not self.scale:
@@ -73,17 +88,49 @@ class LatencyModel:
         """Whole dense model measured over the sum of its layers measured alone."""
         return self.dense_ms / self.tables_ms
 
-    def fit(self, tables_ms: float, measured_ms: float) -> None:
-        """Fit ``fixed_ms`` and ``scale`` through the dense model and a thinner one whose
-        tables sum to ``tables_ms`` and which measured ``measured_ms`` (``fixed_ms`` >= 0)."""
-        span = self.tables_ms - tables_ms
-        scale = max(0.0, (self.dense_ms - measured_ms) / span) if span > 0 else math.inf
-        self.fixed_ms = max(0.0, self.dense_ms - scale * self.tables_ms)  # inf: proportional
-        self.scale = (self.dense_ms - self.fixed_ms) / self.tables_ms
+    def fit_regions(self, thinned: Iterable[Thinned]) -> None:
+        """Fit each thinned region's costs to what thinning it saved, as measured.
 
-    def layers_ms(self, removed: Removed | None = None, live: Set[nn.Module] | None = None) -> float:
-        """Sum of the tables of the layers still in the model (``live``: those modules; None:
-        all), at their widths now less ``removed`` channels."""
+        Where it saved more than its tables say, the rest is cost per output channel that no
+        table holds (additions, pads, memory traffic: it weighs most on large feature maps);
+        where less, its tables are scaled down (per-op overhead that does not shrink). What
+        the dense measurement leaves over is ``fixed_ms`` (>= 0), and ``scale`` makes the
+        dense prediction the measurement.
+        """
+        channels = self.region_channels()
+        self.scales, self.channel_ms = {}, {}
+        for copy in thinned:
+            saved, by_tables = self.dense_ms - copy.measured_ms, self.tables_ms - copy.tables_ms
+            fewer = channels[copy.region] - copy.channels
+            if saved >= by_tables and fewer > 0:
+                self.channel_ms[copy.region] = (saved - by_tables) / fewer
+            elif by_tables > 0:
+                self.scales[copy.region] = max(0.0, saved) / by_tables
+        self.scale = 1.0
+        layers = sum(self._layer_ms(m) for m in self.layers)
+        self.fixed_ms = max(0.0, self.dense_ms - layers)
+        self.scale = (self.dense_ms - self.fixed_ms) / layers
+
+    def region_channels(
+        self, widths: Mapping[nn.Module, tuple[int, int]] | None = None
+    ) -> dict[int, int]:
+        """The output channels of each region's layers, now or at ``widths`` (layer -> (in,
+        out) channels)."""
+        out: dict[int, int] = {}
+        for m in self.layers:
+            region = self.regions.get(m, 0)
+            out[region] = out.get(region, 0) + ((widths or {}).get(m) or channel_counts(m))[1]
+        return out
+
+    def tables_at(self, widths: Mapping[nn.Module, tuple[int, int]]) -> float:
+        """The layer tables summed at ``widths`` (layer -> (in, out) channels)."""
+        return sum(t.predict(*widths.get(m, channel_counts(m))) for m, t in self.layers.items())
+
+    def layers_ms(
+        self, removed: Removed | None = None, live: Set[nn.Module] | None = None
+    ) -> float:
+        """Scaled sum of the tables of the layers still in the model (``live``: those modules;
+        None: all), at their widths now less ``removed`` channels."""
         removed = removed or {}
         return sum(
             self._layer_ms(m, *removed.get(m, (0, 0)))
@@ -96,23 +143,29 @@ class LatencyModel:
         None: every modelled layer is), less ``removed`` channels. The fixed part is spread over
         the modelled layers: a layer removed whole takes its share of the per-op cost along."""
         share = 1.0 if live is None else sum(m in live for m in self.layers) / len(self.layers)
-        return self.fixed_ms * share + self.scale * self.layers_ms(removed, live)
+        return self.fixed_ms * share + self.layers_ms(removed, live)
 
     def saved(self, removed: Removed) -> float:
         """Milliseconds predicted to be saved by removing ``removed`` from the model now."""
         layers = [(m, r) for m, r in removed.items() if m in self.layers]
-        return self.scale * sum(self._layer_ms(m) - self._layer_ms(m, *r) for m, r in layers)
+        return sum(self._layer_ms(m) - self._layer_ms(m, *r) for m, r in layers)
 
     def saved_whole(self, modules: Iterable[nn.Module]) -> float:
         """Milliseconds predicted to be saved by removing the modelled layers among ``modules``
         (and their submodules) whole: their tables and their share of the fixed part."""
         layers = {m for module in modules for m in module.modules() if m in self.layers}
         fixed = self.fixed_ms * len(layers) / len(self.layers)
-        return fixed + self.scale * sum(self._layer_ms(m) for m in layers)
+        return fixed + sum(self._layer_ms(m) for m in layers)
 
     def _layer_ms(self, module: nn.Module, out_removed: int = 0, in_removed: int = 0) -> float:
+        """The layer's cost at its width now less what is removed."""
         cin, cout = channel_counts(module)
-        return self.layers[module].predict(cin - in_removed, cout - out_removed)
+        region = self.regions.get(module, 0)
+        table = self.layers[module].predict(cin - in_removed, cout - out_removed)
+        per_channel = self.channel_ms.get(region, 0.0)
+        return self.scale * (
+            self.scales.get(region, 1.0) * table + per_channel * (cout - out_removed)
+        )
 
 
 def build_latency_model(
@@ -134,7 +187,8 @@ def build_latency_model(
         )
     timer = TIMERS.get(backend)
     device = example_inputs.device
-    shapes = traced_shapes(model, example_inputs)
+    calls = _record_calls(model, example_inputs)
+    shapes = _shapes(calls)
     if not shapes:
         raise AutopruneError("the model has no conv or linear layer to model the latency of")
     keys = sorted({s.key for s in shapes.values()})
@@ -151,13 +205,22 @@ def build_latency_model(
         (dense_ms,) = median_rounds([model], input_shape, timer, batch, rounds)
     layers = {m: tables[shapes[m].key] for m in shapes}
     tables_ms = sum(table.predict(*channel_counts(m)) for m, table in layers.items())
-    return LatencyModel(backend, batch, layers, dense_ms, tables_ms, str(path))
+    regions = {m: _map_size(m, calls[m][1]) for m in shapes}
+    return LatencyModel(backend, batch, layers, dense_ms, tables_ms, str(path), regions=regions)
+
+
+# module -> (its first call's input, its output), the tensors held so that ids stay unique
+Calls = dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]
 
 
 def traced_shapes(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Module, LayerShape]:
     """Every modelled layer that a forward pass of ``example_inputs`` runs, with its shape and
     the norm and activation modules run on its output alone after it (its followers)."""
-    calls: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}  # first call, tensors held
+    return _shapes(_record_calls(model, example_inputs))
+
+
+def _record_calls(model: nn.Module, example_inputs: torch.Tensor) -> Calls:
+    calls: Calls = {}
 
     def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
@@ -166,6 +229,10 @@ def traced_shapes(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Mod
     leaves = (m for m in model.modules() if next(m.children(), None) is None)
     with hooked((m, record) for m in leaves):
         run_eval(model, (example_inputs[:1],))
+    return calls
+
+
+def _shapes(calls: Calls) -> dict[nn.Module, LayerShape]:
     readers: dict[int, list[nn.Module]] = {}
     for module, (given, _) in calls.items():
         readers.setdefault(id(given), []).append(module)
@@ -183,6 +250,13 @@ def traced_shapes(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Mod
         if shape is not None:
             shapes[layer] = shape
     return shapes
+
+
+def _map_size(layer: nn.Module, output: torch.Tensor) -> int:
+    """The feature-map size of a layer's output: positions per channel (a linear layer's
+    channels are last)."""
+    dims = output.shape[1:-1] if isinstance(layer, nn.Linear) else output.shape[2:]
+    return math.prod(dims)
 
 
 def default_cache_dir() -> Path:

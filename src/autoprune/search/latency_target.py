@@ -14,6 +14,7 @@ blocks of 8 or 16 channels) the widths in between are never kept.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -23,7 +24,12 @@ from torch import nn
 from .._forward import eval_mode
 from ..errors import AutopruneError
 from ..graph import ChannelGroup, PruningGraph
-from ..measure.latency_model import LatencyModel, build_latency_model, channel_counts
+from ..measure.latency_model import (
+    LatencyModel,
+    Thinned,
+    build_latency_model,
+    channel_counts,
+)
 from ..measure.latency_table import TIMERS, median_rounds
 from ..models.spec import copy_model
 from .candidates import Candidate, distinct_choices
@@ -61,36 +67,53 @@ class LatencyTarget:
         cap: float = 1.0,
     ) -> LatencyTarget:
         """Measure (or load) the tables of ``graph``'s model and fit the prediction through
-        the dense model and a copy thinned to :data:`THIN_KEEP` of each group (within ``cap``)."""
+        the dense model and copies each thinned in one region (:meth:`LatencyModel.fit_regions`)
+        to :data:`THIN_KEEP` of each of its groups (within ``cap``), all timed interleaved."""
         model = build_latency_model(
             graph.model, example_inputs, backend=backend, batch=batch, rounds=ROUNDS
         )
-        thin = graph.copy()
         keep = max(THIN_KEEP, 1.0 - cap)
-        thin.prune({g.name: torch.arange(int(g.channels * (1 - keep))) for g in thin.groups()})
+        by_region: dict[int, list[str]] = {}
+        for group in graph.groups():
+            region = _region(model, group)
+            if region is not None:
+                by_region.setdefault(region, []).append(group.name)
         names = {m: n for n, m in graph.model.named_modules()}
-        copies = dict(thin.model.named_modules())
-        thin_tables = sum(
-            table.predict(*channel_counts(copies[names[m]])) for m, table in model.layers.items()
-        )
+        copies, thinned = [], []
+        for region, groups in by_region.items():
+            thin = graph.copy()
+            thin.prune({g: torch.arange(int(thin.group(g).channels * (1 - keep))) for g in groups})
+            modules = dict(thin.model.named_modules())
+            widths = {m: channel_counts(modules[names[m]]) for m in model.layers}
+            copies.append(thin.model)
+            thinned.append((region, model.tables_at(widths), model.region_channels(widths)[region]))
         input_shape = tuple(example_inputs.shape[1:])
-        with eval_mode(graph.model), eval_mode(thin.model):
-            dense_ms, thin_ms = median_rounds(
-                [graph.model, thin.model], input_shape, TIMERS.get(backend), batch, ROUNDS
+        timed = [graph.model, *copies]
+        with contextlib.ExitStack() as stack:
+            for m in timed:
+                stack.enter_context(eval_mode(m))
+            dense_ms, *thin_ms = median_rounds(
+                timed, input_shape, TIMERS.get(backend), batch, ROUNDS
             )
-        model.dense_ms = dense_ms  # timed beside the thin model: the same load
-        model.fit(thin_tables, thin_ms)
+        model.dense_ms = dense_ms  # timed beside the thin copies: the same load
+        model.fit_regions(Thinned(*t, ms) for t, ms in zip(thinned, thin_ms, strict=True))
         return cls(model, graph, target, input_shape)
 
-    def fit_state(self) -> dict[str, float]:
+    def fit_state(self) -> dict[str, Any]:
         """The fitted prediction (the tables are in the cache): what a resumed run reloads."""
         lm = self.model
-        return {"dense_ms": lm.dense_ms, "fixed_ms": lm.fixed_ms, "scale": lm.scale}
+        regional = {
+            name: {str(r): v for r, v in getattr(lm, name).items()}  # JSON keys are strings
+            for name in ("scales", "channel_ms")
+        }
+        return {"dense_ms": lm.dense_ms, "fixed_ms": lm.fixed_ms, "scale": lm.scale, **regional}
 
-    def load_fit(self, fit: dict[str, float]) -> None:
+    def load_fit(self, fit: dict[str, Any]) -> None:
         """Predict as the run that saved :meth:`fit_state` did (call before any pruning)."""
         lm = self.model
         lm.dense_ms, lm.fixed_ms, lm.scale = fit["dense_ms"], fit["fixed_ms"], fit["scale"]
+        lm.scales = {int(r): v for r, v in fit.get("scales", {}).items()}
+        lm.channel_ms = {int(r): v for r, v in fit.get("channel_ms", {}).items()}
         self.dense_ms = lm.predict()
 
     # ------------------------------------------------------------------------- progress
@@ -199,3 +222,14 @@ class LatencyTarget:
             "fixed_ms": self.model.fixed_ms,
             "cache": self.model.cache_file,
         }
+
+
+def _region(model: LatencyModel, group: ChannelGroup) -> int | None:
+    """The region a group thins: that of the modelled layers whose outputs it removes, the
+    one with the most table time where they differ (None: it removes no modelled output)."""
+    weights: dict[int, float] = {}
+    for module, (out_removed, _) in group.removed(torch.arange(1)).items():
+        if out_removed and module in model.layers:
+            region = model.regions.get(module, 0)
+            weights[region] = weights.get(region, 0.0) + model.layers[module].dense_ms
+    return max(weights, key=weights.__getitem__) if weights else None

@@ -98,8 +98,7 @@ def plan(config: PruneConfig, schedule: Schedule) -> list[Granularity]:
     total = sum(shares)
     target = config.target_latency_reduction or config.target_macs_reduction
     goals = {
-        n: target * min(1.0, s / total)
-        for n, s in zip(structured, accumulate(shares), strict=True)
+        n: target * min(1.0, s / total) for n, s in zip(structured, accumulate(shares), strict=True)
     }
     return [
         GRANULARITIES.get(n)(n, config, goals.get(n, config.weight_sparsity), schedule)
