@@ -224,6 +224,8 @@ def test_a_latency_run_reports_predicted_and_measured_and_export_measures_again(
     markdown, _ = write_report(out)
     text = markdown.read_text()
     assert "## Latency" in text and "latency predicted (ms)" in text
+    assert [c["short"] for c in latency["checks"]] == [False]  # measured once, at the target
+    assert "savings scale" in text
     code, stdout, _ = cli(
         "export",
         str(out),
@@ -364,3 +366,39 @@ def test_latency_targets_refuse_weights_and_fixed_channels_but_take_blocks():
     assert latency_config(granularity=("block",), schedule="fixed", criteria=("l1",))
     with pytest.raises(AutopruneError, match="use target_macs_reduction for weight"):
         latency_config(granularity=("channel", "weight"))
+
+
+def test_a_model_measured_short_of_the_target_is_pruned_on_with_the_prediction_corrected(
+    model, monkeypatch
+):
+    """The backend saves only 80 % of what the model predicts: the first check measures the
+    shortfall, every saving is scaled to it, and the search stops where the measurement
+    reaches the target."""
+    pruner = Pruner(model, EXAMPLE, latency_config(), calib_data=TRAIN)
+    target = pruner.latency
+    dense_ms = fake_ms(target.dense, (1, 16, 16), 1)
+
+    def measure() -> tuple[float, float]:
+        pruned_ms = fake_ms(pruner.model, (1, 16, 16), 1)
+        return dense_ms, pruned_ms + 0.2 * (dense_ms - pruned_ms)
+
+    monkeypatch.setattr(target, "_measure", measure)
+    history = list(iter(pruner.step, None))
+    first, last = pruner.state.latency_checks
+    assert first["short"] and not last["short"]
+    assert first["measured_reduction"] == pytest.approx(0.8 * first["predicted_reduction"])
+    assert first["iteration"] < last["iteration"] == len(history)  # pruning went on between
+    assert target.model.savings == pytest.approx(0.8)
+    assert last["measured_reduction"] >= 0.4 - 0.01
+    assert last["measured_reduction"] == pytest.approx(last["predicted_reduction"])
+    saved = pruner.state_dict()
+    assert saved["latency_fit"]["savings"] == pytest.approx(0.8)
+    assert saved["latency_checks"] == pruner.state.latency_checks
+
+
+def test_a_model_measured_at_the_target_is_checked_once(model):
+    pruner = Pruner(model, EXAMPLE, latency_config(), calib_data=TRAIN)
+    list(iter(pruner.step, None))
+    (check,) = pruner.state.latency_checks
+    assert not check["short"] and pruner.latency.model.savings == 1.0
+    assert pruner.step() is None and len(pruner.state.latency_checks) == 1

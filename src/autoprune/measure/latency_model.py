@@ -64,7 +64,9 @@ class LatencyModel:
     with its region's table scale ``s`` (``scales``, default 1) and cost per output channel
     ``c`` (``channel_ms``, default 0); the model costs the layers' sum plus ``fixed_ms``.
     Built, ``scale`` makes the dense model's prediction its measurement (``dense_ms``);
-    :meth:`fit_regions` fits the rest through copies thinned one region at a time.
+    :meth:`fit_regions` fits the rest through copies thinned one region at a time. Every
+    saving from the dense model is then scaled by ``savings``, which measuring the pruned
+    model corrects (a closed loop, as NetAdapt measures each proposal).
     """
 
     backend: str
@@ -78,6 +80,7 @@ class LatencyModel:
     regions: dict[nn.Module, int] = field(default_factory=dict)  # layer -> output map size
     scales: dict[int, float] = field(default_factory=dict)  # region -> table scale
     channel_ms: dict[int, float] = field(default_factory=dict)  # region -> ms per channel
+    savings: float = 1.0  # measured over predicted savings of a pruned model
 
     def __post_init__(self) -> None:
         if not self.scale:
@@ -143,19 +146,20 @@ class LatencyModel:
         None: every modelled layer is), less ``removed`` channels. The fixed part is spread over
         the modelled layers: a layer removed whole takes its share of the per-op cost along."""
         share = 1.0 if live is None else sum(m in live for m in self.layers) / len(self.layers)
-        return self.fixed_ms * share + self.layers_ms(removed, live)
+        unscaled = self.fixed_ms * share + self.layers_ms(removed, live)
+        return self.dense_ms - self.savings * (self.dense_ms - unscaled)
 
     def saved(self, removed: Removed) -> float:
         """Milliseconds predicted to be saved by removing ``removed`` from the model now."""
         layers = [(m, r) for m, r in removed.items() if m in self.layers]
-        return sum(self._layer_ms(m) - self._layer_ms(m, *r) for m, r in layers)
+        return self.savings * sum(self._layer_ms(m) - self._layer_ms(m, *r) for m, r in layers)
 
     def saved_whole(self, modules: Iterable[nn.Module]) -> float:
         """Milliseconds predicted to be saved by removing the modelled layers among ``modules``
         (and their submodules) whole: their tables and their share of the fixed part."""
         layers = {m for module in modules for m in module.modules() if m in self.layers}
         fixed = self.fixed_ms * len(layers) / len(self.layers)
-        return fixed + sum(self._layer_ms(m) for m in layers)
+        return self.savings * (fixed + sum(self._layer_ms(m) for m in layers))
 
     def _layer_ms(self, module: nn.Module, out_removed: int = 0, in_removed: int = 0) -> float:
         """The layer's cost at its width now less what is removed."""

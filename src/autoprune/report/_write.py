@@ -151,11 +151,32 @@ def _latency(run: Run) -> list[Block]:
             f"{lat['speedup_measured']:.2f}x (predicted {lat['speedup_predicted']:.2f}x)",
         ),
     ]
+    checks = [
+        (
+            f"after iteration {c['iteration']}",
+            f"{100 * c['predicted_reduction']:.1f} %",
+            f"{100 * c['measured_reduction']:.1f} %",
+            f"{c['savings']:.3f}" + (" (short: pruning went on)" if c["short"] else ""),
+        )
+        for c in lat.get("checks", [])
+    ]
+    check_table = (
+        [
+            "When the prediction said the target was reached, the model was measured; where "
+            "it fell short, predicted savings were scaled to the measurement and pruning went on.",
+            Table(
+                ("measured", "predicted reduction", "measured reduction", "savings scale"), checks
+            ),
+        ]
+        if checks
+        else []
+    )
     return [
         Table(("model", "predicted (ms)", "measured (ms)", "speed-up"), rows),
         f"On {lat['backend']} at batch {lat['batch']}; the prediction is "
         f"{100 * lat['prediction_error']:+.1f} % off the measurement. The dense model measured "
         f"{lat['tables_ratio']:.2f}x the sum of its layers timed alone.",
+        *check_table,
     ]
 
 

@@ -3,8 +3,11 @@
 With ``config.target_latency_reduction`` the loss-aware search works as with a MACs target,
 with the latency model (:mod:`autoprune.measure.latency_model`) in place of the MAC count:
 every candidate saves about ``config.step`` of the dense model's predicted latency, the
-schedule's progress and the stop rule are in predicted latency, and the run ends by measuring
-the pruned model on the backend.
+schedule's progress and the stop rule are in predicted latency. When the prediction says the
+target is reached, the pruned model is measured on the backend beside the dense one
+(:meth:`LatencyTarget.check`); where it falls short, every predicted saving is scaled by what was
+measured over what was predicted and the search goes on (at most :data:`CHECKS` times), so
+the target holds as measured, not only as predicted.
 
 Channel counts are snapped to what the backend's kernels like, learned from the tables rather
 than fixed: a group may only lose a number of channels that saves more predicted latency than
@@ -21,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import distributed
 from .._forward import eval_mode
 from ..errors import AutopruneError
 from ..graph import ChannelGroup, PruningGraph
@@ -33,10 +37,13 @@ from ..measure.latency_model import (
 from ..measure.latency_table import TIMERS, median_rounds
 from ..models.spec import copy_model
 from .candidates import Candidate, distinct_choices
+from .config import PruneConfig
 
 TOLERANCE = 0.005  # the stop rule's slack, as a fraction of the dense predicted latency
 ROUNDS = 3  # whole-model timings: median of this many rounds, models compared interleaved
 THIN_KEEP = 0.5  # the thinner model the prediction is fitted through keeps this of each group
+CHECKS = 3  # measurements of the pruned model that may correct the prediction, at most
+MEASURED_SLACK = 0.01  # a measured reduction this far under the target counts as reached
 
 
 class LatencyTarget:
@@ -92,9 +99,8 @@ class LatencyTarget:
         with contextlib.ExitStack() as stack:
             for m in timed:
                 stack.enter_context(eval_mode(m))
-            dense_ms, *thin_ms = median_rounds(
-                timed, input_shape, TIMERS.get(backend), batch, ROUNDS
-            )
+            timings = median_rounds(timed, input_shape, TIMERS.get(backend), batch, ROUNDS)
+        dense_ms, *thin_ms = distributed.all_gather(timings)[0]  # every rank fits rank 0's
         model.dense_ms = dense_ms  # timed beside the thin copies: the same load
         model.fit_regions(Thinned(*t, ms) for t, ms in zip(thinned, thin_ms, strict=True))
         return cls(model, graph, target, input_shape)
@@ -106,7 +112,10 @@ class LatencyTarget:
             name: {str(r): v for r, v in getattr(lm, name).items()}  # JSON keys are strings
             for name in ("scales", "channel_ms")
         }
-        return {"dense_ms": lm.dense_ms, "fixed_ms": lm.fixed_ms, "scale": lm.scale, **regional}
+        return {
+            **{k: getattr(lm, k) for k in ("dense_ms", "fixed_ms", "scale", "savings")},
+            **regional,
+        }
 
     def load_fit(self, fit: dict[str, Any]) -> None:
         """Predict as the run that saved :meth:`fit_state` did (call before any pruning)."""
@@ -114,6 +123,7 @@ class LatencyTarget:
         lm.dense_ms, lm.fixed_ms, lm.scale = fit["dense_ms"], fit["fixed_ms"], fit["scale"]
         lm.scales = {int(r): v for r, v in fit.get("scales", {}).items()}
         lm.channel_ms = {int(r): v for r, v in fit.get("channel_ms", {}).items()}
+        lm.savings = fit.get("savings", 1.0)
         self.dense_ms = lm.predict()
 
     # ------------------------------------------------------------------------- progress
@@ -152,6 +162,38 @@ class LatencyTarget:
                 f"{self.model.backend} at batch {self.model.batch}; lower the target or raise "
                 "the cap"
             )
+
+    def check(self) -> dict[str, Any]:
+        """Measure the pruned model beside the dense one (rank 0's timing decides on every
+        rank). When it falls short of the target, every predicted saving is scaled by measured
+        over predicted, so the prediction of the model now is its measurement and the search
+        can go on from there."""
+        dense, pruned = distributed.all_gather(self._measure())[0]
+        measured, predicted = 1.0 - pruned / dense, self.reduction
+        short = measured < self.target - MEASURED_SLACK and predicted > 0
+        if short:  # a model measured no faster still lets candidates save something
+            self.model.savings *= max(measured, 0.1 * predicted) / predicted
+        return {
+            "dense_measured_ms": dense,
+            "measured_ms": pruned,
+            "predicted_reduction": predicted,
+            "measured_reduction": measured,
+            "short": short,
+            "savings": self.model.savings,
+        }
+
+    def _measure(self) -> tuple[float, float]:
+        """The dense and the pruned model timed interleaved: median of ``rounds``."""
+        lm, pruned = self.model, self.graph.model
+        with eval_mode(self.dense), eval_mode(pruned):
+            dense, measured = median_rounds(
+                [self.dense, pruned],
+                self.input_shape,
+                TIMERS.get(lm.backend),
+                lm.batch,
+                self.rounds,
+            )
+        return dense, measured
 
     # ----------------------------------------------------------------------- candidates
     def options(self, group: ChannelGroup, limit: int) -> list[tuple[int, float]]:
@@ -197,15 +239,8 @@ class LatencyTarget:
     # ------------------------------------------------------------------------ reporting
     def report(self) -> dict[str, Any]:
         """The pruned model measured on the backend beside what the model predicts."""
-        lm, pruned = self.model, self.graph.model
-        with eval_mode(self.dense), eval_mode(pruned):
-            dense, measured = median_rounds(
-                [self.dense, pruned],
-                self.input_shape,
-                TIMERS.get(lm.backend),
-                lm.batch,
-                self.rounds,
-            )
+        lm = self.model
+        dense, measured = self._measure()
         predicted = self.predicted_ms()
         return {
             "backend": lm.backend,
@@ -220,8 +255,28 @@ class LatencyTarget:
             "speedup_measured": dense / measured,
             "tables_ratio": self.model.ratio,
             "fixed_ms": self.model.fixed_ms,
+            "savings_correction": self.model.savings,
             "cache": self.model.cache_file,
         }
+
+
+def latency_target_for(
+    graph: PruningGraph, example_inputs: torch.Tensor | Any, config: PruneConfig
+) -> LatencyTarget | None:
+    """The latency target of ``config`` (None without one) for ``graph``'s model, on its
+    backend and batch."""
+    if config.target_latency_reduction is None:
+        return None
+    if not isinstance(example_inputs, torch.Tensor):
+        raise AutopruneError("a latency target needs one input tensor; use target_macs_reduction")
+    return LatencyTarget.build(
+        graph,
+        example_inputs,
+        config.target_latency_reduction,
+        backend=config.latency_backend,
+        batch=config.latency_batch,
+        cap=config.cap,
+    )
 
 
 def _region(model: LatencyModel, group: ChannelGroup) -> int | None:

@@ -29,7 +29,7 @@ from torch import nn
 from .. import distributed
 from .._device import follow
 from ..errors import AutopruneError
-from ..graph import PruningGraph, build_graph, verify_groups
+from ..graph import build_graph, verify_groups
 from ..models.spec import copy_model
 from ..task import Task
 from ._reach import refuse_unreachable
@@ -38,7 +38,7 @@ from .candidates import OBJECTIVES, Candidate
 from .config import PruneConfig
 from .granularity import Granularity, plan
 from .granularity.weight import restore_weights
-from .latency_target import LatencyTarget
+from .latency_target import CHECKS, latency_target_for
 from .schedules import SCHEDULES, SearchContext, Step
 from .scorers import create_scorer
 from .state import STATE_FORMAT, SearchState, comparable, weights_digest
@@ -98,7 +98,7 @@ class Pruner:
         self.start_weights = weights_digest(self.graph.model)
         self.original_macs = self.graph.macs()
         self.original_channels = {g.name: g.channels for g in self.graph.groups()}
-        self.latency = _latency_target(self.graph, example_inputs, config)
+        self.latency = latency_target_for(self.graph, example_inputs, config)
         self.state = SearchState(next_recovery=config.recover_every)
         self.saved_to: str | None = None  # where the last state_dict was written, for errors
         self._started = False
@@ -166,7 +166,25 @@ class Pruner:
                 return entry
             self.state.grain += 1  # this granularity is done: on to the next
             self.state.grain_loss = None
+            if self.done and self._measured_short():
+                self.state.grain = len(self.grains) - 1  # the finest granularity goes on
         return None
+
+    def _measured_short(self) -> bool:
+        """With a latency target, whether the pruned model measures short of it, the
+        prediction having been corrected (:meth:`LatencyTarget.check`): measured once per
+        step taken since the last check, at most ``CHECKS`` times."""
+        state, checks = self.state, self.state.latency_checks
+        if (
+            self.latency is None
+            or len(checks) >= CHECKS
+            or self.grains[-1].name in state.ended_early
+        ):
+            return False
+        if checks and checks[-1]["iteration"] == state.iteration:
+            return False
+        checks.append({"iteration": state.iteration, **self.latency.check()})
+        return bool(checks[-1]["short"])
 
     def context(self) -> SearchContext:
         state = self.state
@@ -352,24 +370,6 @@ class Pruner:
         self.model.load_state_dict({k: v.to(device) for k, v in weights.items()})
         distributed.check_in_sync(self.model, "after resuming")
         self._started = True
-
-
-def _latency_target(
-    graph: PruningGraph, example_inputs: Inputs, config: PruneConfig
-) -> LatencyTarget | None:
-    """The latency model of ``config``'s backend for ``graph``'s model, with a latency target."""
-    if config.target_latency_reduction is None:
-        return None
-    if not isinstance(example_inputs, torch.Tensor):
-        raise AutopruneError("a latency target needs one input tensor; use target_macs_reduction")
-    return LatencyTarget.build(
-        graph,
-        example_inputs,
-        config.target_latency_reduction,
-        backend=config.latency_backend,
-        batch=config.latency_batch,
-        cap=config.cap,
-    )
 
 
 def _calibration(

@@ -19,7 +19,7 @@ from torch import nn
 from .config import PruneConfig
 from .scorers import Scorer
 
-STATE_FORMAT = 3  # 3: the starting model's digest
+STATE_FORMAT = 4  # 3: the starting model's digest; 4: latency checks
 Removal = list[tuple[str, torch.Tensor]]
 
 
@@ -40,6 +40,8 @@ class SearchState:
     phase: str = "search"  # search -> finetune -> done
     baseline: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    # the pruned model measured when the latency prediction said done (LatencyTarget.check)
+    latency_checks: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(("search_s", "recovery_s", "finetune_s"), 0.0)
     )
