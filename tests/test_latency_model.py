@@ -224,7 +224,7 @@ def test_a_latency_run_reports_predicted_and_measured_and_export_measures_again(
     markdown, _ = write_report(out)
     text = markdown.read_text()
     assert "## Latency" in text and "latency predicted (ms)" in text
-    assert [c["short"] for c in latency["checks"]] == [False]  # measured once, at the target
+    assert latency["checks"][-1]["final"] and not latency["checks"][-1]["short"]
     assert "savings scale" in text
     code, stdout, _ = cli(
         "export",
@@ -368,37 +368,57 @@ def test_latency_targets_refuse_weights_and_fixed_channels_but_take_blocks():
         latency_config(granularity=("channel", "weight"))
 
 
-def test_a_model_measured_short_of_the_target_is_pruned_on_with_the_prediction_corrected(
-    model, monkeypatch
-):
-    """The backend saves only 80 % of what the model predicts: the first check measures the
-    shortfall, every saving is scaled to it, and the search stops where the measurement
-    reaches the target."""
-    pruner = Pruner(model, EXAMPLE, latency_config(), calib_data=TRAIN)
+def measured_as(pruner: Pruner, saves: float, after: float = 0.0):
+    """A backend that saves ``saves`` of what the fake timer predicts once the predicted
+    reduction is past ``after`` (before that, what it predicts)."""
     target = pruner.latency
     dense_ms = fake_ms(target.dense, (1, 16, 16), 1)
 
     def measure() -> tuple[float, float]:
         pruned_ms = fake_ms(pruner.model, (1, 16, 16), 1)
-        return dense_ms, pruned_ms + 0.2 * (dense_ms - pruned_ms)
+        factor = saves if target.reduction > after else 1.0
+        return dense_ms, dense_ms - factor * (dense_ms - pruned_ms)
 
-    monkeypatch.setattr(target, "_measure", measure)
+    return measure
+
+
+@pytest.mark.parametrize("saves", [0.8, 1.25])
+def test_measured_on_the_way_the_search_lands_on_the_target_as_measured(model, monkeypatch, saves):
+    """The backend saves 80 % (125 %) of what the model predicts: the first check on the way
+    scales every saving to it, and the search stops where the measurement reaches the target
+    rather than short of it (past it)."""
+    pruner = Pruner(model, EXAMPLE, latency_config(), calib_data=TRAIN)
+    target = pruner.latency
+    monkeypatch.setattr(target, "_measure", measured_as(pruner, saves))
     history = list(iter(pruner.step, None))
-    first, last = pruner.state.latency_checks
-    assert first["short"] and not last["short"]
-    assert first["measured_reduction"] == pytest.approx(0.8 * first["predicted_reduction"])
-    assert first["iteration"] < last["iteration"] == len(history)  # pruning went on between
-    assert target.model.savings == pytest.approx(0.8)
-    assert last["measured_reduction"] >= 0.4 - 0.01
+    checks = pruner.state.latency_checks
+    first, last = checks[0], checks[-1]
+    assert not first.get("final") and last["final"] and not last["short"]
+    assert first["measured_reduction"] == pytest.approx(saves * first["predicted_reduction"])
+    assert target.model.savings == pytest.approx(saves)
+    assert last["iteration"] == len(history)
+    assert 0.4 - 0.01 <= last["measured_reduction"] <= 0.4 + 0.1  # one step of 0.1 at most
     assert last["measured_reduction"] == pytest.approx(last["predicted_reduction"])
     saved = pruner.state_dict()
-    assert saved["latency_fit"]["savings"] == pytest.approx(0.8)
-    assert saved["latency_checks"] == pruner.state.latency_checks
+    assert saved["latency_fit"]["savings"] == pytest.approx(saves)
+    assert saved["latency_checks"] == checks
 
 
-def test_a_model_measured_at_the_target_is_checked_once(model):
+def test_a_model_measured_short_at_the_end_is_pruned_on(model, monkeypatch):
+    pruner = Pruner(model, EXAMPLE, latency_config(), calib_data=TRAIN)
+    monkeypatch.setattr(pruner.latency, "_measure", measured_as(pruner, 0.8, after=0.395))
+    history = list(iter(pruner.step, None))
+    finals = [c for c in pruner.state.latency_checks if c.get("final")]
+    assert [c["short"] for c in finals] == [True, False]
+    assert finals[0]["iteration"] < finals[1]["iteration"] == len(history)  # pruned on between
+    assert finals[1]["measured_reduction"] >= 0.4 - 0.01
+
+
+def test_a_model_measured_as_predicted_is_not_corrected(model):
     pruner = Pruner(model, EXAMPLE, latency_config(), calib_data=TRAIN)
     list(iter(pruner.step, None))
-    (check,) = pruner.state.latency_checks
-    assert not check["short"] and pruner.latency.model.savings == 1.0
-    assert pruner.step() is None and len(pruner.state.latency_checks) == 1
+    checks = pruner.state.latency_checks
+    assert [c.get("final", False) for c in checks][-1] and not checks[-1]["short"]
+    assert sum(c.get("final", False) for c in checks) == 1
+    assert pruner.latency.model.savings == pytest.approx(1.0)
+    assert pruner.step() is None and pruner.state.latency_checks == checks

@@ -153,7 +153,7 @@ def _latency(run: Run) -> list[Block]:
     ]
     checks = [
         (
-            f"after iteration {c['iteration']}",
+            f"after iteration {c['iteration']}" + ("" if c.get("final") else " (on the way)"),
             f"{100 * c['predicted_reduction']:.1f} %",
             f"{100 * c['measured_reduction']:.1f} %",
             f"{c['savings']:.3f}" + (" (short: pruning went on)" if c["short"] else ""),
@@ -162,8 +162,9 @@ def _latency(run: Run) -> list[Block]:
     ]
     check_table = (
         [
-            "When the prediction said the target was reached, the model was measured; where "
-            "it fell short, predicted savings were scaled to the measurement and pruning went on.",
+            "The model was measured on the way and when the prediction said the target was "
+            "reached; predicted savings were scaled to the measurement on the way, and at the "
+            "end where it fell short (pruning then went on).",
             Table(
                 ("measured", "predicted reduction", "measured reduction", "savings scale"), checks
             ),

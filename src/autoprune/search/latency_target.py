@@ -3,11 +3,12 @@
 With ``config.target_latency_reduction`` the loss-aware search works as with a MACs target,
 with the latency model (:mod:`autoprune.measure.latency_model`) in place of the MAC count:
 every candidate saves about ``config.step`` of the dense model's predicted latency, the
-schedule's progress and the stop rule are in predicted latency. When the prediction says the
-target is reached, the pruned model is measured on the backend beside the dense one
-(:meth:`LatencyTarget.check`); where it falls short, every predicted saving is scaled by what was
-measured over what was predicted and the search goes on (at most :data:`CHECKS` times), so
-the target holds as measured, not only as predicted.
+schedule's progress and the stop rule are in predicted latency. The pruned model is measured
+on the backend beside the dense one on the way (at :data:`CHECK_AT` of the target, predicted)
+and when the prediction says the target is reached: every predicted saving is then scaled by
+what was measured over what was predicted (at the end only when the model fell short, and the
+search goes on, at most :data:`FINAL_CHECKS` times), so the search lands on the target as
+measured, neither short of it nor past it.
 
 Channel counts are snapped to what the backend's kernels like, learned from the tables rather
 than fixed: a group may only lose a number of channels that saves more predicted latency than
@@ -42,8 +43,10 @@ from .config import PruneConfig
 TOLERANCE = 0.005  # the stop rule's slack, as a fraction of the dense predicted latency
 ROUNDS = 3  # whole-model timings: median of this many rounds, models compared interleaved
 THIN_KEEP = 0.5  # the thinner model the prediction is fitted through keeps this of each group
-CHECKS = 3  # measurements of the pruned model that may correct the prediction, at most
+CHECK_AT = (0.5, 0.8)  # predicted progress at which the pruned model is measured on the way
+FINAL_CHECKS = 3  # measurements once the prediction says done, at most
 MEASURED_SLACK = 0.01  # a measured reduction this far under the target counts as reached
+CORRECTION = (0.5, 2.0)  # the bounds of one correction of the predicted savings
 
 
 class LatencyTarget:
@@ -163,16 +166,36 @@ class LatencyTarget:
                 "the cap"
             )
 
-    def check(self) -> dict[str, Any]:
+    def check_on_the_way(self, checks: list[dict[str, Any]], iteration: int) -> None:
+        """Measure once the predicted progress passes each of :data:`CHECK_AT` (not at the
+        target: :meth:`check_at_the_end`) and scale the predicted savings to the measured
+        ones, either way, appending the check to ``checks``."""
+        passed = sum(self.progress >= at for at in CHECK_AT)
+        done = max((c.get("passed", 0) for c in checks), default=0)
+        if passed > done and not self.reached():
+            checks.append({"iteration": iteration, "passed": passed, **self.check(final=False)})
+
+    def check_at_the_end(self, checks: list[dict[str, Any]], iteration: int) -> bool:
+        """Whether the model, its prediction at the target, measures short of it (the
+        prediction then corrected, the check appended to ``checks``): once per step taken
+        since the last check, at most :data:`FINAL_CHECKS` times."""
+        finals = [c for c in checks if c.get("final")]
+        if len(finals) >= FINAL_CHECKS or (finals and finals[-1]["iteration"] == iteration):
+            return False
+        checks.append({"iteration": iteration, "final": True, **self.check(final=True)})
+        return bool(checks[-1]["short"])
+
+    def check(self, final: bool) -> dict[str, Any]:
         """Measure the pruned model beside the dense one (rank 0's timing decides on every
-        rank). When it falls short of the target, every predicted saving is scaled by measured
-        over predicted, so the prediction of the model now is its measurement and the search
-        can go on from there."""
+        rank) and scale every predicted saving by measured over predicted, within
+        :data:`CORRECTION` (``final``: only when short of the target), so the prediction of
+        the model now is its measurement and the search goes on from there."""
         dense, pruned = distributed.all_gather(self._measure())[0]
         measured, predicted = 1.0 - pruned / dense, self.reduction
-        short = measured < self.target - MEASURED_SLACK and predicted > 0
-        if short:  # a model measured no faster still lets candidates save something
-            self.model.savings *= max(measured, 0.1 * predicted) / predicted
+        short = final and measured < self.target - MEASURED_SLACK
+        if predicted > 0 and (short or not final):
+            low, high = CORRECTION
+            self.model.savings *= min(high, max(low, measured / predicted))
         return {
             "dense_measured_ms": dense,
             "measured_ms": pruned,

@@ -38,7 +38,7 @@ from .candidates import OBJECTIVES, Candidate
 from .config import PruneConfig
 from .granularity import Granularity, plan
 from .granularity.weight import restore_weights
-from .latency_target import CHECKS, latency_target_for
+from .latency_target import latency_target_for
 from .schedules import SCHEDULES, SearchContext, Step
 from .scorers import create_scorer
 from .state import STATE_FORMAT, SearchState, comparable, weights_digest
@@ -163,6 +163,8 @@ class Pruner:
         while not self.done:
             entry = self._iterate(self.grains[self.state.grain])
             if entry is not None:
+                if self.latency is not None:  # measured on the way: the landing as measured
+                    self.latency.check_on_the_way(self.state.latency_checks, self.state.iteration)
                 return entry
             self.state.grain += 1  # this granularity is done: on to the next
             self.state.grain_loss = None
@@ -171,20 +173,11 @@ class Pruner:
         return None
 
     def _measured_short(self) -> bool:
-        """With a latency target, whether the pruned model measures short of it, the
-        prediction having been corrected (:meth:`LatencyTarget.check`): measured once per
-        step taken since the last check, at most ``CHECKS`` times."""
-        state, checks = self.state, self.state.latency_checks
-        if (
-            self.latency is None
-            or len(checks) >= CHECKS
-            or self.grains[-1].name in state.ended_early
-        ):
+        """With a latency target, whether the model measures short of it (the prediction
+        then corrected: :meth:`LatencyTarget.check_at_the_end`)."""
+        if self.latency is None or self.grains[-1].name in self.state.ended_early:
             return False
-        if checks and checks[-1]["iteration"] == state.iteration:
-            return False
-        checks.append({"iteration": state.iteration, **self.latency.check()})
-        return bool(checks[-1]["short"])
+        return self.latency.check_at_the_end(self.state.latency_checks, self.state.iteration)
 
     def context(self) -> SearchContext:
         state = self.state
