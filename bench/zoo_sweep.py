@@ -191,8 +191,9 @@ def markdown(result: dict[str, Any]) -> str:
         "largest output where that is above 1: the difference shown is absolute). A model "
         "passes when (a), (b) and masked all pass. Torch-Pruning: `MetaPruner` with "
         "`GroupMagnitudeImportance(p=1)`, ratio stepped 0.5 % at a time up to -30 % MACs; it "
-        "passes when it runs, forwards at batch 3 and lands within 0.5 %. Timeout "
-        f"{result['timeout']} s per phase.",
+        "passes when it runs, forwards at batch 3 and lands within 0.5 %. Timeout per phase: "
+        f"{' s, or '.join(f'{t:g}' for t in result.get('timeouts', [result['timeout']]))} s "
+        "(a merged table: each model under the timeout of the sweep that last ran it).",
         "",
         machine_line(result["machine"]),
         "",
@@ -289,6 +290,7 @@ def main() -> None:
             "models": specs,
             "sizes": sizes,
             "timeout": args.timeout,
+            "timeouts": sorted({*old.get("timeouts", [old_timeout] if kept else []), args.timeout}),
             "machine": machine(),
             "seconds": round(earlier + time.perf_counter() - start, 1),
             "totals": {"torchvision": totals(runs, "tv"), "timm": totals(runs, "timm")},
