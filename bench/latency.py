@@ -253,9 +253,10 @@ def write(out: Path, results: dict[str, Any]) -> None:
         "Predicted speed-up: the latency model's, when the search stopped (dense over pruned, "
         "both predicted); measured: the same run's timing of both on the backend. Speed-ups, "
         "not milliseconds, are compared: the load of the machine changes between the search "
-        "and the timing. Checked in the search: the speed-up measured each time the "
-        "prediction said the target was reached (short of it, predicted savings were scaled "
-        "to the measurement and pruning went on).",
+        "and the timing. Checked in the search: the speed-ups measured on the way (at half and "
+        "four fifths of the target, predicted: predicted savings then scaled to the "
+        "measurement) and when the prediction said the target was reached (short of it, "
+        "scaled again and pruning went on).",
         "",
         results["note"],
     ]
@@ -291,8 +292,8 @@ def report(args: argparse.Namespace, targets: list[dict[str, Any]]) -> None:
             f"{args.step:g}), then gets {args.finetune_epochs:g} epoch(s) of distilled fine-tune "
             f"on {args.train_size} training images; accuracy on {args.test_size} test images. "
             f"autoprune-latency targets a {args.speedup:g}x speed-up on the backend and batch "
-            "of its table (predicted, and measured during the search when the prediction says "
-            "it is there: pruning goes on while the measurement falls short), removing "
+            "of its table (predicted, and measured on the way and at the end of the search: "
+            "pruning goes on while the measurement falls short), removing "
             f"{args.granularity.replace(',', ', then ')}; "
             f"the others -{100 * args.macs_target:.0f} % MACs. Latency: "
             f"median of {args.rounds} round(s) of {args.repeats} timed runs, all models of a "
