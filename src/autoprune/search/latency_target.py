@@ -19,7 +19,7 @@ blocks of 8 or 16 channels) the widths in between are never kept.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -260,10 +260,17 @@ class LatencyTarget:
         return candidates
 
     # ------------------------------------------------------------------------ reporting
-    def report(self) -> dict[str, Any]:
-        """The pruned model measured on the backend beside what the model predicts."""
+    def report(
+        self, checks: Sequence[dict[str, Any]] = (), iteration: int | None = None
+    ) -> dict[str, Any]:
+        """The pruned model measured on the backend beside what the model predicts: the last
+        check's timing where it measured the model as it is (``iteration``), else timed now."""
         lm = self.model
-        dense, measured = self._measure()
+        last = checks[-1] if checks else {}
+        if last.get("final") and last["iteration"] == iteration:
+            dense, measured = last["dense_measured_ms"], last["measured_ms"]
+        else:
+            dense, measured = self._measure()
         predicted = self.predicted_ms()
         return {
             "backend": lm.backend,
@@ -284,7 +291,7 @@ class LatencyTarget:
 
 
 def latency_target_for(
-    graph: PruningGraph, example_inputs: torch.Tensor | Any, config: PruneConfig
+    graph: PruningGraph, example_inputs: torch.Tensor | Sequence[torch.Tensor], config: PruneConfig
 ) -> LatencyTarget | None:
     """The latency target of ``config`` (None without one) for ``graph``'s model, on its
     backend and batch."""

@@ -40,7 +40,7 @@ class SearchState:
     phase: str = "search"  # search -> finetune -> done
     baseline: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
-    # the pruned model measured when the latency prediction said done (LatencyTarget.check)
+    # the pruned model measured on the way to a latency target and at it (LatencyTarget.check)
     latency_checks: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(("search_s", "recovery_s", "finetune_s"), 0.0)

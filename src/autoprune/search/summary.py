@@ -54,8 +54,9 @@ def run_summary(
     summary["ended_early"] = state.ended_early
     summary["frozen_by_verify"] = pruner.frozen_by_verify  # group -> what broke
     summary["scopes"] = scope_report(scope_macs, pruner.graph.macs_by_scope())
-    if pruner.latency is not None:  # the stop rule was predicted: now measure
-        summary["latency"] = {**pruner.latency.report(), "checks": state.latency_checks}
+    if pruner.latency is not None:  # the stop rule was predicted: the measurement beside it
+        checks = state.latency_checks
+        summary["latency"] = {**pruner.latency.report(checks, state.iteration), "checks": checks}
     extra = accounting(
         model, pruner.graph.example_inputs, state.baseline["params"], pruned["macs"], state.history
     )
