@@ -2,7 +2,8 @@
 misread: a batched 5-D attention matmul (nest's blocked tokens, whose broadcast Torch-Pruning
 took for a GQA repeat), a class token re-joined by a concat along the token dim (tnt),
 channels-last tokens padded to whole windows (twins), and a layer called with a keyword
-argument next to a channel split (coat's ``crpe(q, v, size=size)``).
+argument next to a channel split (coat's ``crpe(q, v, size=size)``), and timm's RoPE
+attention (whole heads only: the rotation pairs query/key dimensions).
 Each small model is checked by ``test_graph_patterns_b.check_prunes`` (masked == pruned, MACs
 as predicted, save/load exact).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from test_graph_patterns_b import check_prunes
@@ -134,6 +136,22 @@ class KeywordSize(nn.Module):
         return self.fc(x.mean(1))
 
 
+class RopeViT(nn.Module):
+    """timm's RoPE attention as DeepSeek-ViT uses it: fused qkv, 'half' rotation layout, no
+    prefix tokens (Torch-Pruning's walk through its rotation never ended)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        deepseek_vit = pytest.importorskip("timm.models.deepseek_vit")
+        torch.manual_seed(0)
+        self.vit = deepseek_vit.DeepseekVitClassifier(
+            img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=4, num_classes=10
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit(x)
+
+
 def check(model: nn.Module, tmp_path: Path, expect: tuple[str, ...]) -> None:
     factory = f"{__file__}:{type(model).__name__}"
     check_prunes(model, 16, tmp_path, expect=expect, factory=factory)
@@ -156,3 +174,17 @@ def test_layer_called_with_keyword_keeps_its_code(tmp_path: Path) -> None:
     assert isinstance(graph.model.crpe, PositionalConvs)  # not rewritten by torch.fx
     assert any("split" in reason for reason in graph.frozen.values()), graph.frozen
     check(KeywordSize(), tmp_path, ("mlp.0",))
+
+
+def test_rope_attention_prunes_whole_heads(tmp_path: Path) -> None:
+    check(
+        RopeViT(),
+        tmp_path,
+        (
+            "vit.encoder.blocks.0.attn[heads]",
+            "vit.encoder.blocks.0.mlp.fc1",
+            "vit.encoder.patch_embed.proj",
+        ),
+    )
+    graph = build_graph(RopeViT(), torch.zeros(1, 3, 16, 16))
+    assert not any(g.name.endswith("[head_dim]") for g in graph.groups())

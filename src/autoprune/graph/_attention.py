@@ -161,6 +161,30 @@ class _TimmAttention(AttentionAdapter):
             )
 
 
+@register_attention("timm.layers.attention.AttentionRope")
+class _TimmAttentionRope(_TimmAttention):
+    """timm's RoPE attention (EVA, DeepSeek-ViT): the rotation mixes query/key dimension
+    ``i`` with its partner, so only whole heads go; a zero head stays zero through the
+    rotation and through per-head ``q_norm``/``k_norm`` (its values are zero)."""
+
+    attributes = ("num_heads", "num_kv_heads", "head_dim", "attn_dim", "kv_dim")
+
+    def set_shape(self, m: nn.Module, shape: HeadShape) -> None:
+        super().set_shape(m, shape)
+        m.num_kv_heads, m.kv_dim = shape.num_heads, m.attn_dim
+
+    def kinds(self, m: nn.Module) -> tuple[str, ...]:
+        return ("heads",) if isinstance(m.norm, nn.Identity) else ()
+
+    def check(self, m: nn.Module) -> None:
+        super().check(m)
+        if m.qkv is None:
+            raise AutopruneError(
+                "timm RoPE attention with separate q/k/v projections is not supported: "
+                "pass its name in ignored_layers"
+            )
+
+
 @register_attention("timm.models.efficientformer.Attention")
 class _EfficientFormerAttention(AttentionAdapter):
     head_major = True

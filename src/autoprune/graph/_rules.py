@@ -55,6 +55,8 @@ TP_DUMMY_OPS = (
 # of the channel norms): zeroing a channel is not its removal, so masking runs them as pruned
 # (``._grouped.run_as_pruned``).
 ACROSS_CHANNELS = (
+    "timm.layers.norm.RmsNorm",
+    "timm.layers.norm.RmsNormFp32",
     "timm.layers.norm.RmsNorm2d",
     "timm.layers.norm.RmsNorm2dFp32",
     "timm.layers.norm_act.RmsNormAct2d",

@@ -47,7 +47,7 @@ def register_layer_shape(*types: type[nn.Module]) -> Callable[[R], R]:
 def recorder_for(module: nn.Module) -> Recorder | None:
     """The registered recorder; else, for layers the pruning graph changes by rules of its own
     (attention heads), one that keeps what those rules change; for any other module owning
-    tensors (a layer scale, a ViT's ``cls_token``), their shapes alone."""
+    tensors (a layer scale, a ViT's ``cls_token``) or sizes (:func:`_sizes`), those."""
     if shape_attributes(module) is not None:  # a user's registered layer type
         return shape_attributes
     found = next((LAYER_SHAPES[t] for t in type(module).__mro__ if t in LAYER_SHAPES), None)
@@ -56,16 +56,17 @@ def recorder_for(module: nn.Module) -> Recorder | None:
     adapter = attention_adapter(module)
     if adapter is not None:
         return lambda m: {a: getattr(m, a) for a in adapter.attributes}
-    if _own_tensors(module):  # layer scales, cls tokens, ...: their tensors' shapes
+    if _own_tensors(module) or _sizes(module):  # layer scales, cls tokens, norms: their sizes
         return _sizes
     return None
 
 
 def _sizes(module: nn.Module) -> LayerRecord:
-    """A layer of unknown type keeps its ``groups`` count and the ``shape`` it views its
-    parameter to, where it has them: the pruning graph changes both (timm's EvoNorm ``S``
-    loses whole groups, metaformer's ``Scale`` channels; see graph._grouped)."""
-    sizes = {"groups": getattr(module, "groups", None), "shape": getattr(module, "shape", None)}
+    """A layer of unknown type keeps its ``groups`` count, the ``shape`` it views its
+    parameter to and its ``normalized_shape``, where it has them: the pruning graph changes
+    them (timm's EvoNorm ``S`` loses whole groups, metaformer's ``Scale`` and timm's RmsNorm
+    channels; see graph._grouped and graph._rules)."""
+    sizes = {name: getattr(module, name, None) for name in ("groups", "shape", "normalized_shape")}
     return {
         name: value
         for name, value in sizes.items()
