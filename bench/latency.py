@@ -80,6 +80,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     p.add_argument("--out", type=Path, default=DOCS / "latency")
     p.add_argument("--render", action="store_true", help="rewrite the .md from the .json")
+    p.add_argument("--keep", action="store_true", help="keep the JSON's other targets")
     args = p.parse_args()
     if args.reduced or args.smoke:
         args.model, args.calib, args.step, args.test_size = "resnet20", 64, 0.05, 2000
@@ -211,6 +212,7 @@ def run_target(
         "dense_ms": dense_ms,
         "dense_accuracy": accuracy(dense, test),
         "rows": rows,
+        "machine": machine(),  # each target's own: ``--keep`` may join targets of two runs
     }
 
 
@@ -228,6 +230,7 @@ def write(out: Path, results: dict[str, Any]) -> None:
             f"## {target['backend']}, batch {target['batch']} "
             f"(dense: {target['dense_ms']:.2f} ms, {target['dense_accuracy']:.2f} %)",
             "",
+            *([machine_line(target["machine"]), ""] if "machine" in target else []),
             "| method | MACs red. | blocks removed | measured (ms) | speed-up | predicted speed-up "
             "| predicted / measured | checked in the search | acc. after prune "
             "| acc. after fine-tune | search (s) |",
@@ -272,12 +275,26 @@ def main() -> None:
     dense = autoprune.create_model(args.model, weights=adapted_weights(args.model)).eval()
     train, test = cifar10_jpeg75(args.test_size)
     train = train.subset(range(args.train_size))
-    targets: list[dict[str, Any]] = []
+    targets = kept_targets(args) if args.keep else []
     done: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
     for spec in args.targets.split(","):
         backend, batch = spec.split(":")
         targets.append(run_target(backend, int(batch), dense, train, test, args, done))
         report(args, targets)  # after every target: a long run shows what it has
+
+
+def kept_targets(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The existing results' targets that this run does not measure, each with its machine."""
+    path = args.out.with_suffix(".json")
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    measured = set(args.targets.split(","))
+    return [
+        {"machine": old["machine"], **t}
+        for t in old["targets"]
+        if f"{t['backend']}:{t['batch']}" not in measured
+    ]
 
 
 def report(args: argparse.Namespace, targets: list[dict[str, Any]]) -> None:

@@ -114,7 +114,9 @@ def test_units_are_only_shape_keeping():
 
 
 def scorers_agree(graph, candidates, calib) -> None:
-    fast = create_scorer("fast", halving=False)(graph, candidates, calib, loss_objective(0.0))
+    fast = create_scorer("fast", halving=False, precision="fp32")(
+        graph, candidates, calib, loss_objective(0.0)
+    )
     exact = create_scorer("exhaustive")(graph, candidates, calib, loss_objective(0.0))
     assert fast == pytest.approx(exact, rel=1e-4)
     assert len(set(exact)) == len(exact)  # every candidate changes the loss differently

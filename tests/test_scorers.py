@@ -172,7 +172,13 @@ def reference(request: pytest.FixtureRequest) -> tuple[PruningGraph, list, list[
         {"halving": False, "stack": False},  # one forward per candidate
         {"halving": False, "stack_bytes": 1},  # stacks of one
         {"halving": False, "prefix_cache": False, "stack_bytes": 600_000},  # stacks of a few
-        {"min_images": 4, "keep": 1.0, "precision": "bf16-ranking", "stack_bytes": 1 << 30},
+        {
+            "min_images": 4,
+            "keep": 1.0,
+            "min_keep": 99,
+            "precision": "bf16-ranking",
+            "stack_bytes": 1 << 30,
+        },
     ],
     ids=[
         "masking",
@@ -188,7 +194,7 @@ def reference(request: pytest.FixtureRequest) -> tuple[PruningGraph, list, list[
 )
 def test_fast_losses_equal_the_exhaustive_reference(reference, options: dict):
     graph, candidates, expected = reference
-    scorer = create_scorer("fast", **options)
+    scorer = create_scorer("fast", **{"precision": "fp32", **options})
     losses = scorer(graph, candidates, random_calib(), by_loss)
     assert len(losses) == len(candidates) >= 8
     assert max(abs(a - b) for a, b in zip(losses, expected, strict=True)) <= 1e-5
@@ -208,11 +214,22 @@ def test_fast_losses_equal_the_exhaustive_reference(reference, options: dict):
 def test_stacked_losses_equal_one_forward_per_candidate(reference, options: dict):
     graph, candidates, _ = reference
     calib = random_calib()
-    solo = create_scorer("fast", halving=False, stack=False)(graph, candidates, calib, by_loss)
-    scorer = create_scorer("fast", halving=False, **options)
+    fp32 = {"halving": False, "precision": "fp32"}
+    solo = create_scorer("fast", stack=False, **fp32)(graph, candidates, calib, by_loss)
+    scorer = create_scorer("fast", **fp32, **options)
     stacked = scorer(graph, candidates, calib, by_loss)
     assert scorer.last_stats["stacked"] == len(candidates)
     assert max(abs(a - b) for a, b in zip(stacked, solo, strict=True)) <= 1e-5
+
+
+def test_bf16_ranking_rescores_its_best_few_in_fp32(reference):
+    graph, candidates, expected = reference
+    scorer = create_scorer("fast", min_images=4, precision="bf16-ranking", min_keep=3)
+    losses = scorer(graph, candidates, random_calib(), by_loss)
+    exact = [i for i, loss in enumerate(losses) if loss != math.inf]
+    assert len(exact) == scorer.last_stats["fully_scored"] == 3
+    assert max(abs(losses[i] - expected[i]) for i in exact) <= 1e-5  # fp32, not bf16
+    assert min(exact, key=losses.__getitem__) == min(range(len(expected)), key=expected.__getitem__)
 
 
 def test_bf16_scoring_is_close_and_ranks_like_fp32(reference):
@@ -331,10 +348,12 @@ def test_halving_keeps_the_winner_and_scores_it_on_the_whole_set():
     candidates = candidates_of(graph) + [
         Candidate(g.name, ("most",), select(g, "l1", g.channels - 2), 1) for g in graph.groups()
     ]
-    exact = create_scorer("fast", halving=False)(graph, candidates, calib, by_loss)
+    exact = create_scorer("fast", halving=False, precision="fp32")(
+        graph, candidates, calib, by_loss
+    )
     best, second = sorted(exact)[:2]
     assert second > 2 * best  # the case: one clear winner, found on 64 images
-    scorer = create_scorer("fast", min_images=8, keep=0.25, min_keep=2)
+    scorer = create_scorer("fast", min_images=8, keep=0.25, min_keep=2, precision="fp32")
     losses = scorer(graph, candidates, calib, by_loss)
     stats = scorer.last_stats
 

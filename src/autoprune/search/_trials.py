@@ -29,14 +29,23 @@ from ..task import Task
 from ._prefix import CutPoint, PrefixCache
 from .candidates import Candidate, GrainCandidate
 
-# Scoring precisions: (autocast dtype while halving ranks, dtype of the round that ends on the
-# whole set). A final round in another dtype than the ranking rounds re-scores its survivors on
-# every image, so the losses the search compares are all of the final dtype.
+# Scoring precisions: (autocast dtype while halving ranks, dtype of the losses returned). Where
+# they differ, the best few after ranking on the whole set are scored again in the second, so
+# the losses the search compares are all of that dtype.
 PRECISIONS: dict[str, tuple[torch.dtype | None, torch.dtype | None]] = {
     "fp32": (None, None),
     "bf16": (torch.bfloat16, torch.bfloat16),
     "bf16-ranking": (torch.bfloat16, None),
 }
+
+
+def default_precision(device: torch.device) -> str:
+    """The scoring precision when the scorer is given none: ``bf16-ranking`` on a CPU with
+    native bf16 (AVX512-BF16 or AMX: twice the fp32 throughput; the losses compared are still
+    fp32's), ``fp32`` elsewhere (on a GPU, stacked fp32 measured fastest:
+    docs/benchmarks/search_speed.md)."""
+    native = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    return "bf16-ranking" if device.type == "cpu" and native() else "fp32"
 
 
 def default_stack_bytes(device: torch.device) -> int:

@@ -15,7 +15,8 @@ decisions for a fraction of the work, each trick switchable so its effect can be
 - candidate stacking (:mod:`._trials`): the candidates of a cut run in one forward pass, the
   batch repeated once per candidate, each copy with its own channels masked; on a GPU this
   turns hundreds of small passes into a few large ones;
-- bf16 autocast (``precision``), for all rounds or only for the ranking ones;
+- bf16 autocast (``precision``), for every round, or for ranking only: the best few are then
+  scored again in fp32 on the whole set, so the losses compared at the end are fp32's;
 - hardest images first: halving takes the images in order of the current model's loss, highest
   first. A trained model classifies most images confidently and a small removal barely moves
   their loss; the differences between candidates come from the few uncertain images, so early
@@ -47,8 +48,8 @@ from .._forward import eval_mode
 from .._registry import Registry
 from ..errors import AutopruneError
 from ..graph import PruningGraph
-from ._prefix import CallProfile, plan_cuts
-from ._trials import PRECISIONS, TrialPlan, autocast, score_batch
+from ._prefix import CallProfile, CutPoint, plan_cuts
+from ._trials import PRECISIONS, TrialPlan, autocast, default_precision, score_batch
 from .calibration import CalibrationSet
 from .candidates import Candidate, Objective  # Objective: lower is better
 
@@ -146,7 +147,9 @@ class FastScorer:
     caps a stacked pass's largest activation (default :func:`._trials.default_stack_bytes`:
     a share of a GPU's memory; no stacking on a CPU). ``precision`` is a key of
     :data:`._trials.PRECISIONS`: ``fp32``, ``bf16`` or ``bf16-ranking`` (bf16 while halving
-    ranks, survivors re-scored in fp32 on the whole set).
+    ranks, down to the whole set; the best ``min_keep`` then re-scored in fp32, the others
+    ``inf``); default :func:`._trials.default_precision` (``bf16-ranking`` on a CPU with
+    native bf16, else ``fp32``).
     ``channels_last`` runs 4-D inputs in that memory format: CPU convolutions are several
     times faster on small batches, and losses differ from NCHW's by float rounding only.
     """
@@ -166,7 +169,7 @@ class FastScorer:
     min_keep: int = 4
     max_batch: int | None = None
     stack_bytes: int | None = None
-    precision: str = "fp32"
+    precision: str | None = None
     channels_last: bool = True
     stack: bool = True
     last_stats: dict[str, Any] = field(default_factory=dict, init=False)
@@ -179,7 +182,7 @@ class FastScorer:
             )
         if self.max_batch is not None and self.max_batch < 1:
             raise AutopruneError(f"fast scorer: max_batch must be >= 1, got {self.max_batch}")
-        if self.precision not in PRECISIONS:
+        if self.precision is not None and self.precision not in PRECISIONS:
             raise AutopruneError(
                 f"fast scorer: precision {self.precision!r} is not one of {', '.join(PRECISIONS)}"
             )
@@ -194,13 +197,13 @@ class FastScorer:
         _check_scorable(graph, calib)
         start = time.perf_counter()
         total = calib.size
-        ranking, final = PRECISIONS[self.precision]
         sums = [0.0] * len(candidates)  # summed loss (calib.task's) over the images seen so far
         seen = [0] * len(candidates)
         alive = list(range(len(candidates)))
         done = rounds = evaluated = 0
         with eval_mode(graph.model), torch.no_grad():
             sample = self._layout(calib.batches[0][0][:2])
+            ranking, final = PRECISIONS[self.precision or default_precision(sample.device)]
             profile = CallProfile.record(graph.model, sample) if self.prefix_cache else None
             cuts = plan_cuts(graph, candidates, profile)
             plan = TrialPlan.build(graph, candidates, sample, self.stack, self.stack_bytes)
@@ -209,31 +212,29 @@ class FastScorer:
                 calib = self._hardest_first(graph.model, calib)
             while alive and done < total:
                 stop = self._next_stop(done, total, len(alive))
-                dtype = final if stop == total else ranking
-                if done and dtype != ranking:  # the whole set again, all in the final dtype
-                    done = 0
-                    for i in alive:
-                        sums[i] = 0.0
-                mine = [alive[i] for i in distributed.my_share(alive)]
-                added = torch.zeros(len(candidates), dtype=torch.float64, device=sample.device)
-                with autocast(sample.device, dtype):
-                    for x, y in calib.slices(done, stop, self.max_batch):
-                        score_batch(plan, cuts, set(mine), self._layout(x), y, calib.task, added)
-                values = added.tolist()  # the round's one wait for the device
-                merged = distributed.merge_shares({i: sums[i] + values[i] for i in mine})
-                for i, value in merged.items():
-                    sums[i] = value
-                for i in alive:
-                    seen[i] = stop
+                with autocast(sample.device, ranking):
+                    self._round(plan, cuts, alive, calib, (done, stop), sums, added_to=seen)
                 evaluated += (stop - done) * len(alive)
                 done, rounds = stop, rounds + 1
                 if done < total:
-                    losses = {i: sums[i] / done for i in alive}
-                    alive = self._survivors(losses, candidates, objective)
+                    alive = self._survivors(
+                        {i: sums[i] / done for i in alive}, candidates, objective
+                    )
+            if alive and final != ranking:  # the best few again, all images in the final dtype
+                alive = self._survivors(
+                    {i: sums[i] / total for i in alive}, candidates, objective, self.min_keep
+                )
+                exact = set(alive)
+                for i in alive:
+                    sums[i] = 0.0
+                with autocast(sample.device, final):
+                    self._round(plan, cuts, alive, calib, (0, total), sums, added_to=None)
+                evaluated, rounds = evaluated + total * len(alive), rounds + 1
+            else:
+                exact = {i for i, k in enumerate(seen) if k == total}
         self.last_stats = {
             "scorer": "fast",
             "candidates": len(candidates),
-            "fully_scored": sum(k == total for k in seen),
             "images": evaluated + (total if reorder else 0),
             "rounds": rounds,
             "cut_points": sum(bool(c.candidates) for c in cuts),
@@ -241,8 +242,32 @@ class FastScorer:
             "seconds": time.perf_counter() - start,
             "images_per_candidate": seen,
             "estimates": [s / k for s, k in zip(sums, seen, strict=True)],
+            "fully_scored": len(exact),
         }
-        return [s / total if k == total else math.inf for s, k in zip(sums, seen, strict=True)]
+        return [sums[i] / total if i in exact else math.inf for i in range(len(candidates))]
+
+    def _round(
+        self,
+        plan: TrialPlan,
+        cuts: list[CutPoint],
+        alive: list[int],
+        calib: CalibrationSet,
+        images: tuple[int, int],
+        sums: list[float],
+        added_to: list[int] | None,
+    ) -> None:
+        """Adds the losses of ``alive`` on ``images`` (a range) to ``sums``; this rank scores
+        its share and the shares are merged. ``added_to``: each one's images seen, updated."""
+        mine = [alive[i] for i in distributed.my_share(alive)]
+        added = torch.zeros(len(sums), dtype=torch.float64, device=calib.batches[0][0].device)
+        for x, y in calib.slices(*images, self.max_batch):
+            score_batch(plan, cuts, set(mine), self._layout(x), y, calib.task, added)
+        values = added.tolist()  # the round's one wait for the device
+        for i, value in distributed.merge_shares({i: sums[i] + values[i] for i in mine}).items():
+            sums[i] = value
+        if added_to is not None:
+            for i in alive:
+                added_to[i] = images[1]
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
@@ -266,11 +291,17 @@ class FastScorer:
         return min(max(self.min_images, 2 * done), total)
 
     def _survivors(
-        self, losses: dict[int, float], candidates: Sequence[Candidate], objective: Objective
+        self,
+        losses: dict[int, float],
+        candidates: Sequence[Candidate],
+        objective: Objective,
+        kept: int | None = None,
     ) -> list[int]:
-        """The best ``keep`` of the live candidates (by objective on the same images)."""
+        """The best ``kept`` (default: ``keep`` of them, at least ``min_keep``) of the live
+        candidates, by objective on the same images."""
         ranked = sorted(losses, key=lambda i: (objective(losses[i], candidates[i]), i))
-        kept = max(self.min_keep, math.ceil(self.keep * len(losses)))
+        if kept is None:
+            kept = max(self.min_keep, math.ceil(self.keep * len(losses)))
         return sorted(ranked[:kept])
 
 
