@@ -8,13 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torchvision.models.swin_transformer import (
-    PatchMerging,
-    PatchMergingV2,
-    ShiftedWindowAttention,
-    ShiftedWindowAttentionV2,
-    SwinTransformer,
-)
+
+try:
+    from torchvision.models.swin_transformer import (
+        PatchMerging,
+        PatchMergingV2,
+        ShiftedWindowAttention,
+        ShiftedWindowAttentionV2,
+        SwinTransformer,
+    )
+except (ImportError, RuntimeError):  # absent, or its CUDA build without ../shared's CPU shim
+    pytest.skip("torchvision does not import here (tests/conftest.py)", allow_module_level=True)
 
 import autoprune
 from autoprune.criteria import select
