@@ -196,12 +196,13 @@ def main() -> None:
     if device == "cuda":
         section["machine"]["gpu"] = torch.cuda.get_device_name()
     train, test = data(args)
-    if args.whole:
-        results["cpu_default"] = section
+    if args.whole or args.smoke:  # a smoke run tries both kinds of row
+        whole = results["cpu_default"] = {"machine": machine(), "rows": []}
         for name in filter(None, args.models.split(",")):
-            section["rows"] += [whole_row(args, name, train, p) for p in WHOLE_PRECISIONS]
+            whole["rows"] += [whole_row(args, name, train, p) for p in WHOLE_PRECISIONS]
             write(out, results)
-        return
+        if args.whole:
+            return
     results["gpu" if device == "cuda" else "cpu"] = section
     for name in filter(None, args.models.split(",")):
         section["rows"].append(paired_row(args, name, train, device))
