@@ -123,3 +123,13 @@ def finetune(
         model, train, batch_size=config.batch_size, train=True, seed=seed, input_size=input_size
     )
     fit(model, loader, config, loss_fn=loss_fn)
+
+
+def from_history(history: list[dict]) -> dict:
+    """A row's images scored and decisions (to compare with the exhaustive scorer's)."""
+    return {
+        "images_scored": sum(h["scorer"]["images"] for h in history),
+        "decisions": [
+            {"group": h["group"], "channels": h["channels"], "loss": h["loss"]} for h in history
+        ],
+    }

@@ -28,6 +28,7 @@ from _common import (
     adapted_weights,
     cifar10_jpeg75,
     finetune,
+    from_history,
     machine,
     machine_line,
     previous_rows,
@@ -162,16 +163,6 @@ def rerender(args: argparse.Namespace, search_runs: Path) -> None:
 
 def run_name(args: argparse.Namespace, label: str, seed: int) -> str:
     return f"{args.model}-{args.target:g}-{label.replace(' ', '-')}-seed{seed}"
-
-
-def from_history(history: list[dict]) -> dict:
-    """A row's images scored and decisions (to compare with the exhaustive scorer's)."""
-    return {
-        "images_scored": sum(h["scorer"]["images"] for h in history),
-        "decisions": [
-            {"group": h["group"], "channels": h["channels"], "loss": h["loss"]} for h in history
-        ],
-    }
 
 
 def write(out: Path, results: dict) -> None:

@@ -41,6 +41,7 @@ from _common import (
     accuracy,
     adapted_weights,
     cifar10_jpeg75_root,
+    from_history,
     machine,
     machine_line,
     write_results,
@@ -297,9 +298,8 @@ def whole_row(args: argparse.Namespace, name: str, train: Any, precision: str | 
         progress=False,
     )
     history = result.history
-    decisions = [
-        {"group": h["group"], "channels": h["channels"], "loss": h["loss"]} for h in history
-    ]
+    recorded = from_history(history)
+    decisions = recorded["decisions"]
     return {
         "model": name,
         "precision": precision or f"default ({default_precision(torch.device('cpu'))})",
@@ -307,7 +307,7 @@ def whole_row(args: argparse.Namespace, name: str, train: Any, precision: str | 
         "target_macs_reduction": target,
         "iterations": len(history),
         "search_s": round(sum(h["seconds"] for h in history), 1),
-        "images": sum(h["scorer"]["images"] for h in history),
+        "images": recorded["images_scored"],
         "final_loss": decisions[-1]["loss"] if decisions else None,
         "same_decisions_as_today": None if args.smoke else agreement(name, decisions),
     }

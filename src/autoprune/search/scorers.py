@@ -213,7 +213,9 @@ class FastScorer:
             while alive and done < total:
                 stop = self._next_stop(done, total, len(alive))
                 with autocast(sample.device, ranking):
-                    self._round(plan, cuts, alive, calib, (done, stop), sums, added_to=seen)
+                    self._round(plan, cuts, alive, calib, (done, stop), sums)
+                for i in alive:
+                    seen[i] = stop
                 evaluated += (stop - done) * len(alive)
                 done, rounds = stop, rounds + 1
                 if done < total:
@@ -228,7 +230,7 @@ class FastScorer:
                 for i in alive:
                     sums[i] = 0.0
                 with autocast(sample.device, final):
-                    self._round(plan, cuts, alive, calib, (0, total), sums, added_to=None)
+                    self._round(plan, cuts, alive, calib, (0, total), sums)
                 evaluated, rounds = evaluated + total * len(alive), rounds + 1
             else:
                 exact = {i for i, k in enumerate(seen) if k == total}
@@ -254,10 +256,9 @@ class FastScorer:
         calib: CalibrationSet,
         images: tuple[int, int],
         sums: list[float],
-        added_to: list[int] | None,
     ) -> None:
         """Adds the losses of ``alive`` on ``images`` (a range) to ``sums``; this rank scores
-        its share and the shares are merged. ``added_to``: each one's images seen, updated."""
+        its share and the shares are merged."""
         mine = [alive[i] for i in distributed.my_share(alive)]
         added = torch.zeros(len(sums), dtype=torch.float64, device=calib.batches[0][0].device)
         for x, y in calib.slices(*images, self.max_batch):
@@ -265,9 +266,6 @@ class FastScorer:
         values = added.tolist()  # the round's one wait for the device
         for i, value in distributed.merge_shares({i: sums[i] + values[i] for i in mine}).items():
             sums[i] = value
-        if added_to is not None:
-            for i in alive:
-                added_to[i] = images[1]
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
