@@ -68,6 +68,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--granularity", default="block,channel", help="autoprune-latency's")
     p.add_argument("--calib", type=int, default=512, help="calibration images")
     p.add_argument("--step", type=float, default=0.01)
+    p.add_argument("--recover-steps", type=int, default=0, help="0: the protocol's none")
     p.add_argument("--train-size", type=int, default=50_000)
     p.add_argument("--test-size", type=int, default=10_000)
     p.add_argument("--finetune-epochs", type=float, default=1.0)
@@ -124,11 +125,12 @@ def tp_l1_global(dense, train, backend, batch, args) -> tuple[nn.Module, dict]:
 
 
 def _search(args: argparse.Namespace) -> dict[str, Any]:
-    """The search settings every autoprune method shares: no recovery, no fine-tune."""
+    """The search settings every autoprune method shares: no fine-tune, no recovery unless
+    asked for."""
     return {
         "calib_size": args.calib,
         "step": args.step,
-        "recover_steps": 0,
+        "recover_steps": args.recover_steps,
         "finetune_epochs": 0,
         "seed": args.seed,
         "progress": True,
@@ -297,6 +299,12 @@ def kept_targets(args: argparse.Namespace) -> list[dict[str, Any]]:
     ]
 
 
+def _recovery(args: argparse.Namespace) -> str:
+    if not args.recover_steps:
+        return "without recovery"
+    return f"with {args.recover_steps} recovery steps every 2 % of the MACs"
+
+
 def report(args: argparse.Namespace, targets: list[dict[str, Any]]) -> None:
     flags = " --smoke" if args.smoke else " --reduced" if args.reduced else ""
     results = {
@@ -305,7 +313,7 @@ def report(args: argparse.Namespace, targets: list[dict[str, Any]]) -> None:
         "machine": machine(),
         "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"out": str(args.out)},
         "protocol": (
-            f"Each method prunes without recovery (calibration {args.calib} images, step "
+            f"Each method prunes {_recovery(args)} (calibration {args.calib} images, step "
             f"{args.step:g}), then gets {args.finetune_epochs:g} epoch(s) of distilled fine-tune "
             f"on {args.train_size} training images; accuracy on {args.test_size} test images. "
             f"autoprune-latency targets a {args.speedup:g}x speed-up on the backend and batch "
