@@ -17,6 +17,7 @@ from torch import nn
 import autoprune
 from autoprune.api import loader_for
 from autoprune.data import ImageData, load_dataset
+from autoprune.io import load, save
 from autoprune.measure import evaluate_batches
 from autoprune.train import LossFn, TrainConfig, fit
 
@@ -123,6 +124,29 @@ def finetune(
         model, train, batch_size=config.batch_size, train=True, seed=seed, input_size=input_size
     )
     fit(model, loader, config, loss_fn=loss_fn)
+
+
+def trained_model(
+    path: Path,
+    train: ImageData,
+    factory: str,
+    *,
+    epochs: float,
+    lr: float,
+    seed: int,
+    input_shape: tuple[int, int, int],
+    **kwargs: Any,
+) -> nn.Module:
+    """Zoo model ``factory(**kwargs)`` trained from scratch on ``train`` with :func:`finetune`,
+    saved at ``path`` and loaded from there next time (benchmarks without shipped weights)."""
+    if (path / "arch.json").exists():
+        return load(path)
+    torch.manual_seed(seed)
+    model = autoprune.create_model(factory, **kwargs)
+    size = input_shape[-1]
+    finetune(model, train, epochs, lr=lr, seed=seed, input_size=size)
+    save(model, path, input_size=input_shape)
+    return model
 
 
 def from_history(history: list[dict]) -> dict:

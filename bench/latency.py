@@ -1,7 +1,8 @@
 """Prune for measured speed: latency-targeted autoprune beside MACs-targeted and Torch-Pruning.
 
 Protocol (issue 16), for each ``--targets`` entry ``backend:batch`` (default: ONNX Runtime at
-batch 1, torch eager at batch 64): prune the adapted CIFAR ResNet with
+batch 1, torch eager at batch 64): prune ``--model`` (the adapted CIFAR ResNet-56 on
+CIFAR-10-JPEG75, or a MobileNetV2 on Fashion-MNIST, trained here once) with
 
 - ``autoprune-latency``: ``target_latency_reduction`` for a ``--speedup`` predicted on that
   backend and batch (the latency model is built there, from per-layer tables), removing
@@ -11,17 +12,19 @@ batch 1, torch eager at batch 64): prune the adapted CIFAR ResNet with
 
 all without recovery (the last two do not depend on the backend: pruned and fine-tuned once,
 timed under every target), then give each the same distilled fine-tune (``--finetune-epochs``, as in
-bench/quality.py) and measure test accuracy on CIFAR-10-JPEG75. Dense and pruned models are
+bench/quality.py) and measure test accuracy on the model's data. Dense and pruned models are
 timed in the same run on that backend and batch: ``--rounds`` rounds visiting every model in
 turn, median of the rounds' medians. The latency-targeted model's predicted latency stands
 beside its measurement.
 
     python bench/latency.py                 # the issue's protocol: ResNet-56, hours on 2 cores
+    python bench/latency.py --model mobilenetv2   # the second architecture
     python bench/latency.py --reduced       # ResNet-20, small calibration and fine-tune
     python bench/latency.py --smoke         # tiny, for CI (writes under /tmp)
     python bench/latency.py --render        # the .md again from the .json
 
-Writes docs/benchmarks/latency.{json,md} (``--smoke``: under /tmp).
+Writes docs/benchmarks/latency.{json,md}, latency_<model>.{json,md} for other models
+(``--smoke``: under /tmp).
 """
 
 from __future__ import annotations
@@ -31,12 +34,14 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from _common import (
     DOCS,
+    REPO,
     SMOKE,
     accuracy,
     adapted_weights,
@@ -44,23 +49,67 @@ from _common import (
     finetune,
     machine,
     machine_line,
+    trained_model,
     write_results,
 )
 from _tp_baselines import prune_with_tp
 from torch import nn
 
 import autoprune
-from autoprune.data import ImageData
+from autoprune.data import ImageData, load_dataset
 from autoprune.measure import BACKENDS, count_macs, time_runner
 from autoprune.search.schedules import TOLERANCE
 from autoprune.train import distillation
 
-INPUT_SHAPE = (3, 32, 32)
+RUNS = REPO / "runs" / "bench-latency"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A benchmark model with its data: ``splits(test_size)`` gives the train and test
+    images, ``dense(args, train)`` the trained model, one input of ``input_shape``."""
+
+    data: str
+    input_shape: tuple[int, int, int]
+    splits: Callable[[int], tuple[ImageData, ImageData]]
+    dense: Callable[[argparse.Namespace, ImageData], nn.Module]
+
+
+def _adapted_resnet(args: argparse.Namespace, train: ImageData) -> nn.Module:
+    return autoprune.create_model(args.model, weights=adapted_weights(args.model))
+
+
+def _fashion_mnist(test_size: int) -> tuple[ImageData, ImageData]:
+    test = load_dataset("fashion-mnist", "test").subset(range(test_size))
+    return load_dataset("fashion-mnist", "train"), test
+
+
+# No shipped weights: trained here once (3 epochs, width 0.5: a CPU-sized MobileNetV2).
+def _trained_mobilenetv2(args: argparse.Namespace, train: ImageData) -> nn.Module:
+    epochs = 0.01 if args.smoke else 3
+    return trained_model(
+        args.runs / f"mobilenetv2_0.5-fashion-mnist-{epochs:g}ep-lr0.05",
+        train,
+        "mobilenetv2",
+        epochs=epochs,
+        lr=0.05,
+        seed=args.seed,
+        input_shape=(1, 28, 28),
+        width_mult=0.5,
+        in_channels=1,
+    )
+
+
+SETUPS: dict[str, Setup] = {
+    "resnet56": Setup("CIFAR-10-JPEG75", (3, 32, 32), cifar10_jpeg75, _adapted_resnet),
+    "resnet20": Setup("CIFAR-10-JPEG75", (3, 32, 32), cifar10_jpeg75, _adapted_resnet),
+    "mobilenetv2": Setup("Fashion-MNIST", (1, 28, 28), _fashion_mnist, _trained_mobilenetv2),
+}
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="resnet56")
+    p.add_argument("--model", default=None, choices=SETUPS, help="default: resnet56 (resnet20)")
     p.add_argument("--targets", default="onnxruntime:1,eager:64", help="backend:batch, ...")
     p.add_argument("--speedup", type=float, default=2.0, help="predicted speed-up to reach")
     p.add_argument("--macs-target", type=float, default=0.5)
@@ -79,17 +128,23 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reduced", action="store_true", help="ResNet-20, small sizes")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
-    p.add_argument("--out", type=Path, default=DOCS / "latency")
+    p.add_argument("--out", type=Path, default=None, help="default: docs/benchmarks/latency*")
+    p.add_argument("--runs", type=Path, default=RUNS, help="trained dense models")
     p.add_argument("--render", action="store_true", help="rewrite the .md from the .json")
     p.add_argument("--keep", action="store_true", help="keep the JSON's other targets")
     args = p.parse_args()
-    if args.reduced or args.smoke:
-        args.model, args.calib, args.step, args.test_size = "resnet20", 64, 0.05, 2000
+    small = args.reduced or args.smoke
+    args.model = args.model or ("resnet20" if small else "resnet56")
+    name = "latency" if args.model == "resnet56" else f"latency_{args.model}"
+    args.out = args.out or DOCS / name
+    if small:
+        args.calib, args.step, args.test_size = 64, 0.05, 2000
         args.finetune_epochs, args.train_size = 0.1, 10_000
     if args.smoke:
         args.targets, args.rounds, args.repeats, args.test_size = "eager:16", 1, 3, 256
         args.calib, args.step, args.finetune_epochs, args.train_size = 16, 0.1, 0.005, 512
-        args.speedup, args.macs_target, args.out = 1.25, 0.2, SMOKE / "latency"
+        args.speedup, args.macs_target, args.out = 1.25, 0.2, SMOKE / name
+        args.runs = SMOKE / "latency-runs"
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     return args
@@ -120,7 +175,7 @@ def autoprune_macs(dense, train, backend, batch, args) -> tuple[nn.Module, dict]
 
 
 def tp_l1_global(dense, train, backend, batch, args) -> tuple[nn.Module, dict]:
-    example = torch.zeros(1, *INPUT_SHAPE)
+    example = torch.zeros(1, *SETUPS[args.model].input_shape)
     return prune_with_tp(dense, example, "tp-l1-global", args.macs_target, TOLERANCE, None), {}
 
 
@@ -149,13 +204,14 @@ def timed_in_rounds(
     models: dict[str, nn.Module], backend: str, batch: int, args: argparse.Namespace
 ) -> dict[str, dict[str, Any]]:
     """Median of the rounds' medians per model; every round visits every model in turn."""
-    example = torch.zeros(1, *INPUT_SHAPE)
+    shape = SETUPS[args.model].input_shape
+    example = torch.zeros(1, *shape)
     runners = {name: BACKENDS.get(backend)(m.eval(), example) for name, m in models.items()}
     rounds: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(args.rounds):
         for name, run in runners.items():
             (lat,) = time_runner(
-                run, INPUT_SHAPE, backend=backend, batch_sizes=(batch,), repeats=args.repeats
+                run, shape, backend=backend, batch_sizes=(batch,), repeats=args.repeats
             )
             rounds[name].append(lat.median_ms)
     return {n: {"median_ms": statistics.median(r), "round_ms": r} for n, r in rounds.items()}
@@ -172,7 +228,7 @@ def run_target(
 ) -> dict[str, Any]:
     """Prune, fine-tune and time every method for one target; ``done`` keeps the methods of
     :data:`ANY_BACKEND` for the next target."""
-    example = torch.zeros(1, *INPUT_SHAPE)
+    example = torch.zeros(1, *SETUPS[args.model].input_shape)
     kd = distillation(dense, temperature=4.0, weight=0.5)
     dense_macs = count_macs(dense, example)
     rows, models = [], {"dense": dense}
@@ -220,7 +276,7 @@ def run_target(
 
 def write(out: Path, results: dict[str, Any]) -> None:
     lines = [
-        f"# Pruning for measured speed: {results['model']} on CIFAR-10-JPEG75",
+        f"# Pruning for measured speed: {results['model']} on {results['data']}",
         "",
         f"Generated by `bench/latency.py{results['flags']}`. {results['protocol']}",
         "",
@@ -274,9 +330,10 @@ def main() -> None:
         write(args.out, json.loads(args.out.with_suffix(".json").read_text()))
         return
     torch.manual_seed(args.seed)
-    dense = autoprune.create_model(args.model, weights=adapted_weights(args.model)).eval()
-    train, test = cifar10_jpeg75(args.test_size)
-    train = train.subset(range(args.train_size))
+    setup = SETUPS[args.model]
+    train, test = setup.splits(args.test_size)
+    train = train.subset(range(min(args.train_size, len(train))))
+    dense = setup.dense(args, train).eval()
     targets = kept_targets(args) if args.keep else []
     done: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
     for spec in args.targets.split(","):
@@ -309,9 +366,10 @@ def report(args: argparse.Namespace, targets: list[dict[str, Any]]) -> None:
     flags = " --smoke" if args.smoke else " --reduced" if args.reduced else ""
     results = {
         "model": args.model,
+        "data": SETUPS[args.model].data,
         "flags": flags,
         "machine": machine(),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"out": str(args.out)},
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "protocol": (
             f"Each method prunes {_recovery(args)} (calibration {args.calib} images, step "
             f"{args.step:g}), then gets {args.finetune_epochs:g} epoch(s) of distilled fine-tune "

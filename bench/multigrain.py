@@ -38,12 +38,12 @@ from _common import (
     machine,
     machine_line,
     previous_rows,
+    trained_model,
     write_results,
 )
 
 import autoprune
 from autoprune.data import ImageData, load_dataset
-from autoprune.io import load, save
 from autoprune.measure import count_params
 from autoprune.search.granularity.weight import masks_held
 from autoprune.train import TrainConfig
@@ -225,13 +225,15 @@ def resnet56_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 def trained_vgg(args: argparse.Namespace, train: ImageData) -> torch.nn.Module:
     """VGG-19-BN trained on ``train`` (saved under --runs and reused)."""
     path = args.runs / f"vgg19_bn-fashion-mnist-{args.vgg_epochs:g}ep-lr{args.vgg_lr:g}"
-    if (path / "arch.json").exists():
-        return load(path)
-    torch.manual_seed(args.seed)
-    model = autoprune.create_model("vgg19_bn")
-    finetune(model, train, args.vgg_epochs, lr=args.vgg_lr, seed=args.seed, input_size=32)
-    save(model, path, input_size=(3, 32, 32))
-    return model
+    return trained_model(
+        path,
+        train,
+        "vgg19_bn",
+        epochs=args.vgg_epochs,
+        lr=args.vgg_lr,
+        seed=args.seed,
+        input_shape=(3, 32, 32),
+    )
 
 
 def fashion_mnist(args: argparse.Namespace) -> tuple[ImageData, ImageData]:

@@ -21,12 +21,13 @@ from pathlib import Path
 from _common import SMOKE
 
 BENCH = Path(__file__).resolve().parent
-SCRIPTS = (
+SCRIPTS = (  # a script, with its arguments where it runs more than once
     "search_quality.py",
     "quality.py",
     "search_cost.py",
     "speed.py",
     "latency.py",
+    "latency.py --model mobilenetv2",
     "scorer_tricks.py",
     "search_speed.py",
     "objective_distill.py",
@@ -51,12 +52,12 @@ def main() -> None:
         shutil.rmtree(SMOKE, ignore_errors=True)
     total = time.perf_counter()
     for name in SCRIPTS:
-        script = BENCH / name
+        script, *script_args = name.split()
         print(f"+ python bench/{name} {' '.join(extra)}".rstrip(), flush=True)
         start, cpu = time.perf_counter(), _children_cpu()
         # A smoke run's output matters only when it fails; a full run's progress is worth seeing.
         done = subprocess.run(
-            [sys.executable, str(script), *extra],
+            [sys.executable, str(BENCH / script), *script_args, *extra],
             capture_output=args.smoke,
             text=True,
             check=False,
