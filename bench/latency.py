@@ -332,8 +332,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     setup = SETUPS[args.model]
     train, test = setup.splits(args.test_size)
+    dense = setup.dense(args, train).eval()  # trained on the whole split, fine-tunes on a part
     train = train.subset(range(min(args.train_size, len(train))))
-    dense = setup.dense(args, train).eval()
     targets = kept_targets(args) if args.keep else []
     done: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
     for spec in args.targets.split(","):
