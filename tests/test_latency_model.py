@@ -29,7 +29,7 @@ from autoprune.measure.latency_model import (
 )
 from autoprune.measure.latency_table import TIMERS, LayerTable, probe_widths
 from autoprune.models import create_model
-from autoprune.search import PruneConfig, Pruner
+from autoprune.search import OBJECTIVES, Candidate, PruneConfig, Pruner
 from autoprune.search.latency_target import LatencyTarget
 
 BLOCK = 8
@@ -162,12 +162,26 @@ def test_loss_per_latency_divides_by_the_predicted_saving(model):
     candidates = pruner.candidates()
     assert candidates and all(c.latency_saved > 0 for c in candidates)
     losses = pruner.score(candidates)
+    step_ms = pruner.config.step * pruner.latency.dense_ms
     values = [
-        (v - pruner.state.loss) / c.latency_saved for v, c in zip(losses, candidates, strict=True)
+        (v - pruner.state.loss) / min(c.latency_saved, step_ms)
+        for v, c in zip(losses, candidates, strict=True)
     ]
     entry = pruner.step()
     best = candidates[min(range(len(values)), key=values.__getitem__)]
     assert entry["removed"] == {best.group: len(best.idxs)}
+
+
+def test_loss_per_latency_counts_a_saving_up_to_one_step():
+    """A removal saving three steps for three times the loss is no better than one saving a
+    step: the plain ratio would call it as good, and one a little cheaper per ms better."""
+    objective = OBJECTIVES.get("loss_per_latency")(1.0, 2.0)
+    one_step = Candidate("a", ("l1",), torch.tensor([0]), 10, latency_saved=2.0)
+    three_steps = Candidate("b", ("l1",), torch.tensor([0, 1, 2]), 30, latency_saved=6.0)
+    assert objective(1.2, one_step) == pytest.approx(0.1)
+    assert objective(1.5, three_steps) == pytest.approx(0.25)  # not 0.5 / 6 < 0.1
+    half_step = Candidate("c", ("l1",), torch.tensor([0]), 5, latency_saved=1.0)
+    assert objective(1.1, half_step) == pytest.approx(0.1)  # below a step: per ms saved
 
 
 def test_an_unreachable_latency_target_is_refused(model):

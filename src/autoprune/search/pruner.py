@@ -34,7 +34,7 @@ from ..models.spec import copy_model
 from ..task import Task
 from ._reach import refuse_unreachable
 from .calibration import CalibrationSet
-from .candidates import OBJECTIVES, Candidate
+from .candidates import Candidate
 from .config import PruneConfig
 from .granularity import Granularity, plan
 from .granularity.weight import restore_weights
@@ -153,8 +153,7 @@ class Pruner:
         ctx = self.context()
         if self.calib is None or ctx.loss is None:
             raise AutopruneError("scoring candidates needs calibration data: pass calib_data")
-        objective = OBJECTIVES.get(self.config.search_objective)(ctx.loss)
-        return list(self.scorer(self.graph, list(candidates), self.calib, objective))
+        return list(self.scorer(self.graph, list(candidates), self.calib, ctx.objective()))
 
     def step(self) -> dict[str, Any] | None:
         """One step, applied physically (and recovery when due): its history record, or None

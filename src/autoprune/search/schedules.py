@@ -59,6 +59,11 @@ class SearchContext:
     def reduction(self) -> float:
         return 1.0 - self.graph.macs() / self.original_macs
 
+    def objective(self) -> Objective:
+        """The configured objective for the next step, from the loss as it is now."""
+        step_ms = 0.0 if self.latency is None else self.config.step * self.latency.dense_ms
+        return OBJECTIVES.get(self.config.search_objective)(self.loss, step_ms)
+
     @property
     def achieved(self) -> float:
         """The reduction the target is in: of the MACs, or of the predicted latency."""
@@ -257,10 +262,9 @@ def choose(
     """The candidate with the best objective on the calibration set, as the step to apply;
     with ``fill`` (the criteria's state), topped up from other groups where it saves less
     than a step (:func:`_fill`)."""
-    cfg = ctx.config
     if ctx.calib is None or ctx.scorer is None or ctx.loss is None:
         raise AutopruneError(f"granularity {granularity!r} needs calibration data")
-    objective = OBJECTIVES.get(cfg.search_objective)(ctx.loss)
+    objective = ctx.objective()
     losses = ctx.scorer(ctx.graph, candidates, ctx.calib, objective)
     values = [
         objective(v, c) if math.isfinite(v) else math.inf
