@@ -418,6 +418,32 @@ def test_measured_on_the_way_the_search_lands_on_the_target_as_measured(model, m
     assert saved["latency_checks"] == checks
 
 
+@pytest.mark.parametrize(
+    ("left_at", "now", "checked"),
+    [
+        (0.0, 0.55, True),
+        (0.55, 0.7, False),
+        (0.55, 0.8, True),
+        (0.85, 0.95, False),
+        (0.45, 0.6, True),
+    ],  # the last: a check at 0.8 corrected down to 0.45 re-arms 0.5
+)
+def test_a_check_on_the_way_is_due_at_each_point_above_where_the_last_left_it(
+    model, monkeypatch, left_at, now, checked
+):
+    """One measurement taken while the load changed can scale the savings down by half: the
+    points the progress then falls below are checked again, or nothing would catch the
+    search running far past the target before its end."""
+    pruner = Pruner(model, EXAMPLE, latency_config(), calib_data=TRAIN)
+    pruner.start()
+    target = pruner.latency
+    monkeypatch.setattr(type(target), "progress", property(lambda self: now))
+    monkeypatch.setattr(target, "check", lambda final: {"progress_after": now})
+    checks = [{"iteration": 1, "passed": 1, "progress_after": left_at}] if left_at else []
+    target.check_on_the_way(checks, 2)
+    assert (len(checks) == (1 if left_at else 0) + 1) is checked
+
+
 def test_a_model_measured_short_at_the_end_is_pruned_on(model, monkeypatch):
     pruner = Pruner(model, EXAMPLE, latency_config(), calib_data=TRAIN)
     monkeypatch.setattr(pruner.latency, "_measure", measured_as(pruner, 0.8, after=0.395))

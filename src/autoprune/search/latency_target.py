@@ -167,12 +167,14 @@ class LatencyTarget:
             )
 
     def check_on_the_way(self, checks: list[dict[str, Any]], iteration: int) -> None:
-        """Measure once the predicted progress passes each of :data:`CHECK_AT` (not at the
-        target: :meth:`check_at_the_end`) and scale the predicted savings to the measured
-        ones, either way, appending the check to ``checks``."""
-        passed = sum(self.progress >= at for at in CHECK_AT)
-        done = max((c.get("passed", 0) for c in checks), default=0)
-        if passed > done and not self.reached():
+        """Measure once the predicted progress passes one of :data:`CHECK_AT` above where the
+        last check left it (not at the target: :meth:`check_at_the_end`) and scale the
+        predicted savings to the measured ones, either way, appending the check to
+        ``checks``. A correction down re-arms the points it falls below: one measurement
+        taken while the load changed must not steer the rest of the search unchecked."""
+        since = checks[-1].get("progress_after", 0.0) if checks else 0.0
+        if any(since < at <= self.progress for at in CHECK_AT) and not self.reached():
+            passed = sum(self.progress >= at for at in CHECK_AT)
             checks.append({"iteration": iteration, "passed": passed, **self.check(final=False)})
 
     def check_at_the_end(self, checks: list[dict[str, Any]], iteration: int) -> bool:
@@ -203,6 +205,7 @@ class LatencyTarget:
             "measured_reduction": measured,
             "short": short,
             "savings": self.model.savings,
+            "progress_after": self.progress,
         }
 
     def _measure(self) -> tuple[float, float]:
