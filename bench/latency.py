@@ -367,6 +367,8 @@ def _recovery(args: argparse.Namespace) -> str:
 
 def report(args: argparse.Namespace, targets: list[dict[str, Any]]) -> None:
     flags = " --smoke" if args.smoke else " --reduced" if args.reduced else ""
+    if args.model not in ("resnet56", "resnet20"):
+        flags += f" --model {args.model}"
     results = {
         "model": args.model,
         "data": SETUPS[args.model].data,
