@@ -68,18 +68,18 @@ class GrainCandidate(Candidate, ABC):
 
 # (loss with the candidate removed, candidate) -> value to minimise
 Objective = Callable[[float, Candidate], float]
-# (loss before the step, one step's predicted ms: 0 without a latency target) -> objective
-OBJECTIVES: Registry[Callable[[float, float], Objective]] = Registry("objective")
+# (loss before the step, one step's predicted ms: inf without a latency target) -> objective
+OBJECTIVES: Registry[Callable[..., Objective]] = Registry("objective")
 
 
 @OBJECTIVES.register("loss", description="calibration loss after the removal (LAASP)")
-def loss_objective(base_loss: float, step_ms: float) -> Objective:
+def loss_objective(base_loss: float, step_ms: float = math.inf) -> Objective:
     """The loss itself: every candidate saves about the same MACs, so compare losses."""
     return lambda loss, candidate: loss
 
 
 @OBJECTIVES.register("loss_per_mac", description="loss increase per MAC (weights: parameter) saved")
-def loss_per_mac(base_loss: float, step_ms: float) -> Objective:
+def loss_per_mac(base_loss: float, step_ms: float = math.inf) -> Objective:
     """Loss increase over ``base_loss`` (the model before this step) per MAC the step saves:
     fairer where one channel of a group saves far more than the step (a stem group). Weight
     candidates save no dense MACs: theirs is per parameter saved."""
@@ -96,7 +96,7 @@ def loss_per_mac(base_loss: float, step_ms: float) -> Objective:
     description="loss increase per ms of predicted latency saved",
     target="latency",
 )
-def loss_per_latency(base_loss: float, step_ms: float) -> Objective:
+def loss_per_latency(base_loss: float, step_ms: float = math.inf) -> Objective:
     """Loss increase over ``base_loss`` per millisecond the step is predicted to save (with a
     latency target only): steps snap to the widths the backend likes, so their sizes vary.
     A saving counts up to one step's ``step_ms``: the ratio alone favours the largest

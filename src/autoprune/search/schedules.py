@@ -61,7 +61,7 @@ class SearchContext:
 
     def objective(self) -> Objective:
         """The configured objective for the next step, from the loss as it is now."""
-        step_ms = 0.0 if self.latency is None else self.config.step * self.latency.dense_ms
+        step_ms = math.inf if self.latency is None else self.config.step * self.latency.dense_ms
         return OBJECTIVES.get(self.config.search_objective)(self.loss, step_ms)
 
     @property
