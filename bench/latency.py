@@ -362,7 +362,8 @@ def kept_targets(args: argparse.Namespace) -> list[dict[str, Any]]:
 def _recovery(args: argparse.Namespace) -> str:
     if not args.recover_steps:
         return "without recovery"
-    return f"with {args.recover_steps} recovery steps every 2 % of the MACs"
+    every = 100 * autoprune.PruneConfig().recover_every
+    return f"with {args.recover_steps} recovery steps every {every:g} % of the MACs"
 
 
 def report(args: argparse.Namespace, targets: list[dict[str, Any]]) -> None:
