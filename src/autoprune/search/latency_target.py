@@ -174,8 +174,7 @@ class LatencyTarget:
         taken while the load changed must not steer the rest of the search unchecked."""
         since = checks[-1].get("progress_after", 0.0) if checks else 0.0
         if any(since < at <= self.progress for at in CHECK_AT) and not self.reached():
-            passed = sum(self.progress >= at for at in CHECK_AT)
-            checks.append({"iteration": iteration, "passed": passed, **self.check(final=False)})
+            checks.append({"iteration": iteration, **self.check(final=False)})
 
     def check_at_the_end(self, checks: list[dict[str, Any]], iteration: int) -> bool:
         """Whether the model, its prediction at the target, measures short of it (the
