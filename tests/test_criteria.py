@@ -18,8 +18,9 @@ from autoprune.criteria import (
     select,
 )
 from autoprune.errors import AutopruneError, UnknownNameError
-from autoprune.graph import PruningGraph, build_graph
+from autoprune.graph import PruningGraph, build_graph, mask_channels
 from autoprune.models import create_model
+from autoprune.task import Task
 
 DATA_FREE = ["bn_scale", "cosine", "euclidean", "fpgm", "l1", "l2", "random"]
 
@@ -133,6 +134,47 @@ def test_random_is_seeded_and_bn_scale_needs_batchnorm():
         score(group, "bn_scale")
     with pytest.raises(AutopruneError, match="choose 0 to 4"):
         select(group, "l1", 5)
+
+
+def test_predicted_loss_follows_the_measured_loss_of_each_removal():
+    """The prediction from gradients, for cross-entropy (logistic form) and another loss
+    (quadratic form), ranks single-channel removals like the loss measured with each masked."""
+    torch.manual_seed(0)
+    model = create_model("resnet20").eval()
+    graph = build_graph(model, torch.randn(1, 3, 32, 32))
+    x = torch.randn(32, 3, 32, 32)
+    with torch.no_grad():
+        model.linear.weight *= 0.05  # a loss near 2: confident on some images, not on others
+        y = model(x).argmax(1)
+        y[:8] = torch.randint(0, 10, (8,))
+    batches = [(x[:16], y[:16]), (x[16:], y[16:])]
+    squared = Task(loss_fn=lambda p, t: F.cross_entropy(p, t, reduction="none") ** 2)
+
+    def measured(task: Task) -> float:
+        with torch.no_grad():
+            return float(torch.cat([task.losses(model(a), b) for a, b in batches]).mean())
+
+    for task in (Task(), squared):
+        acc = TaylorAccumulator(graph).collect(batches, task)
+        for group in (graph.group("layer1.0.conv1"), graph.group("layer3.1.conv1")):
+            assert acc.predicted_loss(group, torch.tensor([], dtype=torch.long)) == (
+                pytest.approx(measured(task), rel=1e-5)
+            )
+            predicted, actual = [], []
+            for c in range(group.channels):
+                predicted.append(acc.predicted_loss(group, torch.tensor([c])))
+                with mask_channels(graph, group.name, torch.tensor([c])):
+                    actual.append(measured(task))
+            ranks = torch.stack(
+                [torch.tensor(v).argsort().argsort().double() for v in (predicted, actual)]
+            )
+            assert torch.corrcoef(ranks)[0, 1] > 0.85
+            if task is not squared:  # cross-entropy's form is close in value too
+                error = max(abs(p - a) for p, a in zip(predicted, actual, strict=True))
+                assert error < 0.35 * (max(actual) - min(actual))
+    with TaylorAccumulator(graph) as own_loop:  # no per-image losses: no prediction
+        F.cross_entropy(model(x), y).backward()
+    assert own_loop.predicted_loss(graph.group("conv1"), torch.tensor([0])) is None
 
 
 def test_taylor_equals_weight_times_gradient_summed_over_consumers():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -368,6 +369,48 @@ def test_halving_keeps_the_winner_and_scores_it_on_the_whole_set():
     for i, v in enumerate(losses):  # the dropped: inf, with their partial estimate kept
         assert math.isfinite(v) or stats["images_per_candidate"][i] < calib.size
         assert math.isfinite(stats["estimates"][i])
+
+
+def test_shortlist_scores_the_best_predicted_and_every_unpredicted_candidate(reference):
+    graph, candidates, expected = reference
+    # every other candidate gets a prediction: its exact loss, reversed in rank
+    predicted = [
+        replace(c, predicted_loss=-expected[i]) if i % 2 == 0 else c
+        for i, c in enumerate(candidates)
+    ]
+    scorer = create_scorer("fast", halving=False, shortlist=0.25, min_keep=1, precision="fp32")
+    losses = scorer(graph, predicted, random_calib(), by_loss)
+    with_prediction = range(0, len(candidates), 2)
+    best_predicted = sorted(with_prediction, key=lambda i: -expected[i])
+    chosen = set(best_predicted[: math.ceil(len(best_predicted) / 4)])
+    scored = {i for i, v in enumerate(losses) if math.isfinite(v)}
+    assert scored == chosen | set(range(1, len(candidates), 2))
+    assert scorer.last_stats["shortlisted"] == len(scored) < len(candidates)
+    assert max(abs(losses[i] - expected[i]) for i in scored) <= 1e-5
+    unscored = set(range(len(candidates))) - scored
+    assert all(scorer.last_stats["estimates"][i] == -expected[i] for i in unscored)
+    with pytest.raises(AutopruneError, match="shortlist"):
+        create_scorer("fast", shortlist=0)
+
+
+@pytest.mark.parametrize("share", [0.25, 0.5])
+def test_a_shortlisted_candidate_survives_halving_wherever_it_did_among_all(reference, share):
+    """Rounds keep as many as they would of the whole field, so a candidate's rank among fewer
+    can only help it: whoever reaches the whole set among all still does if shortlisted."""
+    graph, candidates, expected = reference
+    noisy = [e + 0.05 * math.sin(7.0 * i) for i, e in enumerate(expected)]  # an imperfect guess
+    predicted = [replace(c, predicted_loss=p) for c, p in zip(candidates, noisy, strict=True)]
+    options = {"min_images": 4, "keep": 0.5, "min_keep": 4, "precision": "fp32"}
+    calib = random_calib((16,) * 4)
+    whole = create_scorer("fast", shortlist=1.0, **options)(graph, predicted, calib, by_loss)
+    scorer = create_scorer("fast", shortlist=share, **options)
+    short = scorer(graph, predicted, calib, by_loss)
+    shortlisted = sorted(range(len(noisy)), key=noisy.__getitem__)[
+        : scorer.last_stats["shortlisted"]
+    ]
+    finalists = {i for i in shortlisted if math.isfinite(whole[i])}
+    assert finalists and finalists <= {i for i, v in enumerate(short) if math.isfinite(v)}
+    assert all(short[i] == pytest.approx(whole[i], abs=1e-6) for i in finalists)
 
 
 def test_halving_ranks_by_the_objective_not_the_loss():

@@ -12,7 +12,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -41,6 +41,8 @@ class Candidate:
     macs_saved: int  # exact, from graph.macs
     params_saved: int = 0  # set where no MACs are saved (weights): loss_per_mac divides by it
     latency_saved: float = 0.0  # predicted ms, with a latency target (:mod:`.latency_target`)
+    # the calibration loss after the removal, predicted from gradients (:func:`with_predictions`)
+    predicted_loss: float | None = None
 
     def changed(self, graph: PruningGraph) -> list[nn.Module]:
         """The modules whose computation the trial changes first (the prefix cache cuts there):
@@ -157,8 +159,24 @@ def criteria_state(
             raise AutopruneError("criterion 'taylor' needs calibration data: pass train_data")
         graph.model.eval()
         batches = calib.slices(0, min(taylor_size, calib.size))
-        state["taylor"] = TaylorAccumulator(graph).collect(batches, calib.task.mean_loss)
+        state["taylor"] = TaylorAccumulator(graph).collect(batches, calib.task)
     return state
+
+
+def with_predictions(
+    graph: PruningGraph, candidates: Iterable[Candidate], state: Mapping[str, Any]
+) -> list[Candidate]:
+    """The channel candidates with their ``predicted_loss``, where the criteria's state holds
+    gradients (``taylor``): the fast scorer scores the best predicted ones only."""
+    taylor: TaylorAccumulator | None = state.get("taylor")
+    if taylor is None:
+        return list(candidates)
+    return [
+        c
+        if isinstance(c, GrainCandidate)
+        else replace(c, predicted_loss=taylor.predicted_loss(graph.group(c.group), c.idxs))
+        for c in candidates
+    ]
 
 
 def make_candidates(

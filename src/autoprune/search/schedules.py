@@ -32,6 +32,7 @@ from .candidates import (
     criteria_state,
     make_candidates,
     removable,
+    with_predictions,
 )
 
 if TYPE_CHECKING:
@@ -164,7 +165,7 @@ class LossAware(Schedule):
         state = criteria_state(ctx.graph, allowed, ctx.calib, cfg.seed, cfg.taylor_size)
         if ctx.latency is not None:
             offered = ctx.latency.candidates(allowed, ctx.limits(), state, cfg.step)
-            return _offered(offered), state
+            return _offered(with_predictions(ctx.graph, offered, state)), state
         step, remaining = cfg.step * ctx.original_macs, ctx.remaining_macs
         candidates = make_candidates(
             ctx.graph, allowed, min(step, remaining), ctx.limits(), state, cfg.channel_multiple
@@ -173,7 +174,7 @@ class LossAware(Schedule):
             slack = TOLERANCE * ctx.original_macs
             landing = [c for c in candidates if abs(remaining - c.macs_saved) <= slack]
             candidates = landing or candidates
-        return _offered(candidates), state
+        return _offered(with_predictions(ctx.graph, candidates, state)), state
 
 
 def _offered(candidates: list[Candidate]) -> list[Candidate]:

@@ -6,6 +6,9 @@ kept as the baseline the benchmarks compare with. ``fast`` (the default) gets th
 decisions for a fraction of the work, each trick switchable so its effect can be measured:
 
 - masking (:func:`~autoprune.graph.mask_channels`) instead of copies: exact, no weight moves;
+- a shortlist: where candidates carry a loss predicted from gradients
+  (:meth:`~autoprune.criteria.TaylorAccumulator.predicted_loss`, taken when ``taylor`` is a
+  criterion), only the best predicted ``shortlist`` share of them is scored at all;
 - prefix caching (:mod:`._prefix`): layers that run before a candidate's first masked layer
   are computed once per batch, not once per candidate;
 - successive halving: every candidate is scored on the first ``min_images`` images, the best
@@ -138,7 +141,9 @@ class FastScorer:
     """Masking + prefix caching + stacking + successive halving; same winner as ``exhaustive``.
 
     ``prefix_cache``, ``stack``, ``halving``, ``hard_first`` and ``channels_last`` switch the
-    tricks (masking is always on). Halving starts with ``min_images`` images and keeps ``keep``
+    tricks (masking is always on). ``shortlist``: the share of the candidates with a
+    ``predicted_loss`` that are scored, the best by that prediction (at least ``min_keep``;
+    1: all); the others get ``inf``. Halving starts with ``min_images`` images and keeps ``keep``
     of the candidates per round, never fewer than ``min_keep``; once that few are left they go
     straight to the whole set. ``hard_first`` orders the images for halving by the current
     model's loss (one extra pass over the set; the reordered copy is held during the call).
@@ -165,6 +170,8 @@ class FastScorer:
     # leave the race early.
     hard_first: bool = False
     min_images: int = 64
+    # Which share keeps the exhaustive scorer's choice: docs/benchmarks/search_speed.md.
+    shortlist: float = 0.2
     keep: float = 0.5
     min_keep: int = 4
     max_batch: int | None = None
@@ -175,10 +182,12 @@ class FastScorer:
     last_stats: dict[str, Any] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
-        if not 0 < self.keep <= 1 or self.min_images < 1 or self.min_keep < 1:
+        shares_ok = 0 < self.keep <= 1 and 0 < self.shortlist <= 1
+        if not shares_ok or self.min_images < 1 or self.min_keep < 1:
             raise AutopruneError(
-                "fast scorer: need 0 < keep <= 1, min_images >= 1 and min_keep >= 1, got "
-                f"keep={self.keep}, min_images={self.min_images}, min_keep={self.min_keep}"
+                "fast scorer: need 0 < keep <= 1, 0 < shortlist <= 1, min_images >= 1 and "
+                f"min_keep >= 1, got keep={self.keep}, shortlist={self.shortlist}, "
+                f"min_images={self.min_images}, min_keep={self.min_keep}"
             )
         if self.max_batch is not None and self.max_batch < 1:
             raise AutopruneError(f"fast scorer: max_batch must be >= 1, got {self.max_batch}")
@@ -199,7 +208,9 @@ class FastScorer:
         total = calib.size
         sums = [0.0] * len(candidates)  # summed loss (calib.task's) over the images seen so far
         seen = [0] * len(candidates)
-        alive = list(range(len(candidates)))
+        alive = self._shortlisted(candidates, objective)
+        shortlisted = len(alive)
+        field = len(candidates)  # how many halving would keep of all of them: rounds keep that
         done = rounds = evaluated = 0
         with eval_mode(graph.model), torch.no_grad():
             sample = self._layout(calib.batches[0][0][:2])
@@ -219,8 +230,9 @@ class FastScorer:
                 evaluated += (stop - done) * len(alive)
                 done, rounds = stop, rounds + 1
                 if done < total:
+                    field = max(self.min_keep, math.ceil(self.keep * field))
                     alive = self._survivors(
-                        {i: sums[i] / done for i in alive}, candidates, objective
+                        {i: sums[i] / done for i in alive}, candidates, objective, field
                     )
             if alive and final != ranking:  # the best few again, all images in the final dtype
                 alive = self._survivors(
@@ -243,7 +255,11 @@ class FastScorer:
             "stacked": len(plan.pieces),
             "seconds": time.perf_counter() - start,
             "images_per_candidate": seen,
-            "estimates": [s / k for s, k in zip(sums, seen, strict=True)],
+            "estimates": [
+                s / k if k else c.predicted_loss or math.inf
+                for s, k, c in zip(sums, seen, candidates, strict=True)
+            ],
+            "shortlisted": shortlisted,
             "fully_scored": len(exact),
         }
         return [sums[i] / total if i in exact else math.inf for i in range(len(candidates))]
@@ -288,18 +304,22 @@ class FastScorer:
             return total
         return min(max(self.min_images, 2 * done), total)
 
+    def _shortlisted(self, candidates: Sequence[Candidate], objective: Objective) -> list[int]:
+        """The candidates to score: those without a predicted loss, and the best ``shortlist``
+        share (at least ``min_keep``) of those with one, by objective on the prediction."""
+        predicted = {
+            i: c.predicted_loss for i, c in enumerate(candidates) if c.predicted_loss is not None
+        }
+        kept = max(self.min_keep, math.ceil(self.shortlist * len(predicted)))
+        best = self._survivors(predicted, candidates, objective, kept)
+        return sorted({*best, *(i for i in range(len(candidates)) if i not in predicted)})
+
+    @staticmethod
     def _survivors(
-        self,
-        losses: dict[int, float],
-        candidates: Sequence[Candidate],
-        objective: Objective,
-        kept: int | None = None,
+        losses: dict[int, float], candidates: Sequence[Candidate], objective: Objective, kept: int
     ) -> list[int]:
-        """The best ``kept`` (default: ``keep`` of them, at least ``min_keep``) of the live
-        candidates, by objective on the same images."""
+        """The best ``kept`` of the live candidates, by objective on the same images."""
         ranked = sorted(losses, key=lambda i: (objective(losses[i], candidates[i]), i))
-        if kept is None:
-            kept = max(self.min_keep, math.ceil(self.keep * len(losses)))
         return sorted(ranked[:kept])
 
 
