@@ -11,7 +11,8 @@ on the first iterations only (``--before-iterations``); its ratio is taken on th
 
     python bench/search_speed.py                 # CPU: ResNet-56 and ResNet-20, -50 % MACs
     python bench/search_speed.py --smoke         # a tiny run on synthetic data, < 30 s
-    python bench/search_speed.py --whole --threads 2   # whole searches: the default vs fp32
+    python bench/search_speed.py --whole --threads 2   # whole searches: the default vs before
+    python bench/search_speed.py --shortlist-ranks    # where predictions rank each best candidate
     python bench/search_speed.py --device cuda --gpu-rows --data-root R   # the GPU section
     python bench/search_speed.py --merge FILE.json   # add a GPU run's rows, rewrite the table
     python bench/search_speed.py --render            # only rewrite the tables from the JSON
@@ -22,6 +23,7 @@ Writes docs/benchmarks/search_speed.json and .md (the tables are generated from 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -153,6 +155,74 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
+@SCORERS.register("bench-ranks")
+@dataclass
+class RanksScorer:
+    """Every candidate on the whole set (the exhaustive scorer's losses, fast): where the
+    loss predicted from gradients ranks the best of them, and would the shortlist keep it."""
+
+    max_iterations: int | None = None
+    last_stats: dict[str, Any] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        options = {"halving": False, "shortlist": 1.0, "precision": "fp32"}
+        self.scorer = create_scorer("fast", **options)
+        self.shortlist = create_scorer("fast").shortlist  # the default share
+
+    def __call__(self, graph, candidates, calib, objective) -> list[float]:
+        if len(LOG) >= (self.max_iterations or math.inf):
+            raise OutOfTime
+        losses = self.scorer(graph, candidates, calib, objective)
+        self.last_stats = self.scorer.last_stats
+        predicted = [i for i, c in enumerate(candidates) if c.predicted_loss is not None]
+        best = winner(losses, candidates, objective)
+        order = sorted(
+            predicted, key=lambda i: (objective(candidates[i].predicted_loss, candidates[i]), i)
+        )
+        rank = order.index(best) if best in order else None
+        kept = max(self.scorer.min_keep, math.ceil(self.shortlist * len(predicted)))
+        LOG.append(
+            {
+                "candidates": len(candidates),
+                "predicted": len(predicted),
+                "rank": rank,
+                "shortlisted": rank is not None and rank < kept,
+            }
+        )
+        return losses
+
+
+def ranks_row(args: argparse.Namespace, name: str, train: Any) -> dict[str, Any]:
+    """Where the prediction ranks each iteration's best candidate, over one search of ``name``
+    (every candidate scored on the whole set, so the best is the exhaustive scorer's)."""
+    LOG.clear()
+    dense = autoprune.create_model(name, weights=adapted_weights(name))
+    target, calib = (0.03, 32) if args.smoke else (args.target, args.calib)
+    with contextlib.suppress(OutOfTime):
+        autoprune.prune(
+            dense,
+            train_data=train,
+            target_macs_reduction=target,
+            scorer="bench-ranks",
+            scorer_options={"max_iterations": args.max_iterations},
+            calib_size=calib,
+            recover_steps=0,
+            finetune_epochs=0,
+            progress=False,
+        )
+    shares = sorted((r["rank"] + 1) / r["predicted"] for r in LOG if r["rank"] is not None)
+    return {
+        "model": name,
+        "iterations": len(LOG),
+        "candidates_median": statistics.median(r["candidates"] for r in LOG),
+        "share_max": max(shares),
+        "share_median": statistics.median(shares),
+        "shortlisted": sum(r["shortlisted"] for r in LOG),
+        "shortlist": create_scorer("fast").shortlist,
+        "per_iteration": LOG[:],
+    }
+
+
 def winner(losses: Sequence[float], candidates: Sequence[Any], objective: Any) -> int:
     return min(range(len(losses)), key=lambda i: (objective(losses[i], candidates[i]), i))
 
@@ -173,7 +243,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--r50-calib", type=int, default=512, help="ResNet-50 calibration images")
     p.add_argument("--merge", type=Path, nargs="+", default=(), help="runs' JSON files to add")
     p.add_argument("--render", action="store_true", help="only rewrite the tables from the JSON")
-    p.add_argument("--whole", action="store_true", help="whole searches, default vs fp32")
+    p.add_argument("--whole", action="store_true", help="whole searches, default vs before")
+    p.add_argument("--shortlist-ranks", action="store_true", help="where predictions rank")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     p.add_argument("--out", type=Path, default=DOCS / "search_speed")
     args = p.parse_args()
@@ -203,6 +274,13 @@ def main() -> None:
             whole["rows"] += [whole_row(args, name, train, v) for v in WHOLE_SCORERS]
             write(out, results)
         if args.whole:
+            return
+    if args.shortlist_ranks or args.smoke:
+        ranks = results["shortlist_ranks"] = {"machine": machine(), "rows": []}
+        for name in filter(None, args.models.split(",")):
+            ranks["rows"].append(ranks_row(args, name, train))
+            write(out, results)
+        if args.shortlist_ranks:
             return
     results["gpu" if device == "cuda" else "cpu"] = section
     for name in filter(None, args.models.split(",")):
@@ -489,6 +567,8 @@ def write(out: Path, results: dict[str, Any]) -> None:
     ]
     if "cpu_default" in results:
         lines += whole_lines(results["cpu_default"])
+    if "shortlist_ranks" in results:
+        lines += ranks_lines(results["shortlist_ranks"])
     for key in ("cpu", "gpu"):
         section = results.get(key)
         if not section:
@@ -559,6 +639,32 @@ def whole_lines(section: dict[str, Any]) -> list[str]:
             f"{r['scoring_s']:.1f} | {'-' if ratio is None else f'{ratio:.2f}x'} | "
             f"{r['iterations']} | {r['images']:,} | {r['final_loss']:.4f} | "
             f"{r['same_decisions_as_today'] or '-'} |"
+        )
+    return lines
+
+
+def ranks_lines(section: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "## The shortlist: where the predicted loss ranks the best candidate",
+        "",
+        machine_line(section["machine"]),
+        "",
+        "One search per model with every candidate scored on the whole calibration set (so "
+        "each iteration's best is the exhaustive scorer's); at each iteration, the rank of that "
+        "best among the candidates ordered by the loss predicted from gradients, as a share of "
+        "them (1/n: ranked first). The fast scorer scores only the best predicted `shortlist` "
+        "share of the candidates: where the best is among them, the shortlist changes nothing.",
+        "",
+        "| model | iterations | candidates (median) | share needed, median | share needed, "
+        "largest | best shortlisted (default share) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in section["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['iterations']} | {r['candidates_median']:g} | "
+            f"{r['share_median']:.3f} | {r['share_max']:.3f} | "
+            f"{r['shortlisted']}/{r['iterations']} (share {r['shortlist']:g}) |"
         )
     return lines
 

@@ -7,8 +7,12 @@ decisions for a fraction of the work, each trick switchable so its effect can be
 
 - masking (:func:`~autoprune.graph.mask_channels`) instead of copies: exact, no weight moves;
 - a shortlist: where candidates carry a loss predicted from gradients
-  (:meth:`~autoprune.criteria.TaylorAccumulator.predicted_loss`, taken when ``taylor`` is a
-  criterion), only the best predicted ``shortlist`` share of them is scored at all;
+  (:meth:`~autoprune.criteria.TaylorAccumulator.predicted_loss`, when ``taylor`` is among the
+  criteria, whose gradients it reuses), only the best predicted ``shortlist`` share of them
+  is scored at all. Halving then keeps as many per round as it would of all the candidates,
+  so a shortlisted candidate is never dropped where it would have survived among all (its
+  rank among fewer can only be better): the shortlist changes a decision only where the
+  prediction leaves the winner out;
 - prefix caching (:mod:`._prefix`): layers that run before a candidate's first masked layer
   are computed once per batch, not once per candidate;
 - successive halving: every candidate is scored on the first ``min_images`` images, the best
@@ -143,10 +147,11 @@ class FastScorer:
     ``prefix_cache``, ``stack``, ``halving``, ``hard_first`` and ``channels_last`` switch the
     tricks (masking is always on). ``shortlist``: the share of the candidates with a
     ``predicted_loss`` that are scored, the best by that prediction (at least ``min_keep``;
-    1: all); the others get ``inf``. Halving starts with ``min_images`` images and keeps ``keep``
-    of the candidates per round, never fewer than ``min_keep``; once that few are left they go
-    straight to the whole set. ``hard_first`` orders the images for halving by the current
-    model's loss (one extra pass over the set; the reordered copy is held during the call).
+    1: all); the others get ``inf``. Halving starts with ``min_images`` images and keeps
+    ``keep`` of the candidates per round (counted over all of them, shortlisted or not), never
+    fewer than ``min_keep``; once that few are left they go straight to the whole set.
+    ``hard_first`` orders the images for halving by the current model's loss (one extra pass
+    over the set; the reordered copy is held during the call).
     ``max_batch`` splits calibration batches into forwards of at most that many images
     (memory: the cached prefix of a batch is held while its candidates run). ``stack_bytes``
     caps a stacked pass's largest activation (default :func:`._trials.default_stack_bytes`:
