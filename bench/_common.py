@@ -149,6 +149,13 @@ def trained_model(
     return model
 
 
+def same_decision(a: dict, b: dict) -> bool:
+    """Two searches' decisions at one iteration agree: group, channels, loss to 1e-5."""
+    return (a["group"], a["channels"]) == (b["group"], b["channels"]) and math.isclose(
+        a["loss"], b["loss"], rel_tol=1e-5, abs_tol=1e-7
+    )
+
+
 def from_history(history: list[dict]) -> dict:
     """A row's images scored and decisions (to compare with the exhaustive scorer's)."""
     return {

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from _common import (
     machine,
     machine_line,
     previous_rows,
+    same_decision,
     write_results,
 )
 
@@ -206,12 +206,6 @@ def agreement(row: dict, reference: dict | None) -> str:
     if same is None:
         same = min(n, len(reference["decisions"]))
     return f"{same}/{n}"
-
-
-def same_decision(a: dict, b: dict) -> bool:
-    return (a["group"], a["channels"]) == (b["group"], b["channels"]) and math.isclose(
-        a["loss"], b["loss"], rel_tol=1e-5, abs_tol=1e-7
-    )
 
 
 if __name__ == "__main__":
