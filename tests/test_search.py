@@ -137,6 +137,17 @@ def test_every_macs_objective_reaches_the_target(smallcnn, objective):
     assert abs(result.summary["macs_reduction"] - 0.15) <= TOLERANCE
 
 
+@pytest.mark.parametrize("criteria", ["l1,taylor,fpgm", "l1,fpgm"])
+def test_the_scorer_shortlists_where_the_taylor_gradients_predict_losses(smallcnn, criteria):
+    result = small_prune(smallcnn, criteria=criteria, recover_steps=0, val_data=None)
+    stats = [h["scorer"] for h in result.history]
+    if "taylor" in criteria:  # a fifth of them, at least min_keep (4)
+        assert all(s["shortlisted"] == max(4, math.ceil(0.2 * s["candidates"])) for s in stats)
+        assert any(s["shortlisted"] < s["candidates"] for s in stats)
+    else:  # nothing predicted: every candidate scored
+        assert all(s["shortlisted"] == s["candidates"] for s in stats)
+
+
 def test_saliency_then_similarity_switches_once(smallcnn):
     result = small_prune(
         smallcnn,
@@ -219,7 +230,7 @@ def kill_at_call(target: object, name: str, k: int, monkeypatch) -> None:
     ("where", "k"),
     [
         ("fit", 2),  # inside the second recovery
-        ("mask_channels", 40),  # while scoring the candidates of a later iteration
+        ("mask_channels", 12),  # while scoring the candidates of a later iteration
     ],
 )
 def test_interrupted_run_resumes_to_the_uninterrupted_result(

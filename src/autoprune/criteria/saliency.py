@@ -125,8 +125,8 @@ class TaylorAccumulator:
         read as a linear step in those log-odds and the loss taken on the logistic curve: a
         confident image (small loss, small gradient) can still flip, and a removal that helps
         an image is not charged for it. Other losses take ``d + d**2 / 2`` (the empirical
-        Fisher as the curvature: Liu et al., Group Fisher Pruning, ICML 2021). How well each
-        form ranks a search's candidates: docs/benchmarks/search_speed.md.
+        Fisher as the curvature: Liu et al., Group Fisher Pruning, ICML 2021). How well it
+        ranks a search's candidates: docs/benchmarks/search_speed.md.
         """
         self._check_fresh(group)
         if not self._losses:
