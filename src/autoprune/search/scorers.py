@@ -261,7 +261,7 @@ class FastScorer:
             "seconds": time.perf_counter() - start,
             "images_per_candidate": seen,
             "estimates": [
-                s / k if k else c.predicted_loss or math.inf
+                s / k if k else (math.inf if c.predicted_loss is None else c.predicted_loss)
                 for s, k, c in zip(sums, seen, candidates, strict=True)
             ],
             "shortlisted": shortlisted,
