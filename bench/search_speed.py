@@ -222,6 +222,7 @@ def ranks_row(args: argparse.Namespace, name: str, train: Any) -> dict[str, Any]
     return {
         "model": name,
         "iterations": len(LOG),
+        "stopped_at_iteration_cap": len(LOG) >= (args.max_iterations or math.inf),
         "candidates_median": statistics.median(r["candidates"] for r in LOG),
         "share_max": max(shares),
         "share_median": statistics.median(shares),
@@ -678,7 +679,9 @@ def ranks_lines(section: dict[str, Any]) -> list[str]:
     ]
     for r in section["rows"]:
         lines.append(
-            f"| {r['model']} | {r['iterations']} | {r['candidates_median']:g} | "
+            f"| {r['model']} | {r['iterations']}"
+            f"{' (the first: stopped there)' if r.get('stopped_at_iteration_cap') else ''} | "
+            f"{r['candidates_median']:g} | "
             f"{r['share_median']:.3f} | {r['share_max']:.3f} | "
             f"{r['shortlisted']}/{r['iterations']} (share {r['shortlist']:g}) |"
         )
