@@ -93,6 +93,7 @@ REFERENCES = {
     },
 }
 LOG: list[dict[str, Any]] = []  # one record per iteration of the current paired search
+DEFAULT_SHORTLIST = create_scorer("fast").shortlist
 
 
 class OutOfTime(Exception):
@@ -175,7 +176,6 @@ class RanksScorer:
     def __post_init__(self) -> None:
         options = {"halving": False, "shortlist": 1.0, "precision": "fp32"}
         self.scorer = create_scorer("fast", **options)
-        self.shortlist = create_scorer("fast").shortlist  # the default share
 
     def __call__(self, graph, candidates, calib, objective) -> list[float]:
         if len(LOG) >= (self.max_iterations or math.inf):
@@ -188,7 +188,7 @@ class RanksScorer:
             predicted, key=lambda i: (objective(candidates[i].predicted_loss, candidates[i]), i)
         )
         rank = order.index(best) if best in order else None
-        kept = max(self.scorer.min_keep, math.ceil(self.shortlist * len(predicted)))
+        kept = max(self.scorer.min_keep, math.ceil(DEFAULT_SHORTLIST * len(predicted)))
         LOG.append(
             {
                 "candidates": len(candidates),
@@ -227,7 +227,7 @@ def ranks_row(args: argparse.Namespace, name: str, train: Any) -> dict[str, Any]
         "share_max": max(shares),
         "share_median": statistics.median(shares),
         "shortlisted": sum(r["shortlisted"] for r in LOG),
-        "shortlist": create_scorer("fast").shortlist,
+        "shortlist": DEFAULT_SHORTLIST,
         "per_iteration": LOG[:],
     }
 
