@@ -626,13 +626,15 @@ PROTOCOL = (
 )
 
 
+def table_head(title: str, facts: dict[str, Any], text: str, columns: str, align: str) -> list[str]:
+    """A section's title, machine, protocol text and table header."""
+    return ["", f"## {title}", "", machine_line(facts), "", text, "", columns, align]
+
+
 def whole_lines(section: dict[str, Any]) -> list[str]:
-    lines = [
-        "",
-        "## CPU: whole searches, the library's default against the scorer before",
-        "",
-        machine_line(section["machine"]),
-        "",
+    lines = table_head(
+        "CPU: whole searches, the library's default against the scorer before",
+        section["machine"],
         "Each search runs once, search only, as a user runs it (the scorer's defaults but for "
         f"the options of the row: {WHOLE_BEFORE!r} is fp32 with the shortlist off), one after "
         "the other on the same machine. Search time: the iterations' time, scoring and the "
@@ -641,12 +643,11 @@ def whole_lines(section: dict[str, Any]) -> list[str]:
         "scorer before the shortlist, docs/benchmarks/search_time_idle.json and "
         "search_quality_resnet20.json) and the exhaustive scorer's (search_quality.json, "
         "search_quality_resnet20.json).",
-        "",
         "| model | scorer | precision | search time (s) | scoring (s) | speed-up vs before "
         "| iterations | images scored | final calibration loss | same decisions as today "
         "| same decisions as exhaustive |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    )
     before = {r["model"]: r["search_s"] for r in section["rows"] if r["scorer"] == WHOLE_BEFORE}
     for r in section["rows"]:
         ratio = before[r["model"]] / r["search_s"] if r["model"] in before else None
@@ -661,22 +662,18 @@ def whole_lines(section: dict[str, Any]) -> list[str]:
 
 
 def ranks_lines(section: dict[str, Any]) -> list[str]:
-    lines = [
-        "",
-        "## The shortlist: where the predicted loss ranks the best candidate",
-        "",
-        machine_line(section["machine"]),
-        "",
+    lines = table_head(
+        "The shortlist: where the predicted loss ranks the best candidate",
+        section["machine"],
         "One search per model with every candidate scored on the whole calibration set (so "
         "each iteration's best is the exhaustive scorer's); at each iteration, the rank of that "
         "best among the candidates ordered by the loss predicted from gradients, as a share of "
         "them (1/n: ranked first). The fast scorer scores only the best predicted `shortlist` "
         "share of the candidates: where the best is among them, the shortlist changes nothing.",
-        "",
         "| model | iterations | candidates (median) | share needed, median | share needed, "
         "largest | best shortlisted (default share) |",
         "|---|---:|---:|---:|---:|---:|",
-    ]
+    )
     for r in section["rows"]:
         lines.append(
             f"| {r['model']} | {r['iterations']}"

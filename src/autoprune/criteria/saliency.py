@@ -186,6 +186,8 @@ class TaylorAccumulator:
     ) -> None:
         dim = dim % a.dim()
         terms = (a * g).detach()
+        # the batch sums reduce as they always did, not from the per-image ones: taylor's
+        # saliency (and the channels it picks) stays bit for bit what it was
         s = terms.sum(dim=[d for d in range(a.dim()) if d != dim]).cpu()
         sums = self._sums.setdefault(module, {})
         sums[batch] = sums[batch] + s if batch in sums else s

@@ -164,8 +164,16 @@ class LossAware(Schedule):
         allowed = self.criteria(ctx.progress)
         state = criteria_state(ctx.graph, allowed, ctx.calib, cfg.seed, cfg.taylor_size)
         if ctx.latency is not None:
-            offered = ctx.latency.candidates(allowed, ctx.limits(), state, cfg.step)
-            return _offered(with_predictions(ctx.graph, offered, state)), state
+            candidates = ctx.latency.candidates(allowed, ctx.limits(), state, cfg.step)
+        else:
+            candidates = self._macs_candidates(ctx, allowed, state)
+        return _offered(with_predictions(ctx.graph, candidates, state)), state
+
+    def _macs_candidates(
+        self, ctx: SearchContext, allowed: tuple[str, ...], state: dict[str, Any]
+    ) -> list[Candidate]:
+        """Each saving about one step of the MACs (the last step: what is left)."""
+        cfg = self.config
         step, remaining = cfg.step * ctx.original_macs, ctx.remaining_macs
         candidates = make_candidates(
             ctx.graph, allowed, min(step, remaining), ctx.limits(), state, cfg.channel_multiple
@@ -174,7 +182,7 @@ class LossAware(Schedule):
             slack = TOLERANCE * ctx.original_macs
             landing = [c for c in candidates if abs(remaining - c.macs_saved) <= slack]
             candidates = landing or candidates
-        return _offered(with_predictions(ctx.graph, candidates, state)), state
+        return candidates
 
 
 def _offered(candidates: list[Candidate]) -> list[Candidate]:
