@@ -371,11 +371,14 @@ def test_halving_keeps_the_winner_and_scores_it_on_the_whole_set():
         assert math.isfinite(stats["estimates"][i])
 
 
-def test_shortlist_scores_the_best_predicted_and_every_unpredicted_candidate(reference):
+@pytest.mark.parametrize("above_all", [True, False])
+def test_shortlist_scores_the_best_predicted_then_any_predicted_to_win(reference, above_all):
     graph, candidates, expected = reference
-    # every other candidate gets a prediction: its exact loss, reversed in rank
+    # every other candidate gets a prediction, its exact loss reversed in rank: above every
+    # measured loss (none predicted to win) or below (all of them are)
+    offset = 2 * max(expected) if above_all else 0.0
     predicted = [
-        replace(c, predicted_loss=-expected[i]) if i % 2 == 0 else c
+        replace(c, predicted_loss=offset - expected[i]) if i % 2 == 0 else c
         for i, c in enumerate(candidates)
     ]
     scorer = create_scorer("fast", halving=False, shortlist=0.25, min_keep=1, precision="fp32")
@@ -383,12 +386,18 @@ def test_shortlist_scores_the_best_predicted_and_every_unpredicted_candidate(ref
     with_prediction = range(0, len(candidates), 2)
     best_predicted = sorted(with_prediction, key=lambda i: -expected[i])
     chosen = set(best_predicted[: math.ceil(len(best_predicted) / 4)])
+    unpredicted = set(range(1, len(candidates), 2))
     scored = {i for i, v in enumerate(losses) if math.isfinite(v)}
-    assert scored == chosen | set(range(1, len(candidates), 2))
-    assert scorer.last_stats["shortlisted"] == len(scored) < len(candidates)
+    stats = scorer.last_stats
+    assert stats["shortlisted"] == len(chosen | unpredicted) < len(candidates)
+    if above_all:
+        assert scored == chosen | unpredicted and stats["predicted_winners"] == 0
+    else:
+        assert scored == set(range(len(candidates)))
+        assert stats["predicted_winners"] == len(with_prediction) - len(chosen) > 0
     assert max(abs(losses[i] - expected[i]) for i in scored) <= 1e-5
     unscored = set(range(len(candidates))) - scored
-    assert all(scorer.last_stats["estimates"][i] == -expected[i] for i in unscored)
+    assert all(stats["estimates"][i] == offset - expected[i] for i in unscored)
     with pytest.raises(AutopruneError, match="shortlist"):
         create_scorer("fast", shortlist=0)
 

@@ -9,10 +9,11 @@ decisions for a fraction of the work, each trick switchable so its effect can be
 - a shortlist: where candidates carry a loss predicted from gradients
   (:meth:`~autoprune.criteria.TaylorAccumulator.predicted_loss`, when ``taylor`` is among the
   criteria, whose gradients it reuses), only the best predicted ``shortlist`` share of them
-  is scored at all. Halving then keeps as many per round as it would of all the candidates,
-  so a shortlisted candidate is never dropped where it would have survived among all (its
-  rank among fewer can only be better): the shortlist changes a decision only where the
-  prediction leaves the winner out;
+  is scored at all, and then any other whose prediction beats the best loss measured (a
+  candidate predicted to win is never left unscored). Halving keeps as many per round as it
+  would of all the candidates, so a shortlisted candidate is never dropped where it would have
+  survived among all (its rank among fewer can only be better): the shortlist changes a
+  decision only where the prediction leaves the winner out;
 - prefix caching (:mod:`._prefix`): layers that run before a candidate's first masked layer
   are computed once per batch, not once per candidate;
 - successive halving: every candidate is scored on the first ``min_images`` images, the best
@@ -147,7 +148,8 @@ class FastScorer:
     ``prefix_cache``, ``stack``, ``halving``, ``hard_first`` and ``channels_last`` switch the
     tricks (masking is always on). ``shortlist``: the share of the candidates with a
     ``predicted_loss`` that are scored, the best by that prediction (at least ``min_keep``;
-    1: all); the others get ``inf``. Halving starts with ``min_images`` images and keeps
+    1: all), and after them any other predicted to beat the best of their measured losses;
+    the others get ``inf``. Halving starts with ``min_images`` images and keeps
     ``keep`` of the candidates per round (counted over all of them, shortlisted or not), never
     fewer than ``min_keep``; once that few are left they go straight to the whole set.
     ``hard_first`` orders the images for halving by the current model's loss (one extra pass
@@ -176,7 +178,7 @@ class FastScorer:
     hard_first: bool = False
     min_images: int = 64
     # Which share keeps the exhaustive scorer's choice: docs/benchmarks/search_speed.md.
-    shortlist: float = 0.2
+    shortlist: float = 0.1
     keep: float = 0.5
     min_keep: int = 4
     max_batch: int | None = None
@@ -213,7 +215,7 @@ class FastScorer:
         total = calib.size
         sums = [0.0] * len(candidates)  # summed loss (calib.task's) over the images seen so far
         seen = [0] * len(candidates)
-        alive = self._shortlisted(candidates, objective)
+        alive = self.shortlisted(candidates, objective)
         shortlisted = len(alive)
         field = len(candidates)  # how many halving would keep of all of them: rounds keep that
         done = rounds = evaluated = 0
@@ -239,6 +241,17 @@ class FastScorer:
                     alive = self._survivors(
                         {i: sums[i] / done for i in alive}, candidates, objective, field
                     )
+            unscored = [i for i, k in enumerate(seen) if not k]
+            winners = self.predicted_winners(
+                candidates, objective, {i: sums[i] / total for i in alive}, unscored
+            )
+            if winners:  # predicted to beat the finalists: scored on the whole set as they were
+                with autocast(sample.device, ranking):
+                    self._round(plan, cuts, winners, calib, (0, total), sums)
+                for i in winners:
+                    seen[i] = total
+                evaluated, rounds = evaluated + total * len(winners), rounds + 1
+                alive = sorted([*alive, *winners])
             if alive and final != ranking:  # the best few again, all images in the final dtype
                 alive = self._survivors(
                     {i: sums[i] / total for i in alive}, candidates, objective, self.min_keep
@@ -265,6 +278,7 @@ class FastScorer:
                 for s, k, c in zip(sums, seen, candidates, strict=True)
             ],
             "shortlisted": shortlisted,
+            "predicted_winners": len(winners),
             "fully_scored": len(exact),
         }
         return [sums[i] / total if i in exact else math.inf for i in range(len(candidates))]
@@ -309,15 +323,36 @@ class FastScorer:
             return total
         return min(max(self.min_images, 2 * done), total)
 
-    def _shortlisted(self, candidates: Sequence[Candidate], objective: Objective) -> list[int]:
-        """The candidates to score: those without a predicted loss, and the best ``shortlist``
-        share (at least ``min_keep``) of those with one, by objective on the prediction."""
+    def shortlisted(self, candidates: Sequence[Candidate], objective: Objective) -> list[int]:
+        """The candidates to score first: those without a predicted loss, and the best
+        ``shortlist`` share (at least ``min_keep``) of those with one, by objective on the
+        prediction."""
         predicted = {
             i: c.predicted_loss for i, c in enumerate(candidates) if c.predicted_loss is not None
         }
         kept = max(self.min_keep, math.ceil(self.shortlist * len(predicted)))
         best = self._survivors(predicted, candidates, objective, kept)
         return sorted({*best, *(i for i in range(len(candidates)) if i not in predicted)})
+
+    @staticmethod
+    def predicted_winners(
+        candidates: Sequence[Candidate],
+        objective: Objective,
+        measured: dict[int, float],
+        unscored: Sequence[int],
+    ) -> list[int]:
+        """Those of ``unscored`` whose predicted loss beats every ``measured`` one, by
+        objective. The prediction mostly underestimates a removal's loss, so one that loses to
+        the best measured loss even so is not expected to win."""
+        if not measured:
+            return []
+        best = min(objective(loss, candidates[i]) for i, loss in measured.items())
+        return [
+            i
+            for i in unscored
+            if (p := candidates[i].predicted_loss) is not None
+            and objective(p, candidates[i]) < best
+        ]
 
     @staticmethod
     def _survivors(
