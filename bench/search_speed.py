@@ -373,10 +373,7 @@ def paired_row(args: argparse.Namespace, name: str, train: Any, device: str) -> 
 # Whole searches: the scorer before this benchmark's work (fp32, every candidate scored), then
 # the library's default on this machine.
 WHOLE_BEFORE = "before: fp32, every candidate scored"
-WHOLE_SCORERS = {
-    WHOLE_BEFORE: {"precision": "fp32", "shortlist": 1.0, "control_variate": False},
-    "default": {},
-}
+WHOLE_SCORERS = {WHOLE_BEFORE: {"precision": "fp32", "shortlist": 1.0}, "default": {}}
 
 
 def whole_row(args: argparse.Namespace, name: str, train: Any, scorer: str) -> dict:
@@ -644,13 +641,11 @@ def whole_lines(section: dict[str, Any]) -> list[str]:
         "CPU: whole searches, the library's default against the scorer before",
         section["machine"],
         "Each search runs once, search only, as a user runs it (the scorer's defaults but for "
-        f"the options of the row: {WHOLE_BEFORE!r} is fp32 with the shortlist and the "
-        "control variate off), one after "
+        f"the options of the row: {WHOLE_BEFORE!r} is fp32 with the shortlist off), one after "
         "the other on the same machine. Search time: the iterations' time, scoring and the "
         "rest (criteria, gradients, the step). Same decisions: the iterations, from the "
         "first, equal to a recorded search (group, channels, loss to 1e-5): today's (the fast "
-        "scorer before the shortlist and the control variate, "
-        "docs/benchmarks/search_time_idle.json and "
+        "scorer before the shortlist, docs/benchmarks/search_time_idle.json and "
         "search_quality_resnet20.json) and the exhaustive scorer's (search_quality.json, "
         "search_quality_resnet20.json).",
         "| model | scorer | precision | search time (s) | scoring (s) | speed-up vs before "

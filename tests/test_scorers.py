@@ -442,12 +442,6 @@ def test_halving_ranks_by_the_prediction_as_a_control_variate(reference):
     assert len(finalists) < len(candidates) / 4
     assert finalists == set(best_first[: len(finalists)])
     assert stats["estimates"] == pytest.approx(whole, abs=1e-5)
-    plain = create_scorer("fast", shortlist=1.0, control_variate=False, **options)
-    plain(graph, predicted, calib, by_loss)  # switched off: the mean on the images seen
-    seen = plain.last_stats["images_per_candidate"]
-    partial = [float(e[:k].double().mean()) for e, k in zip(exact, seen, strict=True)]
-    assert min(seen) < calib.size
-    assert plain.last_stats["estimates"] == pytest.approx(partial, abs=1e-5)
 
 
 def test_halving_ranks_by_the_objective_not_the_loss():

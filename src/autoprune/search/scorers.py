@@ -176,14 +176,13 @@ class _PerImage:
 class FastScorer:
     """Masking + prefix caching + stacking + successive halving; same winner as ``exhaustive``.
 
-    ``prefix_cache``, ``stack``, ``halving``, ``control_variate``, ``hard_first`` and
-    ``channels_last`` switch the tricks (masking is always on). ``shortlist``: the share of
-    the candidates with a ``predicted_loss`` that are scored, the best by that prediction (at
-    least ``min_keep``; 1: all), and after them any other predicted to beat the best of
-    their measured losses; the others get ``inf``. Halving starts with ``min_images`` images
-    and keeps ``keep`` of the candidates per round (ranked by the control variate where they
-    have predictions and ``control_variate`` is on, else by the mean measured), never fewer
-    than ``min_keep``; once that few are left they go straight to the whole set.
+    ``prefix_cache``, ``stack``, ``halving``, ``hard_first`` and ``channels_last`` switch the
+    tricks (masking is always on). ``shortlist``: the share of the candidates with a
+    ``predicted_loss`` that are scored, the best by that prediction (at least ``min_keep``;
+    1: all), and after them any other predicted to beat the best of their measured losses;
+    the others get ``inf``. Halving starts with ``min_images`` images and keeps ``keep`` of
+    the candidates per round (by the control variate where they have predictions), never
+    fewer than ``min_keep``; once that few are left they go straight to the whole set.
     ``hard_first`` orders the images for halving by the current model's loss (one extra pass
     over the set; the reordered copy is held during the call).
     ``max_batch`` splits calibration batches into forwards of at most that many images
@@ -200,7 +199,6 @@ class FastScorer:
 
     prefix_cache: bool = True
     halving: bool = True
-    control_variate: bool = True
     # Halving from 64 images in their own order, keeping half: starting from the hardest few
     # and keeping a quarter is cheaper per iteration but drops exhaustive winners over a whole
     # search. Per iteration: docs/benchmarks/scorer_tricks.md; over whole searches (decisions
@@ -261,7 +259,7 @@ class FastScorer:
             order = self._hardest_first(graph.model, calib) if reorder else None
             if order is not None:
                 calib = calib.reordered(order)
-            predicted = _PerImage.of(candidates if self.control_variate else (), total, order)
+            predicted = _PerImage.of(candidates, total, order)
             while alive and done < total:
                 stop = self._next_stop(done, total, len(alive))
                 with autocast(sample.device, ranking):
