@@ -10,10 +10,9 @@ group channel's saliency is ``sum over batches of |sum over its consumers of S|`
 ``|w * dL/dw|`` of Molchanov et al. taken over the whole coupled group, including consumers
 without weights (an option-A shortcut).
 
-The same terms per image predict the loss a removal leaves on each image
-(:meth:`TaylorAccumulator.predicted_losses`), with no forward pass: the fast scorer scores only
-the best predicted candidates, and ranks them on few images with the prediction as a control
-variate (:mod:`autoprune.search.scorers`).
+The same terms per image predict the loss a removal leaves (:meth:`TaylorAccumulator.
+predicted_loss`), with no forward pass: the fast scorer scores only the best predicted
+candidates (:mod:`autoprune.search.scorers`).
 """
 
 from __future__ import annotations
@@ -85,7 +84,7 @@ class TaylorAccumulator:
 
         The gradients are those of ``task``'s batch-mean loss (the default: cross-entropy on
         a tensor, a tuple's first, a dict's ``logits``); its per-image losses are kept for
-        :meth:`predicted_losses`.
+        :meth:`predicted_loss`.
 
         The model's mode is kept: call ``model.eval()`` first for frozen BatchNorm statistics.
         """
@@ -117,10 +116,9 @@ class TaylorAccumulator:
             )
         return torch.stack([v.abs() for v in per_batch.values()]).sum(dim=0)
 
-    def predicted_losses(self, group: ChannelGroup, idxs: torch.Tensor) -> torch.Tensor | None:
-        """Per collected image (float64, in collection order), the loss with ``idxs`` of
-        ``group`` removed, predicted from the gradients alone; None unless :meth:`collect`
-        gathered them.
+    def predicted_loss(self, group: ChannelGroup, idxs: torch.Tensor) -> float | None:
+        """The mean loss over the collected images with ``idxs`` of ``group`` removed, predicted
+        from the gradients alone; None unless :meth:`collect` gathered them.
 
         Per image, removing the channels changes the loss by ``d = -sum(a * dl/da)`` to first
         order. Cross-entropy is a logistic function of the true class's log-odds, so ``d`` is
@@ -143,7 +141,7 @@ class TaylorAccumulator:
             change = F.softplus(log_odds + d / wrong) - loss
         else:
             change = d + d * d / 2
-        return loss + change
+        return float((loss + change).mean())
 
     def _check_fresh(self, group: ChannelGroup) -> None:
         if group.version != self.version:

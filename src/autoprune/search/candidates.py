@@ -41,14 +41,8 @@ class Candidate:
     macs_saved: int  # exact, from graph.macs
     params_saved: int = 0  # set where no MACs are saved (weights): loss_per_mac divides by it
     latency_saved: float = 0.0  # predicted ms, with a latency target (:mod:`.latency_target`)
-    # per calibration image (the first ones: those the gradients were taken on), the loss
-    # after the removal predicted from gradients (:func:`with_predictions`)
-    predicted_losses: torch.Tensor | None = None
-
-    @property
-    def predicted_loss(self) -> float | None:
-        """The mean of :attr:`predicted_losses`, None without them."""
-        return None if self.predicted_losses is None else float(self.predicted_losses.mean())
+    # the calibration loss after the removal, predicted from gradients (:func:`with_predictions`)
+    predicted_loss: float | None = None
 
     def changed(self, graph: PruningGraph) -> list[nn.Module]:
         """The modules whose computation the trial changes first (the prefix cache cuts there):
@@ -172,7 +166,7 @@ def criteria_state(
 def with_predictions(
     graph: PruningGraph, candidates: Iterable[Candidate], state: Mapping[str, Any]
 ) -> list[Candidate]:
-    """The channel candidates with their ``predicted_losses``, where the criteria's state holds
+    """The channel candidates with their ``predicted_loss``, where the criteria's state holds
     gradients (``taylor``): the fast scorer scores the best predicted ones only."""
     taylor: TaylorAccumulator | None = state.get("taylor")
     if taylor is None:
@@ -180,7 +174,7 @@ def with_predictions(
     return [
         c
         if isinstance(c, GrainCandidate)
-        else replace(c, predicted_losses=taylor.predicted_losses(graph.group(c.group), c.idxs))
+        else replace(c, predicted_loss=taylor.predicted_loss(graph.group(c.group), c.idxs))
         for c in candidates
     ]
 

@@ -10,18 +10,16 @@ decisions for a fraction of the work, each trick switchable so its effect can be
   (:meth:`~autoprune.criteria.TaylorAccumulator.predicted_loss`, when ``taylor`` is among the
   criteria, whose gradients it reuses), only the best predicted ``shortlist`` share of them
   is scored at all, and then any other whose prediction beats the best loss measured (a
-  candidate predicted to win is never left unscored): the shortlist changes a decision only
-  where the prediction leaves the winner out;
+  candidate predicted to win is never left unscored). Halving keeps as many per round as it
+  would of all the candidates, so a shortlisted candidate is never dropped where it would have
+  survived among all (its rank among fewer can only be better): the shortlist changes a
+  decision only where the prediction leaves the winner out;
 - prefix caching (:mod:`._prefix`): layers that run before a candidate's first masked layer
   are computed once per batch, not once per candidate;
 - successive halving: every candidate is scored on the first ``min_images`` images, the best
   ``keep`` fraction on twice as many, and so on until the survivors have seen the whole set.
   All candidates of a round see the same images, so the comparison is paired: its noise is
-  that of a loss *difference*, far smaller than that of the losses themselves. Where
-  candidates carry predicted losses per image, a round ranks them by a control variate: the
-  mean loss measured on the images seen, corrected by how far the prediction on those images
-  is from the prediction on all of them. What the prediction gets right per image no longer
-  adds noise, so few images rank like the whole set;
+  that of a loss *difference*, far smaller than that of the losses themselves;
 - candidate stacking (:mod:`._trials`): the candidates of a cut run in one forward pass, the
   batch repeated once per candidate, each copy with its own channels masked; on a GPU this
   turns hundreds of small passes into a few large ones;
@@ -142,35 +140,6 @@ class ExhaustiveScorer:
         return losses
 
 
-@dataclass
-class _PerImage:
-    """The candidates' predicted losses per calibration image, in the order scored (NaN past
-    the images the gradients were taken on): the control variate of halving's rounds."""
-
-    losses: dict[int, torch.Tensor]  # candidate index -> [images], float64
-
-    @classmethod
-    def of(
-        cls, candidates: Sequence[Candidate], total: int, order: torch.Tensor | None
-    ) -> _PerImage:
-        losses = {}
-        for i, c in enumerate(candidates):
-            if c.predicted_losses is not None:
-                p = torch.full((total,), math.nan, dtype=torch.float64)
-                p[: len(c.predicted_losses)] = c.predicted_losses.cpu()
-                losses[i] = p if order is None else p[order.cpu()]
-        return cls(losses)
-
-    def estimate(self, i: int, loss_sum: float, seen: int) -> float:
-        """Candidate ``i``'s mean loss from its ``loss_sum`` on the first ``seen`` images: the
-        measured mean less how far the prediction puts those images above its mean on all
-        (0 once they hold every predicted image)."""
-        p = self.losses.get(i)
-        if p is None:
-            return loss_sum / seen
-        return (loss_sum - float(torch.nansum(p[:seen] - p.nanmean()))) / seen
-
-
 @SCORERS.register("fast")
 @dataclass
 class FastScorer:
@@ -180,8 +149,8 @@ class FastScorer:
     tricks (masking is always on). ``shortlist``: the share of the candidates with a
     ``predicted_loss`` that are scored, the best by that prediction (at least ``min_keep``;
     1: all), and after them any other predicted to beat the best of their measured losses;
-    the others get ``inf``. Halving starts with ``min_images`` images and keeps ``keep`` of
-    the candidates per round (by the control variate where they have predictions), never
+    the others get ``inf``. Halving starts with ``min_images`` images and keeps
+    ``keep`` of the candidates per round (counted over all of them, shortlisted or not), never
     fewer than ``min_keep``; once that few are left they go straight to the whole set.
     ``hard_first`` orders the images for halving by the current model's loss (one extra pass
     over the set; the reordered copy is held during the call).
@@ -209,7 +178,7 @@ class FastScorer:
     hard_first: bool = False
     min_images: int = 64
     # Which share keeps the exhaustive scorer's choice: docs/benchmarks/search_speed.md.
-    shortlist: float = 0.2
+    shortlist: float = 0.1
     keep: float = 0.5
     min_keep: int = 4
     max_batch: int | None = None
@@ -248,6 +217,7 @@ class FastScorer:
         seen = [0] * len(candidates)
         alive = self.shortlisted(candidates, objective)
         shortlisted = len(alive)
+        field = len(candidates)  # how many halving would keep of all of them: rounds keep that
         done = rounds = evaluated = 0
         with eval_mode(graph.model), torch.no_grad():
             sample = self._layout(calib.batches[0][0][:2])
@@ -256,10 +226,8 @@ class FastScorer:
             cuts = plan_cuts(graph, candidates, profile)
             plan = TrialPlan.build(graph, candidates, sample, self.stack, self.stack_bytes)
             reorder = self.halving and self.hard_first and len(candidates) > self.min_keep
-            order = self._hardest_first(graph.model, calib) if reorder else None
-            if order is not None:
-                calib = calib.reordered(order)
-            predicted = _PerImage.of(candidates, total, order)
+            if reorder:
+                calib = self._hardest_first(graph.model, calib)
             while alive and done < total:
                 stop = self._next_stop(done, total, len(alive))
                 with autocast(sample.device, ranking):
@@ -269,9 +237,10 @@ class FastScorer:
                 evaluated += (stop - done) * len(alive)
                 done, rounds = stop, rounds + 1
                 if done < total:
-                    kept = max(self.min_keep, math.ceil(self.keep * len(alive)))
-                    estimates = {i: predicted.estimate(i, sums[i], done) for i in alive}
-                    alive = self._survivors(estimates, candidates, objective, kept)
+                    field = max(self.min_keep, math.ceil(self.keep * field))
+                    alive = self._survivors(
+                        {i: sums[i] / done for i in alive}, candidates, objective, field
+                    )
             unscored = [i for i, k in enumerate(seen) if not k]
             winners = self.predicted_winners(
                 candidates, objective, {i: sums[i] / total for i in alive}, unscored
@@ -305,10 +274,8 @@ class FastScorer:
             "seconds": time.perf_counter() - start,
             "images_per_candidate": seen,
             "estimates": [
-                predicted.estimate(i, s, k)
-                if k
-                else (math.inf if c.predicted_loss is None else c.predicted_loss)
-                for i, (s, k, c) in enumerate(zip(sums, seen, candidates, strict=True))
+                s / k if k else (math.inf if c.predicted_loss is None else c.predicted_loss)
+                for s, k, c in zip(sums, seen, candidates, strict=True)
             ],
             "shortlisted": shortlisted,
             "predicted_winners": len(winners),
@@ -340,15 +307,15 @@ class FastScorer:
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def _hardest_first(self, model: nn.Module, calib: CalibrationSet) -> torch.Tensor:
-        """The set's image order by ``model``'s loss per image, highest first."""
+    def _hardest_first(self, model: nn.Module, calib: CalibrationSet) -> CalibrationSet:
+        """The set reordered by ``model``'s loss per image, highest first."""
 
         def losses(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             x, y = batch
             return calib.task.losses(model(self._layout(x)), y)
 
         per_image = torch.cat(distributed.share_map(losses, calib.batches)).cpu()
-        return torch.argsort(per_image, descending=True, stable=True)
+        return calib.reordered(torch.argsort(per_image, descending=True, stable=True))
 
     def _next_stop(self, done: int, total: int, alive: int) -> int:
         """How many images the next round's candidates will have seen."""
