@@ -198,7 +198,6 @@ class RanksScorer:
                 "predicted": len(predicted),
                 "rank": rank,
                 "shortlisted": best in first or best in winners,
-                "scored": len(first) + len(winners),
             }
         )
         return losses
@@ -232,7 +231,6 @@ def ranks_row(args: argparse.Namespace, name: str, train: Any) -> dict[str, Any]
         "share_median": statistics.median(shares),
         "shortlisted": sum(r["shortlisted"] for r in LOG),
         "shortlist": DEFAULT.shortlist,
-        "scored_share_median": statistics.median(r["scored"] / r["candidates"] for r in LOG),
         "per_iteration": LOG[:],
     }
 
@@ -675,21 +673,18 @@ def ranks_lines(section: dict[str, Any]) -> list[str]:
         "best among the candidates ordered by the loss predicted from gradients, as a share of "
         "them (1/n: ranked first). The fast scorer scores the best predicted `shortlist` "
         "share of the candidates, then any other predicted to beat the best loss measured "
-        "among them: where the best is among those scored, the shortlist changes nothing. "
-        "Scored: the share of the candidates the default shortlist scores, median.",
+        "among them: where the best is among those scored, the shortlist changes nothing.",
         "| model | iterations | candidates (median) | share needed, median | share needed, "
-        "largest | best shortlisted (default share) | scored |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "largest | best shortlisted (default share) |",
+        "|---|---:|---:|---:|---:|---:|",
     )
     for r in section["rows"]:
-        scored = f"{r['scored_share_median']:.3f}" if "scored_share_median" in r else "-"
         lines.append(
             f"| {r['model']} | {r['iterations']}"
             f"{' (the first: stopped there)' if r.get('stopped_at_iteration_cap') else ''} | "
             f"{r['candidates_median']:g} | "
             f"{r['share_median']:.3f} | {r['share_max']:.3f} | "
-            f"{r['shortlisted']}/{r['iterations']} (share {r['shortlist']:g}) | "
-            f"{scored} |"
+            f"{r['shortlisted']}/{r['iterations']} (share {r['shortlist']:g}) |"
         )
     return lines
 

@@ -141,8 +141,8 @@ def test_every_macs_objective_reaches_the_target(smallcnn, objective):
 def test_the_scorer_shortlists_where_the_taylor_gradients_predict_losses(smallcnn, criteria):
     result = small_prune(smallcnn, criteria=criteria, recover_steps=0, val_data=None)
     stats = [h["scorer"] for h in result.history]
-    if "taylor" in criteria:  # a tenth of them, at least min_keep (4)
-        assert all(s["shortlisted"] == max(4, math.ceil(0.1 * s["candidates"])) for s in stats)
+    if "taylor" in criteria:  # a fifth of them, at least min_keep (4)
+        assert all(s["shortlisted"] == max(4, math.ceil(0.2 * s["candidates"])) for s in stats)
         assert any(s["shortlisted"] < s["candidates"] for s in stats)
     else:  # nothing predicted: every candidate scored
         assert all(s["shortlisted"] == s["candidates"] for s in stats)

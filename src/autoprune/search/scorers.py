@@ -178,7 +178,7 @@ class FastScorer:
     hard_first: bool = False
     min_images: int = 64
     # Which share keeps the exhaustive scorer's choice: docs/benchmarks/search_speed.md.
-    shortlist: float = 0.1
+    shortlist: float = 0.2
     keep: float = 0.5
     min_keep: int = 4
     max_batch: int | None = None
