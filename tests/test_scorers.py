@@ -20,6 +20,7 @@ from autoprune.search._trials import TrialPlan
 from autoprune.search.calibration import CalibrationSet, stratified_order
 from autoprune.search.candidates import Candidate
 from autoprune.search.scorers import SCORERS, create_scorer, list_scorers
+from autoprune.task import Task
 
 SIZE = 16  # image side: small, so the exhaustive reference stays quick
 
@@ -169,13 +170,14 @@ def reference(request: pytest.FixtureRequest) -> tuple[PruningGraph, list, list[
         {"halving": False, "channels_last": False},
         {"halving": False, "max_batch": 5},
         {"halving": False},
-        {"min_images": 4, "keep": 1.0},  # rounds of halving, nobody dropped
+        {"min_images": 4, "keep": 1.0, "bound": False},  # rounds of halving, nobody dropped
         {"halving": False, "stack": False},  # one forward per candidate
         {"halving": False, "stack_bytes": 1},  # stacks of one
         {"halving": False, "prefix_cache": False, "stack_bytes": 600_000},  # stacks of a few
         {
             "min_images": 4,
             "keep": 1.0,
+            "bound": False,
             "min_keep": 99,
             "precision": "bf16-ranking",
             "stack_bytes": 1 << 30,
@@ -341,11 +343,7 @@ def test_fast_scorer_cleans_up_when_a_forward_fails_midway():
 
 def test_halving_keeps_the_winner_and_scores_it_on_the_whole_set():
     graph = make_graph("resnet20")
-    with torch.no_grad():  # labels: the model's own, fairly confident predictions
-        graph.model.linear.weight *= 2
-        calib = CalibrationSet(
-            [(x, graph.model(x).argmax(1)) for x, _ in random_calib((16,) * 4).batches]
-        )
+    calib = confident_calib(graph)
     candidates = candidates_of(graph) + [
         Candidate(g.name, ("most",), select(g, "l1", g.channels - 2), 1) for g in graph.groups()
     ]
@@ -354,7 +352,8 @@ def test_halving_keeps_the_winner_and_scores_it_on_the_whole_set():
     )
     best, second = sorted(exact)[:2]
     assert second > 2 * best  # the case: one clear winner, found on 64 images
-    scorer = create_scorer("fast", min_images=8, keep=0.25, min_keep=2, precision="fp32")
+    options = {"min_images": 8, "keep": 0.25, "min_keep": 2, "precision": "fp32"}
+    scorer = create_scorer("fast", bound=False, **options)
     losses = scorer(graph, candidates, calib, by_loss)
     stats = scorer.last_stats
 
@@ -369,6 +368,53 @@ def test_halving_keeps_the_winner_and_scores_it_on_the_whole_set():
     for i, v in enumerate(losses):  # the dropped: inf, with their partial estimate kept
         assert math.isfinite(v) or stats["images_per_candidate"][i] < calib.size
         assert math.isfinite(stats["estimates"][i])
+
+
+def confident_calib(graph: PruningGraph) -> CalibrationSet:
+    """Labels: the model's own, fairly confident predictions (a few images carry most loss)."""
+    with torch.no_grad():
+        graph.model.linear.weight *= 2
+        return CalibrationSet(
+            [(x, graph.model(x).argmax(1)) for x, _ in random_calib((16,) * 4).batches]
+        )
+
+
+def test_the_bound_drops_only_candidates_that_cannot_win():
+    graph = make_graph("resnet20")
+    calib = confident_calib(graph)
+    candidates = candidates_of(graph)
+    options = {"min_images": 8, "keep": 1.0, "precision": "fp32"}  # halving drops nobody
+    plain = create_scorer("fast", bound=False, **options)
+    exact = plain(graph, candidates, calib, by_loss)
+    scorer = create_scorer("fast", **options)
+    losses = scorer(graph, candidates, calib, by_loss)
+    stats = scorer.last_stats
+
+    best = min(exact)
+    assert min(losses) == pytest.approx(best, abs=1e-6)
+    assert losses.index(min(losses)) == exact.index(best)
+    assert stats["bounded"] > 0 and stats["images"] < plain.last_stats["images"]
+    for i, v in enumerate(losses):
+        if math.isfinite(v):  # scored on every image: the same loss
+            assert v == pytest.approx(exact[i], abs=1e-6)
+        else:  # dropped: what it had seen already summed to more than the winner's loss
+            seen = stats["images_per_candidate"][i]
+            assert 0 < seen < calib.size
+            assert best < stats["estimates"][i] * seen / calib.size <= exact[i] + 1e-6
+
+
+def test_no_bound_where_the_loss_has_no_known_floor():
+    graph = make_graph("resnet20")
+    confident = confident_calib(graph)
+    calib = CalibrationSet(confident.batches, Task(loss_fn=F.cross_entropy))
+    assert calib.task.loss_floor is None and confident.task.loss_floor == 0.0
+    candidates = candidates_of(graph)
+    scorer = create_scorer("fast", min_images=8, keep=1.0, precision="fp32")
+    losses = scorer(graph, candidates, calib, by_loss)
+    assert scorer.last_stats["bounded"] == 0 and all(map(math.isfinite, losses))
+    floored = Task(loss_fn=F.cross_entropy, loss_floor=0.0)
+    scorer(graph, candidates, CalibrationSet(confident.batches, floored), by_loss)
+    assert scorer.last_stats["bounded"] > 0
 
 
 @pytest.mark.parametrize("above_all", [True, False])
@@ -409,7 +455,7 @@ def test_a_shortlisted_candidate_survives_halving_wherever_it_did_among_all(refe
     graph, candidates, expected = reference
     noisy = [e + 0.05 * math.sin(7.0 * i) for i, e in enumerate(expected)]  # an imperfect guess
     predicted = [replace(c, predicted_loss=p) for c, p in zip(candidates, noisy, strict=True)]
-    options = {"min_images": 4, "keep": 0.5, "min_keep": 4, "precision": "fp32"}
+    options = {"min_images": 4, "keep": 0.5, "min_keep": 4, "precision": "fp32", "bound": False}
     calib = random_calib((16,) * 4)
     whole = create_scorer("fast", shortlist=1.0, **options)(graph, predicted, calib, by_loss)
     scorer = create_scorer("fast", shortlist=share, **options)

@@ -14,6 +14,9 @@ a segmentation loss), prunes like a classifier does:
 - ``metric(prediction, targets) -> Tensor`` scores each sample (1 correct, 0 wrong); its mean
   is the "accuracy" of reports. Default: top-1 accuracy when the loss is the default and the
   targets are class indices; with a custom loss none unless given, and reports show the loss.
+- ``loss_floor``: the least one sample's loss can be (0 for cross-entropy, MSE, BCE). Knowing
+  it lets the fast scorer stop scoring a candidate once its loss so far already loses to one
+  scored on every image. Default: 0 for the default loss; unknown (``None``) for a custom one.
 """
 
 from __future__ import annotations
@@ -70,10 +73,14 @@ class Task:
     loss_fn: TaskLoss | None = None  # None: cross-entropy
     output_adapter: OutputAdapter = default_adapter
     metric: Metric | None = None
+    loss_floor: float | None = None
 
     def __post_init__(self) -> None:
-        if self.metric is None and self.loss_fn is None:
-            object.__setattr__(self, "metric", top1)
+        if self.loss_fn is None:
+            if self.metric is None:
+                object.__setattr__(self, "metric", top1)
+            if self.loss_floor is None:
+                object.__setattr__(self, "loss_floor", 0.0)
 
     @classmethod
     def of(

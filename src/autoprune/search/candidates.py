@@ -68,7 +68,8 @@ class GrainCandidate(Candidate, ABC):
     def trial(self, graph: PruningGraph) -> AbstractContextManager[Any]: ...
 
 
-# (loss with the candidate removed, candidate) -> value to minimise
+# (loss with the candidate removed, candidate) -> value to minimise; never lower for a higher
+# loss (the fast scorer's halving and bound rely on it)
 Objective = Callable[[float, Candidate], float]
 # (loss before the step, one step's predicted ms: inf without a latency target) -> objective
 OBJECTIVES: Registry[Callable[..., Objective]] = Registry("objective")

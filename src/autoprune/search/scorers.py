@@ -25,6 +25,11 @@ decisions for a fraction of the work, each trick switchable so its effect can be
   turns hundreds of small passes into a few large ones;
 - bf16 autocast (``precision``), for every round, or for ranking only: the best few are then
   scored again in fp32 on the whole set, so the losses compared at the end are fp32's;
+- a lower bound: losses are never below the task's ``loss_floor`` (0 for cross-entropy), so
+  a candidate's loss so far bounds its loss on the whole set from below; once that bound loses
+  to a candidate already scored on every image, the rest of its images cannot save it, and it
+  is dropped. Exact: no decision changes. One candidate, the best after the first round, is
+  scored on every image ahead of the others to set the bar;
 - hardest images first: halving takes the images in order of the current model's loss, highest
   first. A trained model classifies most images confidently and a small removal barely moves
   their loss; the differences between candidates come from the few uncertain images, so early
@@ -154,6 +159,11 @@ class FastScorer:
     fewer than ``min_keep``; once that few are left they go straight to the whole set.
     ``hard_first`` orders the images for halving by the current model's loss (one extra pass
     over the set; the reordered copy is held during the call).
+    ``bound`` (where the task knows its ``loss_floor``) scores the best after the first round
+    on every image ahead of the others, then drops any candidate whose loss so far, plus the
+    floor on the images it has not seen, already loses to it by objective: such a candidate
+    cannot win, so the bound changes no decision (the leader stays to the end). Images go
+    hardest first, as with ``hard_first``, so the bound bites early.
     ``max_batch`` splits calibration batches into forwards of at most that many images
     (memory: the cached prefix of a batch is held while its candidates run). ``stack_bytes``
     caps a stacked pass's largest activation (default :func:`._trials.default_stack_bytes`:
@@ -176,6 +186,7 @@ class FastScorer:
     # difference) was not kept: per-image differences are heavy-tailed, so few candidates
     # leave the race early.
     hard_first: bool = False
+    bound: bool = True
     min_images: int = 64
     # Which share keeps the exhaustive scorer's choice: docs/benchmarks/search_speed.md.
     shortlist: float = 0.2
@@ -218,29 +229,58 @@ class FastScorer:
         alive = self.shortlisted(candidates, objective)
         shortlisted = len(alive)
         field = len(candidates)  # how many halving would keep of all of them: rounds keep that
-        done = rounds = evaluated = 0
+        done = rounds = evaluated = bounded = 0
+        floor = calib.task.loss_floor if self.bound else None
+        leader: int | None = None  # with a floor: scored ahead on every image, the bound's
+        leader_sums: dict[int, float] = {}  # its summed loss at each stop of the rounds
         with eval_mode(graph.model), torch.no_grad():
             sample = self._layout(calib.batches[0][0][:2])
             ranking, final = PRECISIONS[self.precision or default_precision(sample.device)]
             profile = CallProfile.record(graph.model, sample) if self.prefix_cache else None
             cuts = plan_cuts(graph, candidates, profile)
             plan = TrialPlan.build(graph, candidates, sample, self.stack, self.stack_bytes)
-            reorder = self.halving and self.hard_first and len(candidates) > self.min_keep
+            reorder = (
+                self.halving
+                and (self.hard_first or floor is not None)
+                and len(candidates) > self.min_keep
+            )
             if reorder:
                 calib = self._hardest_first(graph.model, calib)
             while alive and done < total:
                 stop = self._next_stop(done, total, len(alive))
+                running = [i for i in alive if i != leader]
                 with autocast(sample.device, ranking):
-                    self._round(plan, cuts, alive, calib, (done, stop), sums)
+                    self._round(plan, cuts, running, calib, (done, stop), sums)
                 for i in alive:
                     seen[i] = stop
-                evaluated += (stop - done) * len(alive)
+                evaluated += (stop - done) * len(running)
                 done, rounds = stop, rounds + 1
-                if done < total:
-                    field = max(self.min_keep, math.ceil(self.keep * field))
-                    alive = self._survivors(
-                        {i: sums[i] / done for i in alive}, candidates, objective, field
-                    )
+                if leader is not None:
+                    sums[leader] = leader_sums[done]
+                if done >= total:
+                    break
+                if floor is not None:
+                    if leader is None:
+                        leader = self._survivors(
+                            {i: sums[i] / done for i in alive}, candidates, objective, 1
+                        )[0]
+                        with autocast(sample.device, ranking):
+                            leader_sums = self._run_ahead(plan, cuts, leader, calib, done, sums)
+                        evaluated += total - done
+                    best = objective(leader_sums[total] / total, candidates[leader])
+                    left = floor * (total - done)
+                    out = {
+                        i
+                        for i in alive
+                        if objective((sums[i] + left) / total, candidates[i]) > best
+                    }
+                    alive, bounded = [i for i in alive if i not in out], bounded + len(out)
+                field = max(self.min_keep, math.ceil(self.keep * field))
+                alive = self._survivors(
+                    {i: sums[i] / done for i in alive}, candidates, objective, field
+                )
+                if leader is not None and leader not in alive:
+                    alive = sorted([*alive, leader])
             unscored = [i for i, k in enumerate(seen) if not k]
             winners = self.predicted_winners(
                 candidates, objective, {i: sums[i] / total for i in alive}, unscored
@@ -279,6 +319,7 @@ class FastScorer:
             ],
             "shortlisted": shortlisted,
             "predicted_winners": len(winners),
+            "bounded": bounded,
             "fully_scored": len(exact),
         }
         return [sums[i] / total if i in exact else math.inf for i in range(len(candidates))]
@@ -302,6 +343,26 @@ class FastScorer:
         for i, value in distributed.merge_shares({i: sums[i] + values[i] for i in mine}).items():
             sums[i] = value
 
+    def _run_ahead(
+        self,
+        plan: TrialPlan,
+        cuts: list[CutPoint],
+        leader: int,
+        calib: CalibrationSet,
+        done: int,
+        sums: list[float],
+    ) -> dict[int, float]:
+        """``leader`` alone on the images from ``done`` to the end, in the rounds' steps: its
+        summed loss at each stop the rounds can make (twice as many images, or all).
+        ``sums`` is left as it was."""
+        at, total, before = {}, calib.size, sums[leader]
+        while done < total:
+            stop = self._doubled(done, total)
+            self._round(plan, cuts, [leader], calib, (done, stop), sums)
+            done, at[stop] = stop, sums[leader]
+        sums[leader] = before
+        return at
+
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
             return x.contiguous(memory_format=torch.channels_last)
@@ -321,6 +382,9 @@ class FastScorer:
         """How many images the next round's candidates will have seen."""
         if not self.halving or alive <= self.min_keep:
             return total
+        return self._doubled(done, total)
+
+    def _doubled(self, done: int, total: int) -> int:
         return min(max(self.min_images, 2 * done), total)
 
     def shortlisted(self, candidates: Sequence[Candidate], objective: Objective) -> list[int]:
