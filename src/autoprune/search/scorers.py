@@ -159,11 +159,11 @@ class FastScorer:
     fewer than ``min_keep``; once that few are left they go straight to the whole set.
     ``hard_first`` orders the images for halving by the current model's loss (one extra pass
     over the set; the reordered copy is held during the call).
-    ``bound`` (where the task knows its ``loss_floor``) scores the best after the first round
-    on every image ahead of the others, then drops any candidate whose loss so far, plus the
-    floor on the images it has not seen, already loses to it by objective: such a candidate
-    cannot win, so the bound changes no decision (the leader stays to the end). Images go
-    hardest first, as with ``hard_first``, so the bound bites early.
+    ``bound`` (with halving, where the task knows its ``loss_floor``) scores the best after
+    the first round on every image ahead of the others, then drops any candidate whose loss so
+    far, plus the floor on the images it has not seen, already loses to it by objective: such a
+    candidate cannot win, so the bound changes no decision (the leader stays to the end).
+    Images go hardest first, as with ``hard_first``, so the bound bites early.
     ``max_batch`` splits calibration batches into forwards of at most that many images
     (memory: the cached prefix of a batch is held while its candidates run). ``stack_bytes``
     caps a stacked pass's largest activation (default :func:`._trials.default_stack_bytes`:
@@ -230,7 +230,7 @@ class FastScorer:
         shortlisted = len(alive)
         field = len(candidates)  # how many halving would keep of all of them: rounds keep that
         done = rounds = evaluated = bounded = 0
-        floor = calib.task.loss_floor if self.bound else None
+        floor = calib.task.loss_floor if self.bound and self.halving else None
         leader: int | None = None  # with a floor: scored ahead on every image, the bound's
         leader_sums: dict[int, float] = {}  # its summed loss at each stop of the rounds
         with eval_mode(graph.model), torch.no_grad():
