@@ -59,7 +59,7 @@ BEFORE = "one forward per candidate, fp32 (before)"
 LEAD = "stacked, fp32"  # the variant whose losses the search goes on with
 VARIANTS: dict[str, dict[str, Any]] = {
     LEAD: {"precision": "fp32"},
-    BEFORE: {"stack": False, "precision": "fp32"},
+    BEFORE: {"stack": False, "precision": "fp32", "bound": False},
     "stacked, bf16 ranking, fp32 for the best 4": {"precision": "bf16-ranking"},
     "stacked, bf16": {"precision": "bf16"},
 }
@@ -371,7 +371,10 @@ def paired_row(args: argparse.Namespace, name: str, train: Any, device: str) -> 
 # Whole searches: the scorer before this benchmark's work (fp32, every candidate scored), then
 # the library's default on this machine.
 WHOLE_BEFORE = "before: fp32, every candidate scored"
-WHOLE_SCORERS = {WHOLE_BEFORE: {"precision": "fp32", "shortlist": 1.0}, "default": {}}
+WHOLE_SCORERS = {
+    WHOLE_BEFORE: {"precision": "fp32", "shortlist": 1.0, "bound": False},
+    "default": {},
+}
 
 
 def whole_row(args: argparse.Namespace, name: str, train: Any, scorer: str) -> dict:
@@ -638,14 +641,14 @@ def whole_lines(section: dict[str, Any]) -> list[str]:
     lines = table_head(
         "CPU: whole searches, the library's default against the scorer before",
         section["machine"],
-        "Each search runs once, search only, as a user runs it (the scorer's defaults but for "
-        f"the options of the row: {WHOLE_BEFORE!r} is fp32 with the shortlist off), one after "
-        "the other on the same machine. Search time: the iterations' time, scoring and the "
-        "rest (criteria, gradients, the step). Same decisions: the iterations, from the "
-        "first, equal to a recorded search (group, channels, loss to 1e-5): today's (the fast "
-        "scorer before the shortlist, docs/benchmarks/search_time_idle.json and "
-        "search_quality_resnet20.json) and the exhaustive scorer's (search_quality.json, "
-        "search_quality_resnet20.json).",
+        "Each search runs once, search only, as a user runs it (the scorer's defaults but for"
+        f" the options of the row: {WHOLE_BEFORE!r} is fp32 with the shortlist and the bound "
+        "off), one after the other on the same machine. Search time: the iterations' time, "
+        "scoring and the rest (criteria, gradients, the step). Same decisions: the "
+        "iterations, from the first, equal to a recorded search (group, channels, loss to "
+        "1e-5): today's (the fast scorer before the shortlist, "
+        "docs/benchmarks/search_time_idle.json and search_quality_resnet20.json) and the "
+        "exhaustive scorer's (search_quality.json, search_quality_resnet20.json)."
         "| model | scorer | precision | search time (s) | scoring (s) | speed-up vs before "
         "| iterations | images scored | final calibration loss | same decisions as today "
         "| same decisions as exhaustive |",

@@ -156,6 +156,9 @@ def test_predicted_loss_follows_the_measured_loss_of_each_removal():
 
     for task in (Task(), squared):
         acc = TaylorAccumulator(graph).collect(batches, task)
+        with torch.no_grad():  # the losses its pass measured, per image in set order
+            per_image = torch.cat([task.losses(model(a), b) for a, b in batches])
+        torch.testing.assert_close(acc.image_losses.float(), per_image, rtol=1e-5, atol=1e-6)
         for group in (graph.group("layer1.0.conv1"), graph.group("layer3.1.conv1")):
             assert acc.predicted_loss(group, torch.tensor([], dtype=torch.long)) == (
                 pytest.approx(measured(task), rel=1e-5)
@@ -175,6 +178,7 @@ def test_predicted_loss_follows_the_measured_loss_of_each_removal():
     with TaylorAccumulator(graph) as own_loop:  # no per-image losses: no prediction
         F.cross_entropy(model(x), y).backward()
     assert own_loop.predicted_loss(graph.group("conv1"), torch.tensor([0])) is None
+    assert own_loop.image_losses is None
 
 
 def test_taylor_equals_weight_times_gradient_summed_over_consumers():

@@ -403,6 +403,22 @@ def test_the_bound_drops_only_candidates_that_cannot_win():
             assert best < stats["estimates"][i] * seen / calib.size <= exact[i] + 1e-6
 
 
+def test_the_scorer_orders_by_losses_it_is_given_instead_of_a_pass_of_its_own():
+    graph = make_graph("resnet20")
+    calib = confident_calib(graph)
+    candidates = candidates_of(graph)
+    scorer = create_scorer("fast", min_images=8, keep=1.0, precision="fp32")
+    measured = scorer(graph, candidates, calib, by_loss)
+    ran = scorer.last_stats["images"]
+    with torch.no_grad():
+        own = torch.cat([calib.task.losses(graph.model(x), y) for x, y in calib.batches])
+    given = scorer(graph, candidates, replace(calib, image_losses=own), by_loss)
+    assert scorer.last_stats["images"] == ran - calib.size
+    assert given == pytest.approx(measured, abs=1e-6)
+    scorer(graph, candidates, replace(calib, image_losses=own[:-1]), by_loss)  # a rank's share
+    assert scorer.last_stats["images"] == ran
+
+
 def test_no_bound_where_the_loss_has_no_known_floor():
     graph = make_graph("resnet20")
     confident = confident_calib(graph)

@@ -99,6 +99,12 @@ class TaylorAccumulator:
                 self._inputs = []
         return self
 
+    @property
+    def image_losses(self) -> torch.Tensor | None:
+        """The loss per image of the collected batches, in their order (None before
+        :meth:`collect`)."""
+        return torch.cat(self._losses) if self._losses else None
+
     def saliency(self, group: ChannelGroup) -> torch.Tensor:
         """Per channel of ``group``: sum over batches of |first-order loss change|."""
         self._check_fresh(group)
@@ -129,9 +135,9 @@ class TaylorAccumulator:
         ranks a search's candidates: docs/benchmarks/search_speed.md.
         """
         self._check_fresh(group)
-        if not self._losses:
+        loss = self.image_losses
+        if loss is None:
             return None
-        loss = torch.cat(self._losses)
         d = -self._image_terms(group)[:, idxs].sum(dim=1)
         if self._classification:
             # 1 - p(true class); float32 cannot tell p from 1 closer than its epsilon (the

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -150,7 +150,13 @@ class LossAware(Schedule):
 
     def propose(self, ctx: SearchContext) -> Step:
         candidates, state = self._offer(ctx)
-        return choose(ctx, candidates, fill=state if ctx.latency is None else None)
+        taylor = state.get("taylor")  # its pass measured the current model's loss per image
+        return choose(
+            ctx,
+            candidates,
+            fill=state if ctx.latency is None else None,
+            image_losses=None if taylor is None else taylor.image_losses,
+        )
 
     def candidates(self, ctx: SearchContext) -> list[Candidate]:
         """Every (group, criterion) removal of about one step allowed at this point."""
@@ -267,14 +273,17 @@ def choose(
     candidates: Sequence[Candidate],
     granularity: str = "channel",
     fill: Mapping[str, Any] | None = None,
+    image_losses: torch.Tensor | None = None,
 ) -> Step:
     """The candidate with the best objective on the calibration set, as the step to apply;
     with ``fill`` (the criteria's state), topped up from other groups where it saves less
-    than a step (:func:`_fill`)."""
+    than a step (:func:`_fill`). ``image_losses``: the current model's loss per calibration
+    image, where a pass already measured them (the scorer need not)."""
     if ctx.calib is None or ctx.scorer is None or ctx.loss is None:
         raise AutopruneError(f"granularity {granularity!r} needs calibration data")
     objective = ctx.objective()
-    losses = ctx.scorer(ctx.graph, candidates, ctx.calib, objective)
+    calib = replace(ctx.calib, image_losses=image_losses)
+    losses = ctx.scorer(ctx.graph, candidates, calib, objective)
     values = [
         objective(v, c) if math.isfinite(v) else math.inf
         for v, c in zip(losses, candidates, strict=True)

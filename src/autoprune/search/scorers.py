@@ -244,8 +244,9 @@ class FastScorer:
                 and (self.hard_first or floor is not None)
                 and len(candidates) > self.min_keep
             )
+            ordering = 0  # images run to order the set
             if reorder:
-                calib = self._hardest_first(graph.model, calib)
+                calib, ordering = self._hardest_first(graph.model, calib)
             while alive and done < total:
                 stop = self._next_stop(done, total, len(alive))
                 running = [i for i in alive if i != leader]
@@ -307,7 +308,7 @@ class FastScorer:
         self.last_stats = {
             "scorer": "fast",
             "candidates": len(candidates),
-            "images": evaluated + (total if reorder else 0),
+            "images": evaluated + ordering,
             "rounds": rounds,
             "cut_points": sum(bool(c.candidates) for c in cuts),
             "stacked": len(plan.pieces),
@@ -368,15 +369,20 @@ class FastScorer:
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def _hardest_first(self, model: nn.Module, calib: CalibrationSet) -> CalibrationSet:
-        """The set reordered by ``model``'s loss per image, highest first."""
+    def _hardest_first(self, model: nn.Module, calib: CalibrationSet) -> tuple[CalibrationSet, int]:
+        """The set reordered by ``model``'s loss per image, highest first (``calib``'s
+        ``image_losses`` where it has them for every image), and the images run to get them."""
 
         def losses(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             x, y = batch
             return calib.task.losses(model(self._layout(x)), y)
 
-        per_image = torch.cat(distributed.share_map(losses, calib.batches)).cpu()
-        return calib.reordered(torch.argsort(per_image, descending=True, stable=True))
+        per_image, run = calib.image_losses, 0
+        if per_image is None or len(per_image) != calib.size:  # absent, or a rank's share
+            per_image = torch.cat(distributed.share_map(losses, calib.batches)).cpu()
+            run = calib.size
+        order = torch.argsort(per_image.cpu(), descending=True, stable=True)
+        return calib.reordered(order), run
 
     def _next_stop(self, done: int, total: int, alive: int) -> int:
         """How many images the next round's candidates will have seen."""
