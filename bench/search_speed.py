@@ -648,7 +648,7 @@ def whole_lines(section: dict[str, Any]) -> list[str]:
         "iterations, from the first, equal to a recorded search (group, channels, loss to "
         "1e-5): today's (the fast scorer before the shortlist, "
         "docs/benchmarks/search_time_idle.json and search_quality_resnet20.json) and the "
-        "exhaustive scorer's (search_quality.json, search_quality_resnet20.json)."
+        "exhaustive scorer's (search_quality.json, search_quality_resnet20.json).",
         "| model | scorer | precision | search time (s) | scoring (s) | speed-up vs before "
         "| iterations | images scored | final calibration loss | same decisions as today "
         "| same decisions as exhaustive |",
