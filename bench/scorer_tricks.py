@@ -40,7 +40,8 @@ CRITERIA = ("l1", "l2", "fpgm", "euclidean", "cosine")
 
 EXACT = ("fast", {"halving": False})  # the reference for --decisions
 KEEP_HALF = "+ successive halving (from 64 images in set order, keep the best half)"
-DEFAULT = "+ channels_last (the fast default)"
+CHANNELS_LAST = "+ channels_last"
+DEFAULT = "+ lower bound, hardest images first (the fast default)"
 HARDEST = "instead of keep-half: hardest 16 images first, keep a quarter (the earlier default)"
 # name -> (scorer, options); each "+" variant adds one trick to the one before; the "instead"
 # variant replaces keep-half (channels_last off, to compare with it)
@@ -51,11 +52,18 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         {"prefix_cache": False, "halving": False, "channels_last": False},
     ),
     "+ prefix cache": ("fast", {"halving": False, "channels_last": False}),
-    KEEP_HALF: ("fast", {"channels_last": False}),
+    KEEP_HALF: ("fast", {"channels_last": False, "bound": False}),
+    CHANNELS_LAST: ("fast", {"bound": False}),
     DEFAULT: ("fast", {}),
     HARDEST: (
         "fast",
-        {"hard_first": True, "min_images": 16, "keep": 0.25, "channels_last": False},
+        {
+            "hard_first": True,
+            "min_images": 16,
+            "keep": 0.25,
+            "channels_last": False,
+            "bound": False,
+        },
     ),
 }
 
