@@ -138,14 +138,17 @@ def test_every_macs_objective_reaches_the_target(smallcnn, objective):
 
 
 @pytest.mark.parametrize("criteria", ["l1,taylor,fpgm", "l1,fpgm"])
-def test_the_scorer_shortlists_where_the_taylor_gradients_predict_losses(smallcnn, criteria):
+def test_the_scorer_shortlists_and_orders_by_what_the_taylor_pass_measured(smallcnn, criteria):
     result = small_prune(smallcnn, criteria=criteria, recover_steps=0, val_data=None)
     stats = [h["scorer"] for h in result.history]
     if "taylor" in criteria:  # a fifth of them, at least min_keep (4)
         assert all(s["shortlisted"] == max(4, math.ceil(0.2 * s["candidates"])) for s in stats)
         assert any(s["shortlisted"] < s["candidates"] for s in stats)
-    else:  # nothing predicted: every candidate scored
+        # the images go hardest first by the losses taylor's pass measured: no pass of its own
+        assert all(s["ordering_images"] == 0 for s in stats)
+    else:  # nothing predicted: every candidate scored, the images ordered by a pass
         assert all(s["shortlisted"] == s["candidates"] for s in stats)
+        assert any(s["ordering_images"] > 0 for s in stats)
 
 
 def test_saliency_then_similarity_switches_once(smallcnn):

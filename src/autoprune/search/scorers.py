@@ -158,8 +158,9 @@ class FastScorer:
     the others get ``inf``. Halving starts with ``min_images`` images and keeps
     ``keep`` of the candidates per round (counted over all of them, shortlisted or not), never
     fewer than ``min_keep``; once that few are left they go straight to the whole set.
-    ``hard_first`` orders the images for halving by the current model's loss (one extra pass
-    over the set; the reordered copy is held during the call).
+    ``hard_first`` orders the images for halving by the current model's loss (the set's
+    ``image_losses`` where it has them, else one extra pass over the set: ``last_stats``'
+    ``ordering_images``; the reordered copy is held during the call).
     ``bound`` (with halving, where the task knows its ``loss_floor``) scores the best after
     the first round on every image ahead of the others, then drops any candidate whose loss so
     far, plus the floor on the images it has not seen, already loses to it by objective: such a
@@ -310,6 +311,7 @@ class FastScorer:
             "scorer": "fast",
             "candidates": len(candidates),
             "images": evaluated + ordering,
+            "ordering_images": ordering,
             "rounds": rounds,
             "cut_points": sum(bool(c.candidates) for c in cuts),
             "stacked": len(plan.pieces),
