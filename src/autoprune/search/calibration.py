@@ -29,8 +29,9 @@ class CalibrationSet:
 
     batches: list[Batch]
     task: Task = field(default=CLASSIFICATION)
-    # The current model's loss per image, in set order, where a pass already computed it (the
-    # Taylor criterion's): the fast scorer orders the images by it instead of a pass of its own.
+    # The current model's loss per image for the first images of the set, where a pass already
+    # computed it (the Taylor criterion's): the fast scorer orders the images by it instead of
+    # running a pass of its own over them.
     image_losses: torch.Tensor | None = None
 
     @property

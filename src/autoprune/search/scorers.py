@@ -159,7 +159,7 @@ class FastScorer:
     ``keep`` of the candidates per round (counted over all of them, shortlisted or not), never
     fewer than ``min_keep``; once that few are left they go straight to the whole set.
     ``hard_first`` orders the images for halving by the current model's loss (the set's
-    ``image_losses`` where it has them, else one extra pass over the set: ``last_stats``'
+    ``image_losses`` for the images they cover, one extra pass over the others: ``last_stats``'
     ``ordering_images``; the reordered copy is held during the call).
     ``bound`` (with halving, where the task knows its ``loss_floor``) scores the best after
     the first round on every image ahead of the others, then drops any candidate whose loss so
@@ -373,19 +373,22 @@ class FastScorer:
         return x
 
     def _hardest_first(self, model: nn.Module, calib: CalibrationSet) -> tuple[CalibrationSet, int]:
-        """The set reordered by ``model``'s loss per image, highest first (``calib``'s
-        ``image_losses`` where it has them for every image), and the images run to get them."""
+        """The set reordered by ``model``'s loss per image, highest first, and the images run
+        to get them: ``calib``'s ``image_losses`` give the first images' (rank 0's, so every
+        rank orders alike), a pass the rest."""
 
         def losses(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             x, y = batch
-            return calib.task.losses(model(self._layout(x)), y)
+            return calib.task.losses(model(self._layout(x)), y).double().cpu()
 
-        per_image, run = calib.image_losses, 0
-        if per_image is None or len(per_image) != calib.size:  # absent, or a rank's share
-            per_image = torch.cat(distributed.share_map(losses, calib.batches)).cpu()
-            run = calib.size
-        order = torch.argsort(per_image.cpu(), descending=True, stable=True)
-        return calib.reordered(order), run
+        known = calib.image_losses
+        if known is None or len(known) > calib.size:
+            known = torch.empty(0, dtype=torch.float64)
+        known = distributed.all_gather(known.double().cpu())[0]
+        rest = list(calib.slices(len(known), calib.size))
+        per_image = torch.cat([known, *distributed.share_map(losses, rest)])
+        order = torch.argsort(per_image, descending=True, stable=True)
+        return calib.reordered(order), calib.size - len(known)
 
     def _next_stop(self, done: int, total: int, alive: int) -> int:
         """How many images the next round's candidates will have seen."""
