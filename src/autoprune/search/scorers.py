@@ -31,11 +31,12 @@ decisions for a fraction of the work, each trick switchable so its effect can be
   is dropped. Exact: no decision changes. One candidate, the best after the first round, is
   scored on every image ahead of the others to set the bar;
 - hardest images first: halving takes the images in order of the current model's loss, highest
-  first (the Taylor criterion's pass measured it already where it ran, so no pass of its own
-  is needed). A trained model classifies most images confidently and a small removal barely moves
-  their loss; the differences between candidates come from the few uncertain images, so early
-  rounds on those rank like the whole set does (docs/benchmarks/scorer_tricks.md measures it
-  on ResNet-56). Survivors still see every image: their losses are exact.
+  first (the Taylor criterion's pass measured it on the images it ran on; a pass of the
+  scorer's own covers the rest). A trained model classifies most images confidently and a
+  small removal barely moves their loss; the differences between candidates come from the
+  few uncertain images, so early rounds on those rank like the whole set does
+  (docs/benchmarks/scorer_tricks.md measures it on ResNet-56). Survivors still see every
+  image: their losses are exact.
 
 Under a process group (``torchrun``) both scorers share the work out: each rank scores every
 ``world_size``-th candidate (``fast``: of those still in the race, round by round) on the same
