@@ -115,6 +115,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--macs-target", type=float, default=0.5)
     p.add_argument("--methods", default="autoprune-latency,autoprune-macs,tp-l1-global")
     p.add_argument("--granularity", default="block,channel", help="autoprune-latency's")
+    p.add_argument(
+        "--shares", default="", help="autoprune-latency's share of the target per granularity"
+    )
     p.add_argument("--calib", type=int, default=512, help="calibration images")
     p.add_argument("--step", type=float, default=0.01)
     p.add_argument("--recover-steps", type=int, default=0, help="0: the protocol's none")
@@ -161,6 +164,7 @@ def autoprune_latency(dense, train, backend, batch, args) -> tuple[nn.Module, di
         latency_backend=backend,
         latency_batch=batch,
         granularity=args.granularity,
+        macs_shares=tuple(float(x) for x in args.shares.split(",") if x),
         **_search(args),
     )
     summary = result.summary
@@ -383,7 +387,8 @@ def report(args: argparse.Namespace, targets: list[dict[str, Any]]) -> None:
             f"autoprune-latency targets a {args.speedup:g}x speed-up on the backend and batch "
             "of its table (predicted, and measured on the way and at the end of the search: "
             "pruning goes on while the measurement falls short), removing "
-            f"{args.granularity.replace(',', ', then ')}; "
+            f"{args.granularity.replace(',', ', then ')}"
+            f"{f' (shares {args.shares} of the target)' if args.shares else ''}; "
             f"the others -{100 * args.macs_target:.0f} % MACs. Latency: "
             f"median of {args.rounds} round(s) of {args.repeats} timed runs, all models of a "
             "table timed in the same run."
