@@ -114,7 +114,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--speedup", type=float, default=2.0, help="predicted speed-up to reach")
     p.add_argument("--macs-target", type=float, default=0.5)
     p.add_argument("--methods", default="autoprune-latency,autoprune-macs,tp-l1-global")
-    p.add_argument("--granularity", default="block,channel", help="autoprune-latency's")
+    p.add_argument("--granularity", default=None, help="autoprune-latency's (default: autoprune's)")
     p.add_argument(
         "--shares", default="", help="autoprune-latency's share of the target per granularity"
     )
@@ -163,8 +163,7 @@ def autoprune_latency(dense, train, backend, batch, args) -> tuple[nn.Module, di
         target_latency_reduction=1 - 1 / args.speedup,
         latency_backend=backend,
         latency_batch=batch,
-        granularity=args.granularity,
-        macs_shares=tuple(float(x) for x in args.shares.split(",") if x),
+        **_grains(args),
         **_search(args),
     )
     summary = result.summary
@@ -181,6 +180,14 @@ def autoprune_macs(dense, train, backend, batch, args) -> tuple[nn.Module, dict]
 def tp_l1_global(dense, train, backend, batch, args) -> tuple[nn.Module, dict]:
     example = torch.zeros(1, *SETUPS[args.model].input_shape)
     return prune_with_tp(dense, example, "tp-l1-global", args.macs_target, TOLERANCE, None), {}
+
+
+def _grains(args: argparse.Namespace) -> dict[str, Any]:
+    """autoprune-latency's granularities and their shares: autoprune's defaults unless given."""
+    return {
+        "granularity": args.granularity,
+        "macs_shares": tuple(float(x) for x in args.shares.split(",") if x),
+    }
 
 
 def _search(args: argparse.Namespace) -> dict[str, Any]:
@@ -363,6 +370,12 @@ def kept_targets(args: argparse.Namespace) -> list[dict[str, Any]]:
     ]
 
 
+def _removing(args: argparse.Namespace) -> str:
+    config = autoprune.PruneConfig(target_latency_reduction=0.5, **_grains(args)).resolved()
+    shares = " / ".join(f"{s:g}" for s in config.macs_shares)
+    return f"{', then '.join(config.granularity)} (shares of the target: {shares})"
+
+
 def _recovery(args: argparse.Namespace) -> str:
     if not args.recover_steps:
         return "without recovery"
@@ -387,8 +400,7 @@ def report(args: argparse.Namespace, targets: list[dict[str, Any]]) -> None:
             f"autoprune-latency targets a {args.speedup:g}x speed-up on the backend and batch "
             "of its table (predicted, and measured on the way and at the end of the search: "
             "pruning goes on while the measurement falls short), removing "
-            f"{args.granularity.replace(',', ', then ')}"
-            f"{f' (shares {args.shares} of the target)' if args.shares else ''}; "
+            f"{_removing(args)}; "
             f"the others -{100 * args.macs_target:.0f} % MACs. Latency: "
             f"median of {args.rounds} round(s) of {args.repeats} timed runs, all models of a "
             "table timed in the same run."

@@ -140,6 +140,7 @@ def test_options_snap_to_the_widths_where_latency_steps(model):
 def latency_config(**overrides) -> PruneConfig:
     settings = {**SMALL, "recover_steps": 0, "distill": False, "step": 0.1}
     settings |= {"target_latency_reduction": 0.4, "latency_backend": "fake8"}
+    settings["granularity"] = "channel"  # the channel snapping under test
     return PruneConfig(**settings | overrides)
 
 

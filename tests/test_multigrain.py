@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ from autoprune.search import PruneConfig, create_scorer
 from autoprune.search import training as search_training
 from autoprune.search.calibration import CalibrationSet
 from autoprune.search.candidates import loss_objective
-from autoprune.search.granularity._base import EMPTY
+from autoprune.search.granularity._base import EMPTY, plan
 from autoprune.search.granularity.units import UnitCandidate, find_units
 from autoprune.search.granularity.weight import (
     MASK,
@@ -41,6 +42,7 @@ from autoprune.search.granularity.weight import (
     masks_held,
     weight_layers,
 )
+from autoprune.search.schedules import SCHEDULES
 from autoprune.train import TrainConfig, fit
 
 X32 = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -221,7 +223,7 @@ def test_a_weight_step_over_the_loss_limit_is_undone_and_ends_the_phase():
 
 
 def test_granularities_are_checked():
-    assert PruneConfig().granularity == ("channel",)
+    assert PruneConfig().granularities == ("channel",)
     with pytest.raises(AutopruneError, match="coarse to fine"):
         PruneConfig(granularity="channel,block")
     with pytest.raises(AutopruneError, match="macs_shares"):
@@ -230,6 +232,26 @@ def test_granularities_are_checked():
         PruneConfig(granularity="neuron")
     with pytest.raises(AutopruneError, match="weight_loss_limit must be > 1"):
         PruneConfig(weight_loss_limit=0.5)
+
+
+def test_the_default_granularities_and_shares_follow_the_target():
+    def goals(config: PruneConfig) -> dict[str, float]:
+        return {g.name: g.goal for g in plan(config, SCHEDULES.get(config.schedule)(config))}
+
+    macs = PruneConfig(target_macs_reduction=0.4)
+    assert macs.granularities == ("channel",) and goals(macs) == {"channel": 0.4}
+    assert PruneConfig(granularity="block,channel").target_shares == (0.5, 0.5)
+    latency = replace(macs, target_latency_reduction=0.4)  # the default follows the target
+    assert latency.granularities == ("block", "channel")
+    assert goals(latency) == pytest.approx({"block": 0.3, "channel": 0.4})
+    three = replace(latency, granularity="block,layer,channel")
+    assert three.target_shares == (0.375, 0.375, 0.25)
+    assert replace(latency, macs_shares=(0.5, 0.5)).target_shares == (0.5, 0.5)
+    assert replace(latency, granularity="channel").target_shares == (1.0,)
+    # what the summary and a saved state record: the settings as the run used them
+    record = latency.resolved()
+    assert (record.granularity, record.macs_shares) == (("block", "channel"), (0.75, 0.25))
+    assert record.objective == "loss_per_latency"
 
 
 TRAIN, VAL = synthetic_task(channels=3)

@@ -45,6 +45,10 @@ RULES: dict[Any, Rule] = {
     # 0 stands for None: a number option cannot be left unset once it has a default
     float | None: Rule(float, lambda d: d or 0.0, lambda given, default: given or None),
     tuple[str, ...]: Rule(str, ",".join, _names),
+    # None: the default that follows the target, which the field's help names
+    tuple[str, ...] | None: Rule(
+        str | None, value=lambda given, default: None if given is None else _names(given, default)
+    ),
     tuple[float, ...]: Rule(
         str, lambda d: ",".join(map(str, d)), lambda g, d: tuple(map(float, _names(g, d)))
     ),
@@ -77,7 +81,7 @@ def _option(f: dataclasses.Field[Any], kind: Any) -> tuple[Rule, Any]:
         name = f"{name}/--no-{name[2:]}"
     help = meta["help"]
     if meta["choices"] is not None:
-        many = typing.get_origin(kind) is tuple
+        many = any(typing.get_origin(k) is tuple for k in (kind, *typing.get_args(kind)))
         names = ", ".join(meta["choices"].names())
         help = f"{'Any of' if many else 'One of'}: {names}. {help}".strip()
     return rule, Annotated[rule.type, typer.Option(name, *meta["aliases"], help=help)]

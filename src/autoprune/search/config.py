@@ -17,6 +17,10 @@ from .granularity import GRANULARITIES, check_granularity
 from .schedules import ALLOCATIONS, SCHEDULES
 from .scorers import SCORERS
 
+# With a latency target the granularities before ``channel`` take this share of it: a layer's
+# fixed cost stays until the layer goes (docs/benchmarks/latency.md, the shares measured).
+LATENCY_COARSE_SHARE = 0.75
+
 
 def default_criteria() -> tuple[str, ...]:
     """Every registered criterion except the controls (``random``): the seed method's pool."""
@@ -82,8 +86,10 @@ class PruneConfig:
     temperature ``distill_temperature``, the teacher being the unpruned model.
 
     ``granularity`` lists what may be removed, coarse to fine (:mod:`.granularity`:
-    ``block``, ``layer``, ``channel``, ``weight``); the structured ones share the MACs target
-    by ``macs_shares`` (cumulative, in order; equal when empty), ``weight`` masks the smallest
+    ``block``, ``layer``, ``channel``, ``weight``; None: ``channel``, or ``block,channel`` with a
+    latency target); the structured ones share the target by ``macs_shares`` (cumulative, in
+    order; when empty: equal, but with a latency target the coarser ones take
+    :data:`LATENCY_COARSE_SHARE` of it and ``channel`` the rest), ``weight`` masks the smallest
     weights, ``weight_step`` of all conv and linear weights per step, until ``weight_sparsity``
     of them are zero; a step after which recovery leaves the calibration loss above
     ``weight_loss_limit`` times its value at the phase's start is undone and ends the phase
@@ -196,17 +202,19 @@ class PruneConfig:
     ignored_layers: tuple[str, ...] = field(
         default=(), metadata=_cli("Comma-separated layers to keep unpruned.")
     )
-    granularity: tuple[str, ...] = field(
-        default=("channel",),
+    granularity: tuple[str, ...] | None = field(
+        default=None,
         metadata=_cli(
-            "What to remove, coarse to fine, comma-separated (e.g. block,layer,channel,weight).",
+            "What to remove, coarse to fine, comma-separated (e.g. block,layer,channel,weight); "
+            "default: channel, block,channel with --target-latency.",
             choices=GRANULARITIES,
         ),
     )
     macs_shares: tuple[float, ...] = field(
         default=(),
         metadata=_cli(
-            "Comma-separated shares of the MACs target per structured granularity (default: equal)."
+            "Comma-separated shares of the target per structured granularity (default: equal; "
+            "with --target-latency blocks and layers take 0.75, channels the rest)."
         ),
     )
     weight_sparsity: float = field(
@@ -274,7 +282,8 @@ class PruneConfig:
             self.schedule = default_schedule(self.transfer)
         self.criteria = _names(self.criteria)
         self.ignored_layers = _names(self.ignored_layers)
-        self.granularity = _names(self.granularity)
+        if self.granularity is not None:
+            self.granularity = _names(self.granularity)
         self.macs_shares = tuple(float(s) for s in self.macs_shares)
         _fraction("target_macs_reduction", self.target_macs_reduction, open_right=True)
         _fraction("step", self.step, open_right=True)
@@ -326,6 +335,37 @@ class PruneConfig:
             return self.objective
         return "loss" if self.target_latency_reduction is None else "loss_per_latency"
 
+    @property
+    def granularities(self) -> tuple[str, ...]:
+        """``granularity``, or its default for this target (resolved on use, like
+        :attr:`search_objective`): blocks first with a latency target, whose per-layer fixed
+        cost no channel removal takes away."""
+        if self.granularity is not None:
+            return self.granularity
+        return ("channel",) if self.target_latency_reduction is None else ("block", "channel")
+
+    @property
+    def target_shares(self) -> tuple[float, ...]:
+        """Each structured granularity's share of the target: ``macs_shares``, else equal, but
+        with a latency target the ones before ``channel`` share :data:`LATENCY_COARSE_SHARE`."""
+        structured = [n for n in self.granularities if GRANULARITIES.get(n).structured]
+        if self.macs_shares or not structured:
+            return self.macs_shares
+        coarse = len(structured) - 1
+        if self.target_latency_reduction is None or structured[-1:] != ["channel"] or not coarse:
+            return (1.0 / len(structured),) * len(structured)
+        return (LATENCY_COARSE_SHARE / coarse,) * coarse + (1 - LATENCY_COARSE_SHARE,)
+
+    def resolved(self) -> PruneConfig:
+        """These settings with the defaults that follow the target filled in, as the run uses
+        them: what the summary and a saved state record."""
+        return replace(
+            self,
+            granularity=self.granularities,
+            macs_shares=self.target_shares,
+            objective=self.search_objective,
+        )
+
     def for_transfer(self, *, schedule_chosen: bool) -> PruneConfig:
         """These settings for a transfer run: its default schedule unless one was chosen."""
         schedule = self.schedule if schedule_chosen else default_schedule(True)
@@ -342,8 +382,9 @@ def _check_latency_target(config: PruneConfig) -> None:
             )
         return
     _fraction("target_latency_reduction", config.target_latency_reduction, open_right=True)
-    unstructured = [n for n in config.granularity if not GRANULARITIES.get(n).structured]
-    if unstructured or (config.schedule == "fixed" and "channel" in config.granularity):
+    names = config.granularities
+    unstructured = [n for n in names if not GRANULARITIES.get(n).structured]
+    if unstructured or (config.schedule == "fixed" and "channel" in names):
         raise AutopruneError(
             "target_latency_reduction works with the structured granularities (block, layer, "
             "channel) and, for channels, a loss-aware schedule (auto, "

@@ -81,7 +81,7 @@ class Pruner:
         if any(g.needs_calibration for g in self.grains) and self.calib is None:
             raise AutopruneError(
                 f"schedule {config.schedule!r} with criteria {', '.join(config.criteria)} and "
-                f"granularity {','.join(config.granularity)} needs data: pass train_data or "
+                f"granularity {','.join(config.granularities)} needs data: pass train_data or "
                 "calib_data (only schedule 'fixed' with a data-free criterion, on channels "
                 "alone, runs on example inputs alone)"
             )
@@ -93,7 +93,7 @@ class Pruner:
             scope=config.scope,
         )
         distributed.broadcast_weights(self.graph.model)  # all ranks start from rank 0's weights
-        check = config.verify_graph and "channel" in config.granularity
+        check = config.verify_graph and "channel" in config.granularities
         self.frozen_by_verify = dict(verify_groups(self.graph)) if check else {}  # before pruning
         self.start_weights = weights_digest(self.graph.model)
         self.original_macs = self.graph.macs()
@@ -134,9 +134,9 @@ class Pruner:
         the first step when not called (a loaded state has started already)."""
         if self._started:
             return
-        if self.latency is None and "channel" in self.config.granularity:
+        if self.latency is None and "channel" in self.config.granularities:
             self._check_reachable()
-        elif self.latency is not None and self.config.granularity == ("channel",):
+        elif self.latency is not None and self.config.granularities == ("channel",):
             self.latency.check_reachable(self.context().limits())  # blocks reach further
         self.state.loss = self.calib_loss("before pruning")
         self._started = True

@@ -19,7 +19,7 @@ from torch import nn
 from .config import PruneConfig
 from .scorers import Scorer
 
-STATE_FORMAT = 4  # 3: the starting model's digest; 4: latency checks
+STATE_FORMAT = 5  # 3: the starting model's digest; 4: latency checks; 5: resolved defaults
 Removal = list[tuple[str, torch.Tensor]]
 
 
@@ -30,7 +30,7 @@ class SearchState:
     # per iteration: (granularity, its removal as (name, idxs) pairs)
     applied: list[tuple[str, Removal]] = field(default_factory=list)
     iteration: int = 0
-    grain: int = 0  # index of the granularity being worked on (config.granularity)
+    grain: int = 0  # index of the granularity being worked on (config.granularities)
     grain_loss: float | None = None  # calibration loss when that granularity began
     # granularity -> why it ended before its goal (Granularity.loss_limit)
     ended_early: dict[str, str] = field(default_factory=dict)
@@ -56,7 +56,7 @@ class SearchState:
 def comparable(config: PruneConfig, scorer: Scorer) -> dict[str, Any]:
     """The settings a resumed run must share with the saved one, as JSON values: the config,
     and every setting of the scorer, so that a changed scorer default is not resumed into."""
-    values = asdict(config)
+    values = asdict(config.resolved())
     for train in ("recovery", "finetune"):
         values[train].pop("progress")
     if is_dataclass(scorer):

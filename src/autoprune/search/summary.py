@@ -49,7 +49,7 @@ def run_summary(
         widths_after=layer_widths(model),
         history=state.history,
         timings={**state.timings, "total_s": state.total_s},
-        config=asdict(pruner.config),
+        config=asdict(pruner.config.resolved()),
     )
     summary["ended_early"] = state.ended_early
     summary["frozen_by_verify"] = pruner.frozen_by_verify  # group -> what broke

@@ -2,7 +2,7 @@
 
 Pruning a network at one granularity leaves long chains of thin layers (channels only) or
 very sparse dense layers (weights only); multi-grain pruning (MGP, Kollek et al. 2021) works
-coarse to fine instead. A run goes through ``config.granularity`` in the registered order
+coarse to fine instead. A run goes through ``config.granularities`` in the registered order
 (``rank``), each until its goal, with recovery in between:
 
 - ``block`` and ``layer`` (:mod:`.units`): every removable unit is a

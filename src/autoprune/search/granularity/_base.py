@@ -68,7 +68,7 @@ GRANULARITIES: Registry[type[Granularity]] = Registry("granularity")
 
 def check_granularity(config: PruneConfig) -> None:
     """Refuse unknown, repeated or out-of-order granularities and ill-formed MACs shares."""
-    names = config.granularity
+    names = config.granularities
     if not names:
         raise AutopruneError("give at least one granularity")
     ranks = [GRANULARITIES.entry(n).meta["rank"] for n in names]
@@ -91,10 +91,10 @@ def check_granularity(config: PruneConfig) -> None:
 
 def plan(config: PruneConfig, schedule: Schedule) -> list[Granularity]:
     """The run's granularities in order, each with its goal: structured ones share the target
-    (MACs, or predicted latency; ``macs_shares``, equal by default), ``weight`` aims at
+    (MACs, or predicted latency) by ``config.target_shares``, ``weight`` aims at
     ``weight_sparsity``."""
-    structured = [n for n in config.granularity if GRANULARITIES.get(n).structured]
-    shares = config.macs_shares or [1.0] * len(structured)
+    structured = [n for n in config.granularities if GRANULARITIES.get(n).structured]
+    shares = config.target_shares
     total = sum(shares)
     target = config.target_latency_reduction or config.target_macs_reduction
     goals = {
@@ -102,7 +102,7 @@ def plan(config: PruneConfig, schedule: Schedule) -> list[Granularity]:
     }
     return [
         GRANULARITIES.get(n)(n, config, goals.get(n, config.weight_sparsity), schedule)
-        for n in config.granularity
+        for n in config.granularities
     ]
 
 
