@@ -406,7 +406,7 @@ def shares_table(paths: list[Path], out: Path) -> None:
         for target in results["targets"]:
             runs += [
                 {
-                    "source": path.name,
+                    "source": _beside_docs(path),
                     "removing": _removing(results["settings"]),
                     "target": f"{target['backend']}, batch {target['batch']}",
                     "machine": target.get("machine", results["machine"]),
@@ -438,8 +438,18 @@ def shares_table(paths: list[Path], out: Path) -> None:
         f"{r['machine']['load_average'][0]:.1f} | {r['source']} |"
         for r in runs
     ]
-    lines += ["", f"The results files are in docs/benchmarks/{out.name}/.", "", first["note"]]
-    write_results(out, {"sources": [p.name for p in paths], "runs": runs}, "\n".join(lines) + "\n")
+    lines += ["", "Results files: relative to docs/benchmarks/.", "", first["note"]]
+    write_results(
+        out, {"sources": [_beside_docs(p) for p in paths], "runs": runs}, "\n".join(lines) + "\n"
+    )
+
+
+def _beside_docs(path: Path) -> str:
+    """``path`` relative to docs/benchmarks (its name where it lies elsewhere)."""
+    try:
+        return str(path.resolve().relative_to(DOCS.resolve()))
+    except ValueError:
+        return path.name
 
 
 def report(args: argparse.Namespace, targets: list[dict[str, Any]]) -> None:

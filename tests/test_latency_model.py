@@ -30,7 +30,7 @@ from autoprune.measure.latency_model import (
 from autoprune.measure.latency_table import TIMERS, LayerTable, probe_widths
 from autoprune.models import create_model
 from autoprune.search import OBJECTIVES, Candidate, PruneConfig, Pruner
-from autoprune.search.latency_target import LatencyTarget
+from autoprune.search.latency_target import REMEASURE, LatencyTarget
 
 BLOCK = 8
 CALLS: list[int] = []
@@ -443,6 +443,32 @@ def test_a_check_on_the_way_is_due_at_each_point_above_where_the_last_left_it(
     checks = [{"iteration": 1, "progress_after": left_at}] if left_at else []
     target.check_on_the_way(checks, 2)
     assert (len(checks) == (1 if left_at else 0) + 1) is checked
+
+
+@pytest.mark.parametrize("bursts", [1, 5])
+def test_a_check_taken_while_the_load_changed_is_measured_again(model, monkeypatch, bursts):
+    """The first ``bursts`` timings run under a load that slows the dense model 3x and hides
+    most of the saving: the check measures again (at most REMEASURE times) and keeps the
+    timing whose dense model is closest to the fit's."""
+    pruner = Pruner(model, EXAMPLE, latency_config(), calib_data=TRAIN)
+    pruner.step()
+    target, calls = pruner.latency, []
+    true = measured_as(pruner, 1.0)
+
+    def measure() -> tuple[float, float]:
+        calls.append(1)
+        dense, pruned = true()
+        return (3 * dense, 2.9 * dense) if len(calls) <= bursts else (dense, pruned)
+
+    monkeypatch.setattr(target, "_measure", measure)
+    check = target.check(final=False)
+    again = min(bursts, REMEASURE)
+    assert check["remeasured"] == again and len(calls) == again + 1
+    if bursts <= REMEASURE:
+        assert check["measured_reduction"] == pytest.approx(check["predicted_reduction"])
+        assert target.model.savings == pytest.approx(1.0)
+    else:  # loaded throughout: the correction is what the least loaded timing says
+        assert check["measured_reduction"] == pytest.approx(1 - 2.9 / 3)
 
 
 def test_a_model_measured_short_at_the_end_is_pruned_on(model, monkeypatch):
