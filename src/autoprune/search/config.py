@@ -18,7 +18,7 @@ from .schedules import ALLOCATIONS, SCHEDULES
 from .scorers import SCORERS
 
 # With a latency target the granularities before ``channel`` take this share of it: a layer's
-# fixed cost stays until the layer goes (docs/benchmarks/latency.md, the shares measured).
+# fixed cost stays until the layer goes (docs/benchmarks/latency_shares.md).
 LATENCY_COARSE_SHARE = 0.75
 
 
