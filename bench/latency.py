@@ -385,7 +385,11 @@ def kept_targets(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _removing(args: argparse.Namespace | dict[str, Any]) -> str:
-    config = autoprune.PruneConfig(target_latency_reduction=0.5, **_grains(args)).resolved()
+    """What autoprune-latency removed, in order, with each granularity's share of the target."""
+    speedup = (args if isinstance(args, dict) else vars(args))["speedup"]
+    config = autoprune.PruneConfig(
+        target_latency_reduction=1 - 1 / speedup, **_grains(args)
+    ).resolved()
     shares = " / ".join(f"{s:g}" for s in config.macs_shares)
     return f"{', then '.join(config.granularity)} (shares of the target: {shares})"
 
@@ -400,9 +404,9 @@ def _recovery(args: argparse.Namespace) -> str:
 def shares_table(paths: list[Path], out: Path) -> None:
     """autoprune-latency's rows from runs that removed with other granularities or shares (the
     first run's protocol otherwise): what the share of blocks does at the same target."""
+    loaded = [(path, json.loads(path.read_text())) for path in paths]
     runs = []
-    for path in paths:
-        results = json.loads(path.read_text())
+    for path, results in loaded:
         for target in results["targets"]:
             runs += [
                 {
@@ -415,7 +419,7 @@ def shares_table(paths: list[Path], out: Path) -> None:
                 for row in target["rows"]
                 if row["method"] == "autoprune-latency"
             ]
-    first = json.loads(paths[0].read_text())
+    first = loaded[0][1]
     protocol = re.sub(
         r"removing .*?; the others", "removing as the table says; the others", first["protocol"]
     )
