@@ -345,10 +345,15 @@ class PruneConfig:
         return ("channel",) if self.target_latency_reduction is None else ("block", "channel")
 
     @property
+    def structured_granularities(self) -> list[str]:
+        """The granularities that remove dense computation (and share the target), in order."""
+        return [n for n in self.granularities if GRANULARITIES.get(n).structured]
+
+    @property
     def target_shares(self) -> tuple[float, ...]:
         """Each structured granularity's share of the target: ``macs_shares``, else equal, but
         with a latency target the ones before ``channel`` share :data:`LATENCY_COARSE_SHARE`."""
-        structured = [n for n in self.granularities if GRANULARITIES.get(n).structured]
+        structured = self.structured_granularities
         if self.macs_shares or not structured:
             return self.macs_shares
         coarse = len(structured) - 1

@@ -79,7 +79,7 @@ def check_granularity(config: PruneConfig) -> None:
             f"{','.join(order)}, got {','.join(names)}"
         )
     shares = config.macs_shares
-    structured = [n for n in names if GRANULARITIES.get(n).structured]
+    structured = config.structured_granularities
     if shares and (
         len(shares) != len(structured) or min(shares) <= 0 or abs(sum(shares) - 1) > 1e-6
     ):
@@ -93,7 +93,7 @@ def plan(config: PruneConfig, schedule: Schedule) -> list[Granularity]:
     """The run's granularities in order, each with its goal: structured ones share the target
     (MACs, or predicted latency) by ``config.target_shares``, ``weight`` aims at
     ``weight_sparsity``."""
-    structured = [n for n in config.granularities if GRANULARITIES.get(n).structured]
+    structured = config.structured_granularities
     shares = config.target_shares
     total = sum(shares)
     target = config.target_latency_reduction or config.target_macs_reduction
