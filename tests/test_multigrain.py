@@ -25,11 +25,12 @@ from autoprune.io.export import FORMATS, run_onnx
 from autoprune.measure import count_macs, count_params
 from autoprune.models import create_model
 from autoprune.report import write_report
-from autoprune.search import PruneConfig, create_scorer
+from autoprune.search import PruneConfig, Pruner, create_scorer
 from autoprune.search import training as search_training
 from autoprune.search.calibration import CalibrationSet
 from autoprune.search.candidates import loss_objective
 from autoprune.search.granularity._base import EMPTY, plan
+from autoprune.search.granularity.norm_stats import estimate_norm_stats, load_norm_stats
 from autoprune.search.granularity.units import UnitCandidate, find_units
 from autoprune.search.granularity.weight import (
     MASK,
@@ -358,3 +359,58 @@ def test_report_of_a_multigrain_run_counts_what_each_granularity_removed(multigr
     removed = summary["removed"]
     assert removed["blocks"] == 1 and removed["layers"] > 1 and removed["weights"] > 0
     assert f"Removed: 1 block, {removed['layers']} layers, {removed['channels']} channels, " in text
+
+
+def adapted_by_hand(model: nn.Module, paths: tuple[str, ...], calib: CalibrationSet) -> nn.Module:
+    """The reference of adaptive BN: the unit replaced by ``nn.Identity``, every BatchNorm's
+    statistics reset and averaged over the calibration batches in training mode."""
+    ref = identity_at(model, paths)
+    norms = [m for m in ref.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    ref.eval()
+    for m in norms:
+        m.train()
+    with torch.no_grad():
+        for x, _ in calib.batches:
+            ref(x)
+    return ref.eval()
+
+
+@pytest.mark.parametrize("settled", [False, True])
+def test_unit_candidates_are_scored_with_their_model_s_batchnorm_statistics(resnet20, settled):
+    graph = build_graph(copy.deepcopy(resnet20), X32[:1])
+    g = torch.Generator().manual_seed(1)
+    calib = CalibrationSet(
+        [(torch.randn(8, 3, 32, 32, generator=g), torch.arange(8) % 10) for _ in range(2)]
+    )
+    if settled:  # as the block phase starts: the model's own statistics from the same images
+        load_norm_stats(graph.model, estimate_norm_stats(graph.model, calib.batches))
+    units = units_of(resnet20, "block")[:4]
+    plain = [UnitCandidate(u.name, (), EMPTY, 1, paths=u.paths) for u in units]
+    candidates = [c.adapted(graph, calib) for c in plain]
+    before = copy.deepcopy(graph.model.state_dict())
+    expected = [calib.loss(adapted_by_hand(graph.model, u.paths, calib)) for u in units]
+    scorers_agree(graph, candidates, calib)
+    fast = create_scorer("fast", halving=False, precision="fp32")
+    assert fast(graph, candidates, calib, loss_objective(0.0)) == pytest.approx(expected, rel=1e-4)
+    unadapted = fast(graph, plain, calib, loss_objective(0.0))
+    assert all(abs(a - b) > 1e-3 for a, b in zip(unadapted, expected, strict=True))
+    after = graph.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # trials leave the model be
+    first = graph.model.get_submodule("bn1")  # before every unit: re-estimated unless settled
+    assert (first in candidates[0].changed(graph)) is not settled
+
+
+@pytest.mark.parametrize("adapt", [True, False])
+def test_a_block_step_leaves_the_statistics_it_was_scored_with(resnet20, adapt):
+    settings = {**SMALL, "granularity": "block", "target_macs_reduction": 0.2}
+    config = PruneConfig(**settings, adapt_norms=adapt)
+    pruner = Pruner(resnet20, EXAMPLE, config, calib_data=TRAIN)
+    entry = pruner.step()
+    assert entry is not None and entry["granularity"] == "block"
+    assert pruner.calib is not None
+    left = estimate_norm_stats(pruner.model, pruner.calib.batches)
+    assert (left == {}) is adapt  # adapted: already what the calibration images give
+    assert pruner.state.loss == pytest.approx(entry["loss"], rel=1e-4)

@@ -93,7 +93,9 @@ class PruneConfig:
     weights, ``weight_step`` of all conv and linear weights per step, until ``weight_sparsity``
     of them are zero; a step after which recovery leaves the calibration loss above
     ``weight_loss_limit`` times its value at the phase's start is undone and ends the phase
-    (None: reach ``weight_sparsity`` whatever it costs). ``verify_graph``: before channels are
+    (None: reach ``weight_sparsity`` whatever it costs). ``adapt_norms``: blocks and layers
+    are scored, and the chosen one applied, with BatchNorm statistics re-estimated on the
+    calibration images (:mod:`.granularity.norm_stats`). ``verify_graph``: before channels are
     pruned, every group loses one unit on a copy and those whose pruned outputs differ from the
     masked ones are frozen (:func:`autoprune.graph.verify_groups`).
 
@@ -230,6 +232,13 @@ class PruneConfig:
             "With ...,weight: undo the step and end the weight phase where recovery leaves the "
             "calibration loss above this multiple of its value at the phase's start (0: reach "
             "--weight-sparsity at any cost)."
+        ),
+    )
+    adapt_norms: bool = field(
+        default=True,
+        metadata=_cli(
+            "Score and apply block and layer removals with BatchNorm statistics re-estimated "
+            "on the calibration images (adaptive BN)."
         ),
     )
     verify_graph: bool = field(

@@ -199,6 +199,8 @@ class Pruner:
         state, config = self.state, self.config
         t0 = time.perf_counter()
         if state.grain_loss is None:
+            if grain.settle(self.graph, self.calib):
+                state.loss = self.calib_loss(f"as {grain.name} pruning began")
             state.grain_loss = state.loss
         ctx = self.context()
         step = None if grain.reached(ctx) else grain.propose(ctx)
@@ -212,6 +214,8 @@ class Pruner:
         entry = self._record(grain, step, reduction, time.perf_counter() - t0)
         state.timings["search_s"] += entry["seconds"]
         state.loss = step.loss
+        if grain.settle(self.graph, self.calib):
+            state.loss = self.calib_loss("after the step")
         due = grain.recover_every_step or reduction >= state.next_recovery - 1e-12
         if self.recover is not None and (due or grain.reached(self.context())):
             t1 = time.perf_counter()

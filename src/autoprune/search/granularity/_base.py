@@ -16,6 +16,7 @@ from ..candidates import Candidate
 from ..schedules import TOLERANCE, Schedule, SearchContext, Step, choose
 
 if TYPE_CHECKING:
+    from ..calibration import CalibrationSet
     from ..config import PruneConfig
 
 EMPTY = torch.zeros(0, dtype=torch.long)  # the indices of a removal that names whole modules
@@ -61,6 +62,12 @@ class Granularity(ABC):
 
     def count(self, removal: Mapping[str, torch.Tensor]) -> int:
         return sum(int(idxs.numel()) for idxs in removal.values())
+
+    def settle(self, graph: PruningGraph, calib: CalibrationSet | None) -> bool:
+        """Bring the model to the state this granularity's candidates are scored in, at the
+        phase's start and after each of its steps; whether anything changed (the calibration
+        loss is then measured again)."""
+        return False
 
 
 GRANULARITIES: Registry[type[Granularity]] = Registry("granularity")

@@ -19,8 +19,8 @@ computes exactly what the removal does; applying it replaces each module by
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -31,9 +31,17 @@ from ...graph import PruningGraph
 from ...graph._rules import CONV_TYPES
 from ...graph.units import remove_modules, removed_paths
 from ...io.removals import REMOVALS, SavedRemovals
+from ..calibration import CalibrationSet
 from ..candidates import GrainCandidate
 from ..schedules import TOLERANCE, SearchContext
 from ._base import EMPTY, GRANULARITIES, Granularity, touches_ignored
+from .norm_stats import (
+    NormStats,
+    estimate_norm_stats,
+    has_norms,
+    load_norm_stats,
+    loaded_norm_stats,
+)
 
 NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 ACTIVATIONS = (
@@ -182,21 +190,34 @@ def substitute_identity(modules: Sequence[nn.Module]) -> Any:
 
 @dataclass(frozen=True)
 class UnitCandidate(GrainCandidate):
-    """Replacing the modules at ``paths`` by the identity (``group`` names the unit)."""
+    """Replacing the modules at ``paths`` by the identity (``group`` names the unit), the
+    norms then holding ``norm_stats`` (:mod:`.norm_stats`; the model's own where empty)."""
 
     paths: tuple[str, ...] = ()
+    norm_stats: NormStats = field(default_factory=dict, compare=False)
 
     def _modules(self, graph: PruningGraph) -> list[nn.Module]:
         return [graph.model.get_submodule(p) for p in self.paths]
 
     def trial(self, graph: PruningGraph) -> AbstractContextManager[Any]:
-        return substitute_identity(self._modules(graph))
+        stack = ExitStack()
+        stack.enter_context(substitute_identity(self._modules(graph)))
+        stack.enter_context(loaded_norm_stats(graph.model, self.norm_stats))
+        return stack
 
     def changed(self, graph: PruningGraph) -> list[nn.Module]:
-        return self._modules(graph)
+        return self._modules(graph) + [graph.model.get_submodule(n) for n in self.norm_stats]
 
     def prune(self, graph: PruningGraph) -> None:
         graph.remove_modules(self.paths)
+        load_norm_stats(graph.model, self.norm_stats)
+
+    def adapted(self, graph: PruningGraph, calib: CalibrationSet) -> UnitCandidate:
+        """This candidate with the norm statistics its model has on ``calib``'s images (those
+        that differ from the model's own: once these come from the same images,
+        :meth:`_Units.settle`, only norms after the unit, and the prefix cache cuts late)."""
+        with substitute_identity(self._modules(graph)):
+            return replace(self, norm_stats=estimate_norm_stats(graph.model, calib.batches))
 
     def removal(self) -> dict[str, torch.Tensor]:
         return dict.fromkeys(self.paths, EMPTY)
@@ -204,7 +225,9 @@ class UnitCandidate(GrainCandidate):
 
 class _Units(Granularity):
     """Every block or layer whose removal stays within the target is a candidate; with a
-    latency target each is costed by the predicted latency of its layers."""
+    latency target each is costed by the predicted latency of its layers. With
+    ``config.adapt_norms`` each is scored, and applied, with its model's BatchNorm statistics
+    re-estimated on the calibration set (:mod:`.norm_stats`)."""
 
     kind: ClassVar[str]
 
@@ -232,7 +255,23 @@ class _Units(Granularity):
                         paths=unit.paths,
                     )
                 )
+        if self._adapts(graph, ctx.calib):
+            assert ctx.calib is not None
+            return [c.adapted(graph, ctx.calib) for c in candidates]
         return candidates
+
+    def _adapts(self, graph: PruningGraph, calib: CalibrationSet | None) -> bool:
+        return self.config.adapt_norms and calib is not None and has_norms(graph.model)
+
+    def settle(self, graph: PruningGraph, calib: CalibrationSet | None) -> bool:
+        """The model's own norm statistics re-estimated on the calibration set, as its
+        candidates' are: at the phase's start, so that the loss each is compared with is of the
+        same kind, and after each step (the chosen candidate's, now for good)."""
+        if not self._adapts(graph, calib):
+            return False
+        assert calib is not None
+        load_norm_stats(graph.model, estimate_norm_stats(graph.model, calib.batches))
+        return True
 
     def apply(self, graph: PruningGraph, removal: Mapping[str, torch.Tensor]) -> None:
         graph.remove_modules(list(removal))
