@@ -121,6 +121,12 @@ def parse_args() -> argparse.Namespace:
         "--shares", default="", help="autoprune-latency's share of the target per granularity"
     )
     p.add_argument("--calib", type=int, default=512, help="calibration images")
+    p.add_argument(
+        "--adapt-norms",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="blocks scored with BatchNorm statistics re-estimated (autoprune's default)",
+    )
     p.add_argument("--step", type=float, default=0.01)
     p.add_argument("--recover-steps", type=int, default=0, help="0: the protocol's none")
     p.add_argument("--train-size", type=int, default=50_000)
@@ -206,6 +212,7 @@ def _search(args: argparse.Namespace) -> dict[str, Any]:
     asked for."""
     return {
         "calib_size": args.calib,
+        "adapt_norms": args.adapt_norms,
         "step": args.step,
         "recover_steps": args.recover_steps,
         "finetune_epochs": 0,
