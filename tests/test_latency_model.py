@@ -447,14 +447,17 @@ def test_a_check_on_the_way_is_due_at_each_point_above_where_the_last_left_it(
 
 
 @pytest.mark.parametrize("bursts", [1, 5])
-def test_a_check_taken_while_the_load_changed_is_measured_again(model, monkeypatch, bursts):
+@pytest.mark.parametrize("when", ["check", "report"])
+def test_a_timing_taken_while_the_load_changed_is_measured_again(model, monkeypatch, bursts, when):
     """The first ``bursts`` timings run under a load that slows the dense model 3x and hides
-    most of the saving: the check measures again (at most REMEASURE times) and keeps the
-    timing whose dense model is closest to the fit's."""
+    most of the saving: a check, or the summary's report where no check timed the final model,
+    measures again (at most REMEASURE times) and keeps the timing whose dense model is closest
+    to the fit's."""
     pruner = Pruner(model, EXAMPLE, latency_config(), calib_data=TRAIN)
     pruner.step()
     target, calls = pruner.latency, []
     true = measured_as(pruner, 1.0)
+    dense = true()[0]
 
     def measure() -> tuple[float, float]:
         calls.append(1)
@@ -462,8 +465,13 @@ def test_a_check_taken_while_the_load_changed_is_measured_again(model, monkeypat
         return (3 * dense, 2.9 * dense) if len(calls) <= bursts else (dense, pruned)
 
     monkeypatch.setattr(target, "_measure", measure)
-    check = target.check(final=False)
     again = min(bursts, REMEASURE)
+    if when == "report":
+        report = target.report()
+        assert len(calls) == again + 1
+        assert report["dense_measured_ms"] == (dense if bursts <= REMEASURE else 3 * dense)
+        return
+    check = target.check(final=False)
     assert check["remeasured"] == again and len(calls) == again + 1
     if bursts <= REMEASURE:
         assert check["measured_reduction"] == pytest.approx(check["predicted_reduction"])

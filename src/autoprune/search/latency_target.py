@@ -284,13 +284,14 @@ class LatencyTarget:
         self, checks: Sequence[dict[str, Any]] = (), iteration: int | None = None
     ) -> dict[str, Any]:
         """The pruned model measured on the backend beside what the model predicts: the last
-        check's timing where it measured the model as it is (``iteration``), else timed now."""
+        check's timing where it measured the model as it is (``iteration``), else timed now
+        as a check times it (rank 0's timing, again where the load changed)."""
         lm = self.model
         last = checks[-1] if checks else {}
         if last.get("final") and last["iteration"] == iteration:
             dense, measured = last["dense_measured_ms"], last["measured_ms"]
         else:
-            dense, measured = self._measure()
+            dense, measured, _ = self._measure_steady()
         predicted = self.predicted_ms()
         return {
             "backend": lm.backend,
