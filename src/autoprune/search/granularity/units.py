@@ -18,8 +18,8 @@ computes exactly what the removal does; applying it replaces each module by
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, ExitStack
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -199,11 +199,13 @@ class UnitCandidate(GrainCandidate):
     def _modules(self, graph: PruningGraph) -> list[nn.Module]:
         return [graph.model.get_submodule(p) for p in self.paths]
 
-    def trial(self, graph: PruningGraph) -> AbstractContextManager[Any]:
-        stack = ExitStack()
-        stack.enter_context(substitute_identity(self._modules(graph)))
-        stack.enter_context(loaded_norm_stats(graph.model, self.norm_stats))
-        return stack
+    @contextmanager
+    def trial(self, graph: PruningGraph) -> Iterator[None]:
+        with (
+            substitute_identity(self._modules(graph)),
+            loaded_norm_stats(graph.model, self.norm_stats),
+        ):
+            yield
 
     def changed(self, graph: PruningGraph) -> list[nn.Module]:
         return self._modules(graph) + [graph.model.get_submodule(n) for n in self.norm_stats]
