@@ -348,15 +348,16 @@ def test_a_residual_conv_is_timed_without_what_follows_the_addition():
     assert followers[:3] == [("BatchNorm2d", "ReLU"), ("BatchNorm2d", "ReLU"), ("BatchNorm2d",)]
 
 
-def test_blocks_leave_under_a_latency_target_costed_by_their_layers():
-    """By default blocks first, to their share of the predicted latency (0.75 of the target),
-    then channels to the target; the prediction without the removed blocks is the backend's
-    measurement."""
+@pytest.mark.parametrize("shares", [(0.75, 0.25), ()])
+def test_blocks_leave_under_a_latency_target_costed_by_their_layers(shares):
+    """Blocks first, to their share of the predicted latency (by default all of it: channels
+    finish what no block fits), then channels to the target; the prediction without the
+    removed blocks is the backend's measurement."""
     torch.manual_seed(0)
-    resnet = create_model("resnet20")
+    resnet = create_model("resnet32")  # more blocks than fit 0.75 of the target
     example = torch.zeros(1, 3, 16, 16)
     train, _ = synthetic_task(channels=3)
-    config = latency_config(granularity=None, target_latency_reduction=0.2)
+    config = latency_config(granularity=None, target_latency_reduction=0.2, macs_shares=shares)
     pruner = Pruner(resnet, example, config, calib_data=train)
     target = pruner.latency
     candidates = pruner.candidates()
@@ -366,13 +367,19 @@ def test_blocks_leave_under_a_latency_target_costed_by_their_layers():
         modules = [pruner.model.get_submodule(p) for p in candidate.paths]
         layers = [m for mod in modules for m in mod.modules() if m in lm.layers]
         assert candidate.latency_saved == pytest.approx(lm.scale * sum(map(lm._layer_ms, layers)))
-    history = list(iter(pruner.step, None))
+    history, fitting = [], None
+    while (entry := pruner.step()) is not None:
+        history.append(entry)
+        if entry["granularity"] == "block":  # the blocks that would still fit the target
+            fitting = pruner.grains[0].candidates(pruner.context())
     grains = [h["granularity"] for h in history]
-    assert grains[0] == "block" and grains[-1] == "channel"
-    assert grains == sorted(grains, key=["block", "channel"].index)
-    first_channel = grains.index("channel")
-    before_channels = history[first_channel - 1]["latency_predicted_ms"]
-    assert 1 - before_channels / target.dense_ms >= 0.75 * 0.2 - 0.005  # the blocks' share
+    blocks = grains.count("block")
+    assert blocks and grains == ["block"] * blocks + ["channel"] * (len(grains) - blocks)
+    before_channels = 1 - history[blocks - 1]["latency_predicted_ms"] / target.dense_ms
+    if shares:
+        assert before_channels >= shares[0] * 0.2 - 0.005  # the blocks' share
+    else:  # blocks to the target; channels finish only what no block fits
+        assert fitting == [] or before_channels >= 0.2 - 0.005
     assert 1 - history[-1]["latency_predicted_ms"] / target.dense_ms >= 0.2 - 0.005
     assert target.predicted_ms() == pytest.approx(fake_ms(pruner.model, (3, 16, 16), 1))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -31,7 +31,7 @@ from autoprune.search.calibration import CalibrationSet
 from autoprune.search.candidates import loss_objective
 from autoprune.search.granularity._base import EMPTY, plan
 from autoprune.search.granularity.norm_stats import estimate_norm_stats, load_norm_stats
-from autoprune.search.granularity.units import UnitCandidate, find_units
+from autoprune.search.granularity.units import UnitCandidate, adapted, find_units
 from autoprune.search.granularity.weight import (
     MASK,
     SPREAD_SCORES,
@@ -229,6 +229,8 @@ def test_granularities_are_checked():
         PruneConfig(granularity="channel,block")
     with pytest.raises(AutopruneError, match="macs_shares"):
         PruneConfig(granularity="block,channel", macs_shares=(0.5, 0.6))
+    with pytest.raises(AutopruneError, match="macs_shares"):
+        PruneConfig(granularity="block,channel", macs_shares=(1.1, -0.1))
     with pytest.raises(AutopruneError, match="unknown granularity"):
         PruneConfig(granularity="neuron")
     with pytest.raises(AutopruneError, match="weight_loss_limit must be > 1"):
@@ -244,14 +246,15 @@ def test_the_default_granularities_and_shares_follow_the_target():
     assert PruneConfig(granularity="block,channel").target_shares == (0.5, 0.5)
     latency = replace(macs, target_latency_reduction=0.4)  # the default follows the target
     assert latency.granularities == ("block", "channel")
-    assert goals(latency) == pytest.approx({"block": 0.3, "channel": 0.4})
+    assert goals(latency) == pytest.approx({"block": 0.4, "channel": 0.4})
     three = replace(latency, granularity="block,layer,channel")
-    assert three.target_shares == (0.375, 0.375, 0.25)
+    assert three.target_shares == (0.5, 0.5, 0.0)
     assert replace(latency, macs_shares=(0.5, 0.5)).target_shares == (0.5, 0.5)
     assert replace(latency, granularity="channel").target_shares == (1.0,)
     # what the summary and a saved state record: the settings as the run used them
     record = latency.resolved()
-    assert (record.granularity, record.macs_shares) == (("block", "channel"), (0.75, 0.25))
+    assert (record.granularity, record.macs_shares) == (("block", "channel"), (1.0, 0.0))
+    assert PruneConfig(**asdict(record)).target_shares == (1.0, 0.0)  # a saved state loads again
     assert record.objective == "loss_per_latency"
 
 
@@ -378,29 +381,32 @@ def adapted_by_hand(model: nn.Module, paths: tuple[str, ...], calib: Calibration
     return ref.eval()
 
 
-@pytest.mark.parametrize("settled", [False, True])
-def test_unit_candidates_are_scored_with_their_model_s_batchnorm_statistics(resnet20, settled):
+def test_unit_candidates_are_scored_with_their_model_s_batchnorm_statistics(resnet20):
     graph = build_graph(copy.deepcopy(resnet20), X32[:1])
     g = torch.Generator().manual_seed(1)
     calib = CalibrationSet(
         [(torch.randn(8, 3, 32, 32, generator=g), torch.arange(8) % 10) for _ in range(2)]
     )
-    if settled:  # as the block phase starts: the model's own statistics from the same images
-        load_norm_stats(graph.model, estimate_norm_stats(graph.model, calib.batches))
-    units = units_of(resnet20, "block")[:4]
+    # as the block phase starts: the model's own statistics from the same images
+    load_norm_stats(graph.model, estimate_norm_stats(graph.model, calib.batches))
+    units = units_of(resnet20, "block")[1:]  # from the first stage's second on: some after others
     plain = [UnitCandidate(u.name, (), EMPTY, 1, paths=u.paths) for u in units]
-    candidates = [c.adapted(graph, calib) for c in plain]
+    candidates = adapted(graph, calib, plain)
     before = copy.deepcopy(graph.model.state_dict())
     expected = [calib.loss(adapted_by_hand(graph.model, u.paths, calib)) for u in units]
     scorers_agree(graph, candidates, calib)
     fast = create_scorer("fast", halving=False, precision="fp32")
     assert fast(graph, candidates, calib, loss_objective(0.0)) == pytest.approx(expected, rel=1e-4)
     unadapted = fast(graph, plain, calib, loss_objective(0.0))
-    assert all(abs(a - b) > 1e-3 for a, b in zip(unadapted, expected, strict=True))
+    differ = [abs(a - b) > 1e-3 for a, b in zip(unadapted, expected, strict=True)]
+    assert differ == [bool(c.norm_stats) for c in candidates]  # the last: no norm after it
     after = graph.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # trials leave the model be
-    first = graph.model.get_submodule("bn1")  # before every unit: re-estimated unless settled
-    assert (first in candidates[0].changed(graph)) is not settled
+    order = [n for n, m in graph.model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    for unit, candidate in zip(units, candidates, strict=True):  # the norms after the unit
+        (path,) = unit.paths
+        inside = [i for i, n in enumerate(order) if n.startswith(path + ".")]
+        assert sorted(candidate.norm_stats, key=order.index) == order[max(inside) + 1 :]
 
 
 @pytest.mark.parametrize("adapt", [True, False])

@@ -28,17 +28,13 @@ import itertools
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
 from .._forward import Forward, patched_forwards
-from ..graph import PruningGraph
-
-if TYPE_CHECKING:
-    from .candidates import Candidate
 
 
 @dataclass(frozen=True)
@@ -111,14 +107,15 @@ class CutPoint:
 
 
 def plan_cuts(
-    graph: PruningGraph, candidates: Sequence[Candidate], profile: CallProfile | None
+    changed: Sequence[Sequence[nn.Module]], profile: CallProfile | None
 ) -> list[CutPoint]:
-    """Candidates grouped by cut, in call order; without a profile, one cut at the start."""
+    """Candidates (each given by the modules it changes) grouped by cut, in call order;
+    without a profile, one cut at the start."""
     if profile is None:
-        return [CutPoint(0, None, (), list(range(len(candidates))))]
+        return [CutPoint(0, None, (), list(range(len(changed))))]
     cuts: dict[int, CutPoint] = {}
-    for i, candidate in enumerate(candidates):
-        position, module = profile.cut(candidate.changed(graph))
+    for i, modules in enumerate(changed):
+        position, module = profile.cut(modules)
         if position not in cuts:
             cuts[position] = CutPoint(position, module, profile.frontier(position))
         cuts[position].candidates.append(i)

@@ -240,7 +240,7 @@ class FastScorer:
             sample = self._layout(calib.batches[0][0][:2])
             ranking, final = PRECISIONS[self.precision or default_precision(sample.device)]
             profile = CallProfile.record(graph.model, sample) if self.prefix_cache else None
-            cuts = plan_cuts(graph, candidates, profile)
+            cuts = plan_cuts([c.changed(graph) for c in candidates], profile)
             plan = TrialPlan.build(graph, candidates, sample, self.stack, self.stack_bytes)
             reorder = (
                 self.halving

@@ -88,10 +88,10 @@ def check_granularity(config: PruneConfig) -> None:
     shares = config.macs_shares
     structured = config.structured_granularities
     if shares and (
-        len(shares) != len(structured) or min(shares) <= 0 or abs(sum(shares) - 1) > 1e-6
+        len(shares) != len(structured) or min(shares) < 0 or abs(sum(shares) - 1) > 1e-6
     ):
         raise AutopruneError(
-            f"macs_shares: one positive share per structured granularity "
+            f"macs_shares: one share (0 or more) per structured granularity "
             f"({', '.join(structured)}) summing to 1, got {list(shares)}"
         )
 

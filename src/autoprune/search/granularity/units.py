@@ -38,6 +38,7 @@ from ._base import EMPTY, GRANULARITIES, Granularity, touches_ignored
 from .norm_stats import (
     NormStats,
     estimate_norm_stats,
+    estimate_norm_stats_each,
     has_norms,
     load_norm_stats,
     loaded_norm_stats,
@@ -214,15 +215,19 @@ class UnitCandidate(GrainCandidate):
         graph.remove_modules(self.paths)
         load_norm_stats(graph.model, self.norm_stats)
 
-    def adapted(self, graph: PruningGraph, calib: CalibrationSet) -> UnitCandidate:
-        """This candidate with the norm statistics its model has on ``calib``'s images (those
-        that differ from the model's own: once these come from the same images,
-        :meth:`_Units.settle`, only norms after the unit, and the prefix cache cuts late)."""
-        with substitute_identity(self._modules(graph)):
-            return replace(self, norm_stats=estimate_norm_stats(graph.model, calib.batches))
-
     def removal(self) -> dict[str, torch.Tensor]:
         return dict.fromkeys(self.paths, EMPTY)
+
+
+def adapted(
+    graph: PruningGraph, calib: CalibrationSet, candidates: Sequence[UnitCandidate]
+) -> list[UnitCandidate]:
+    """``candidates`` with the norm statistics their models have on ``calib``'s images, from
+    their unit on (those before it are the model's own: :meth:`_Units.settle` makes them what
+    the same images give). The layers before a unit run once for all candidates."""
+    variants = [dict.fromkeys(c._modules(graph), _identity) for c in candidates]
+    stats = estimate_norm_stats_each(graph.model, calib.batches, variants)
+    return [replace(c, norm_stats=s) for c, s in zip(candidates, stats, strict=True)]
 
 
 class _Units(Granularity):
@@ -239,7 +244,7 @@ class _Units(Granularity):
             room = ctx.remaining_macs + TOLERANCE * ctx.original_macs
         else:
             room = (latency.target - latency.reduction + TOLERANCE) * latency.dense_ms
-        candidates = []
+        candidates: list[UnitCandidate] = []
         for unit in find_units(graph.model, graph.example_inputs):
             if unit.kind != self.kind or touches_ignored(unit.paths, self.config.ignored_layers):
                 continue
@@ -259,7 +264,7 @@ class _Units(Granularity):
                 )
         if self._adapts(graph, ctx.calib):
             assert ctx.calib is not None
-            return [c.adapted(graph, ctx.calib) for c in candidates]
+            return list(adapted(graph, ctx.calib, candidates))
         return candidates
 
     def _adapts(self, graph: PruningGraph, calib: CalibrationSet | None) -> bool:
