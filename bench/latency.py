@@ -199,15 +199,10 @@ def tp_l1_global(dense, train, backend, batch, args) -> tuple[nn.Module, dict]:
     return prune_with_tp(dense, example, "tp-l1-global", args.macs_target, TOLERANCE, None), {}
 
 
-def _grains(args: argparse.Namespace | dict[str, Any]) -> dict[str, Any]:
-    """autoprune-latency's granularities and their shares (from the flags, or the settings a
-    run recorded): autoprune's defaults unless given."""
-    settings = args if isinstance(args, dict) else vars(args)
-    if "shares" in settings:
-        shares = tuple(float(x) for x in settings["shares"].split(",") if x)
-    else:  # recorded before --shares: the shares were equal then
-        shares = autoprune.PruneConfig(granularity=settings["granularity"]).target_shares
-    return {"granularity": settings["granularity"], "macs_shares": shares}
+def _grains(args: argparse.Namespace) -> dict[str, Any]:
+    """autoprune-latency's granularities and their shares: autoprune's defaults unless given."""
+    shares = tuple(float(x) for x in args.shares.split(",") if x)
+    return {"granularity": args.granularity, "macs_shares": shares}
 
 
 def _search(args: argparse.Namespace) -> dict[str, Any]:
@@ -396,14 +391,19 @@ def kept_targets(args: argparse.Namespace) -> list[dict[str, Any]]:
     ]
 
 
-def _removing(args: argparse.Namespace | dict[str, Any]) -> str:
+def _removing(args: argparse.Namespace) -> str:
     """What autoprune-latency removed, in order, with each granularity's share of the target."""
-    speedup = (args if isinstance(args, dict) else vars(args))["speedup"]
     config = autoprune.PruneConfig(
-        target_latency_reduction=1 - 1 / speedup, **_grains(args)
+        target_latency_reduction=1 - 1 / args.speedup, **_grains(args)
     ).resolved()
-    shares = " / ".join(f"{s:g}" for s in config.macs_shares)
-    return f"{', then '.join(config.granularity)} (shares of the target: {shares})"
+    grains, shares = config.granularity, config.macs_shares
+    if len(shares) > 1 and shares[-1] == 0:
+        return (
+            f"{', then '.join(grains[:-1])} to the target, then {grains[-1]} where they fall short"
+        )
+    return (
+        f"{', then '.join(grains)} (shares of the target: {' / '.join(f'{s:g}' for s in shares)})"
+    )
 
 
 def _adapted(settings: dict[str, Any]) -> str:
@@ -430,7 +430,7 @@ def shares_table(paths: list[Path], out: Path) -> None:
             runs += [
                 {
                     "source": _beside_docs(path),
-                    "removing": _removing(results["settings"]),
+                    "removing": results["removing"],
                     "adapted": _adapted(results["settings"]),
                     "target": f"{target['backend']}, batch {target['batch']}",
                     "machine": target.get("machine", results["machine"]),
@@ -482,12 +482,14 @@ def report(args: argparse.Namespace, targets: list[dict[str, Any]]) -> None:
     flags = " --smoke" if args.smoke else " --reduced" if args.reduced else ""
     if args.model not in ("resnet56", "resnet20"):
         flags += f" --model {args.model}"
+    removing = _removing(args)  # as the defaults of this run's autoprune resolve it
     results = {
         "model": args.model,
         "data": SETUPS[args.model].data,
         "flags": flags,
         "machine": machine(),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "removing": removing,
         "protocol": (
             f"Each method prunes {_recovery(args)} (calibration {args.calib} images, step "
             f"{args.step:g}), then gets {args.finetune_epochs:g} epoch(s) of distilled fine-tune "
@@ -495,7 +497,7 @@ def report(args: argparse.Namespace, targets: list[dict[str, Any]]) -> None:
             f"autoprune-latency targets a {args.speedup:g}x speed-up on the backend and batch "
             "of its table (predicted, and measured on the way and at the end of the search: "
             "pruning goes on while the measurement falls short), removing "
-            f"{_removing(args)}; "
+            f"{removing}; "
             f"the others -{100 * args.macs_target:.0f} % MACs. Latency: "
             f"median of {args.rounds} round(s) of {args.repeats} timed runs, all models of a "
             "table timed in the same run."
