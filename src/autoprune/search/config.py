@@ -92,9 +92,8 @@ class PruneConfig:
     latency target); the structured ones share the target by ``macs_shares`` (cumulative, in
     order; a share of 0: only what the ones before leave; when empty: equal, but with a latency
     target the coarser ones take :data:`LATENCY_COARSE_SHARE` of it and ``channel`` the
-    rest), ``weight`` masks the smallest
-    weights, ``weight_step`` of all conv and linear weights per step, until ``weight_sparsity``
-    of them are zero; a step after which recovery leaves the calibration loss above
+    rest), ``weight`` masks the smallest weights, ``weight_step`` of all conv and linear
+    weights per step, until ``weight_sparsity`` of them are zero; a step after which recovery leaves the calibration loss above
     ``weight_loss_limit`` times its value at the phase's start is undone and ends the phase
     (None: reach ``weight_sparsity`` whatever it costs). ``adapt_norms``: blocks and layers
     are scored, and the chosen one applied, with BatchNorm statistics re-estimated on the
