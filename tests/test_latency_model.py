@@ -30,6 +30,7 @@ from autoprune.measure.latency_model import (
 from autoprune.measure.latency_table import TIMERS, LayerTable, probe_widths
 from autoprune.models import create_model
 from autoprune.search import OBJECTIVES, Candidate, PruneConfig, Pruner
+from autoprune.search.config import LATENCY_COARSE_SHARE
 from autoprune.search.latency_target import REMEASURE, LatencyTarget
 
 BLOCK = 8
@@ -348,11 +349,11 @@ def test_a_residual_conv_is_timed_without_what_follows_the_addition():
     assert followers[:3] == [("BatchNorm2d", "ReLU"), ("BatchNorm2d", "ReLU"), ("BatchNorm2d",)]
 
 
-@pytest.mark.parametrize("shares", [(0.75, 0.25), ()])
+@pytest.mark.parametrize("shares", [(), (1.0, 0.0)])
 def test_blocks_leave_under_a_latency_target_costed_by_their_layers(shares):
-    """Blocks first, to their share of the predicted latency (by default all of it: channels
-    finish what no block fits), then channels to the target; the prediction without the
-    removed blocks is the backend's measurement."""
+    """Blocks first, to their share of the predicted latency (by default 0.75 of it; all of it:
+    channels finish what no block fits), then channels to the target; the prediction without
+    the removed blocks is the backend's measurement."""
     torch.manual_seed(0)
     resnet = create_model("resnet32")  # more blocks than fit 0.75 of the target
     example = torch.zeros(1, 3, 16, 16)
@@ -376,10 +377,11 @@ def test_blocks_leave_under_a_latency_target_costed_by_their_layers(shares):
     blocks = grains.count("block")
     assert blocks and grains == ["block"] * blocks + ["channel"] * (len(grains) - blocks)
     before_channels = 1 - history[blocks - 1]["latency_predicted_ms"] / target.dense_ms
-    if shares:
-        assert before_channels >= shares[0] * 0.2 - 0.005  # the blocks' share
-    else:  # blocks to the target; channels finish only what no block fits
+    if shares:  # blocks to the target; channels finish only what no block fits
         assert fitting == [] or before_channels >= 0.2 - 0.005
+    else:
+        assert before_channels >= LATENCY_COARSE_SHARE * 0.2 - 0.005  # the blocks' share
+        assert fitting  # a block would still fit: the share, not the blocks, ended the phase
     assert 1 - history[-1]["latency_predicted_ms"] / target.dense_ms >= 0.2 - 0.005
     assert target.predicted_ms() == pytest.approx(fake_ms(pruner.model, (3, 16, 16), 1))
 

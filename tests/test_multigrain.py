@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -246,15 +246,16 @@ def test_the_default_granularities_and_shares_follow_the_target():
     assert PruneConfig(granularity="block,channel").target_shares == (0.5, 0.5)
     latency = replace(macs, target_latency_reduction=0.4)  # the default follows the target
     assert latency.granularities == ("block", "channel")
-    assert goals(latency) == pytest.approx({"block": 0.4, "channel": 0.4})
+    assert goals(latency) == pytest.approx({"block": 0.3, "channel": 0.4})
     three = replace(latency, granularity="block,layer,channel")
-    assert three.target_shares == (0.5, 0.5, 0.0)
+    assert three.target_shares == (0.375, 0.375, 0.25)
     assert replace(latency, macs_shares=(0.5, 0.5)).target_shares == (0.5, 0.5)
     assert replace(latency, granularity="channel").target_shares == (1.0,)
     # what the summary and a saved state record: the settings as the run used them
     record = latency.resolved()
-    assert (record.granularity, record.macs_shares) == (("block", "channel"), (1.0, 0.0))
-    assert PruneConfig(**asdict(record)).target_shares == (1.0, 0.0)  # a saved state loads again
+    assert (record.granularity, record.macs_shares) == (("block", "channel"), (0.75, 0.25))
+    blocks_only = replace(record, macs_shares=(1.0, 0.0))  # a share of 0: what blocks leave
+    assert goals(blocks_only) == pytest.approx({"block": 0.4, "channel": 0.4})
     assert record.objective == "loss_per_latency"
 
 

@@ -17,11 +17,10 @@ from .granularity import GRANULARITIES, check_granularity
 from .schedules import ALLOCATIONS, SCHEDULES
 from .scorers import SCORERS
 
-# With a latency target the granularities before ``channel`` take this share of it, and channels
-# only finish what they leave (none fits, or the measurement falls short): a layer's fixed cost
-# stays until the layer goes, so per latency saved a block takes fewer MACs, and costs less
-# accuracy, than channels (docs/benchmarks/latency_shares.md).
-LATENCY_COARSE_SHARE = 1.0
+# With a latency target the granularities before ``channel`` take this share of it: a layer's
+# fixed cost stays until the layer goes. All of it (``macs_shares=(1, 0)``) did better on
+# ResNet-56 and worse on MobileNetV2 (docs/benchmarks/latency_shares*.md).
+LATENCY_COARSE_SHARE = 0.75
 
 
 def default_criteria() -> tuple[str, ...]:
@@ -93,8 +92,9 @@ class PruneConfig:
     order; a share of 0: only what the ones before leave; when empty: equal, but with a latency
     target the coarser ones take :data:`LATENCY_COARSE_SHARE` of it and ``channel`` the
     rest), ``weight`` masks the smallest weights, ``weight_step`` of all conv and linear
-    weights per step, until ``weight_sparsity`` of them are zero; a step after which recovery leaves the calibration loss above
-    ``weight_loss_limit`` times its value at the phase's start is undone and ends the phase
+    weights per step, until ``weight_sparsity`` of them are zero; a step after which recovery
+    leaves the calibration loss above ``weight_loss_limit`` times its value at the phase's
+    start is undone and ends the phase
     (None: reach ``weight_sparsity`` whatever it costs). ``adapt_norms``: blocks and layers
     are scored, and the chosen one applied, with BatchNorm statistics re-estimated on the
     calibration images (:mod:`.granularity.norm_stats`). ``verify_graph``: before channels are
@@ -218,8 +218,8 @@ class PruneConfig:
         default=(),
         metadata=_cli(
             "Comma-separated shares of the target per structured granularity (default: equal; "
-            "with --target-latency blocks and layers take it all, channels finish what they "
-            "leave)."
+            "with --target-latency blocks and layers take 0.75, channels the rest; a share of "
+            "0: only what the ones before leave)."
         ),
     )
     weight_sparsity: float = field(
