@@ -238,7 +238,7 @@ class _Units(Granularity):
 
     kind: ClassVar[str]
 
-    def candidates(self, ctx: SearchContext) -> list[GrainCandidate]:
+    def candidates(self, ctx: SearchContext) -> list[UnitCandidate]:
         graph, latency = ctx.graph, ctx.latency
         if latency is None:
             room = ctx.remaining_macs + TOLERANCE * ctx.original_macs
@@ -264,7 +264,7 @@ class _Units(Granularity):
                 )
         if self._adapts(graph, ctx.calib):
             assert ctx.calib is not None
-            return list(adapted(graph, ctx.calib, candidates))
+            return adapted(graph, ctx.calib, candidates)
         return candidates
 
     def _adapts(self, graph: PruningGraph, calib: CalibrationSet | None) -> bool:
