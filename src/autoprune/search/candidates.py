@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -32,8 +32,13 @@ class Candidate:
     """Removing ``idxs`` (sorted) from ``group``, as ``criteria`` would; saves ``macs_saved``.
 
     The other granularities subclass :class:`GrainCandidate` and override the methods; channel
-    candidates are tried by :func:`~autoprune.graph.mask_channels`.
+    candidates are tried by :func:`~autoprune.graph.mask_channels`. ``granularity`` names the
+    one that applies it (candidates of several compete in a pool: :class:`~.granularity.Pooled`);
+    a ``divisible`` removal could be taken a step at a time, an indivisible one (a block) not.
     """
+
+    granularity: ClassVar[str] = "channel"
+    divisible: ClassVar[bool] = True
 
     group: str  # ChannelGroup.name in the current PruningGraph
     criteria: tuple[str, ...]  # every criterion in the pool that picks exactly these channels
@@ -102,11 +107,14 @@ def loss_per_mac(base_loss: float, step_ms: float = math.inf) -> Objective:
 def loss_per_latency(base_loss: float, step_ms: float = math.inf) -> Objective:
     """Loss increase over ``base_loss`` per millisecond the step is predicted to save (with a
     latency target only): steps snap to the widths the backend likes, so their sizes vary.
-    A saving counts up to one step's ``step_ms``: the ratio alone favours the largest
-    removals (a block, the stem's residual channels), whose damage no later step undoes."""
+    A divisible removal's saving counts up to one step's ``step_ms``: the ratio alone favours
+    the largest (the stem's residual channels), whose damage no later step undoes, where a
+    step's worth of them would do. An indivisible one (a block) counts all of its saving: it
+    competes with the steps of channels that would save as much."""
 
     def objective(loss: float, candidate: Candidate) -> float:
-        return (loss - base_loss) / max(1e-9, min(candidate.latency_saved, step_ms))
+        saved = candidate.latency_saved
+        return (loss - base_loss) / max(1e-9, min(saved, step_ms) if candidate.divisible else saved)
 
     return objective
 

@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -151,6 +151,8 @@ def sparse_macs(model: nn.Module, inputs: tuple[torch.Tensor, ...], dense_macs: 
 class WeightCandidate(GrainCandidate):
     """Masking the weights at flat positions ``idxs`` of the layer named ``group``."""
 
+    granularity: ClassVar[str] = "weight"
+
     def trial(self, graph: PruningGraph) -> AbstractContextManager[Any]:
         return zeroed(graph.model.get_submodule(self.group), self.idxs)
 
@@ -164,6 +166,8 @@ class WeightCandidate(GrainCandidate):
 @dataclass(frozen=True)
 class SpreadWeightCandidate(GrainCandidate):
     """Masking weights in several layers at once: ``parts`` pairs a layer with its positions."""
+
+    granularity: ClassVar[str] = "weight"
 
     parts: tuple[tuple[str, torch.Tensor], ...] = ()
 
