@@ -188,6 +188,18 @@ def test_loss_per_latency_counts_a_saving_up_to_one_step():
     assert objective(1.5, block) == pytest.approx(0.5 / 6)  # indivisible: all of its saving
 
 
+@pytest.mark.parametrize("name", ["loss_per_latency", "loss_per_mac"])
+def test_of_removals_that_lower_the_loss_the_one_saving_more_wins(name):
+    """The plain ratio of a decrease is least negative for the largest saving: a removal that
+    saves almost nothing would win over one saving a whole step for the same decrease."""
+    objective = OBJECTIVES.get(name)(1.0, 2.0)
+    tiny = Candidate("a", ("l1",), torch.tensor([0]), 1, latency_saved=0.01)
+    step = Candidate("b", ("l1",), torch.tensor([0, 1]), 100, latency_saved=2.0)
+    worse = Candidate("c", ("l1",), torch.tensor([0, 1]), 100, latency_saved=2.0)
+    assert objective(0.9, step) < objective(0.9, tiny) < objective(1.01, worse)
+    assert objective(0.8, tiny) < objective(0.9, tiny)  # still lower for a lower loss
+
+
 def test_an_unreachable_latency_target_is_refused(model):
     pruner = Pruner(
         model, EXAMPLE, latency_config(target_latency_reduction=0.9, cap=0.3), calib_data=TRAIN

@@ -93,10 +93,16 @@ def loss_per_mac(base_loss: float, step_ms: float = math.inf) -> Objective:
     candidates save no dense MACs: theirs is per parameter saved."""
 
     def objective(loss: float, candidate: Candidate) -> float:
-        saved = candidate.macs_saved or candidate.params_saved
-        return (loss - base_loss) / max(1, saved)
+        return per_saving(loss - base_loss, max(1, candidate.macs_saved or candidate.params_saved))
 
     return objective
+
+
+def per_saving(increase: float, saved: float) -> float:
+    """A loss ``increase`` per unit ``saved``; a decrease times the saving instead, so that of
+    two removals that lower the loss the one saving more wins (the ratio would pick the one
+    saving least). Never lower for a higher loss, as an objective must be."""
+    return increase / saved if increase >= 0 else increase * saved
 
 
 @OBJECTIVES.register(
@@ -114,7 +120,9 @@ def loss_per_latency(base_loss: float, step_ms: float = math.inf) -> Objective:
 
     def objective(loss: float, candidate: Candidate) -> float:
         saved = candidate.latency_saved
-        return (loss - base_loss) / max(1e-9, min(saved, step_ms) if candidate.divisible else saved)
+        return per_saving(
+            loss - base_loss, max(1e-9, min(saved, step_ms) if candidate.divisible else saved)
+        )
 
     return objective
 
