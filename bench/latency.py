@@ -6,7 +6,7 @@ CIFAR-10-JPEG75, or a MobileNetV2 on Fashion-MNIST, trained here once) with
 
 - ``autoprune-latency``: ``target_latency_reduction`` for a ``--speedup`` predicted on that
   backend and batch (the latency model is built there, from per-layer tables), removing
-  ``--granularity`` (blocks and channels in one pool, by default);
+  ``--granularity`` (blocks, then channels, by default);
 - ``autoprune-macs``: the same search to ``--macs-target`` of the MACs;
 - ``tp-l1-global``: Torch-Pruning's L1 global ranking to the same MACs target;
 
@@ -397,8 +397,6 @@ def _removing(args: argparse.Namespace) -> str:
         target_latency_reduction=1 - 1 / args.speedup, **_grains(args)
     ).resolved()
     grains, shares = config.granularity, config.macs_shares
-    if config.pooled:
-        return f"{' and '.join(grains)} in one pool, every step the best by loss per ms saved"
     if len(shares) > 1 and shares[-1] == 0:
         return (
             f"{', then '.join(grains[:-1])} to the target, then {grains[-1]} where they fall short"

@@ -30,6 +30,7 @@ from autoprune.measure.latency_model import (
 from autoprune.measure.latency_table import TIMERS, LayerTable, probe_widths
 from autoprune.models import create_model
 from autoprune.search import OBJECTIVES, Candidate, PruneConfig, Pruner
+from autoprune.search.config import LATENCY_COARSE_SHARE
 from autoprune.search.granularity.units import UnitCandidate
 from autoprune.search.latency_target import REMEASURE, LatencyTarget
 
@@ -184,8 +185,18 @@ def test_loss_per_latency_counts_a_saving_up_to_one_step():
     assert objective(1.5, three_steps) == pytest.approx(0.25)  # not 0.5 / 6 < 0.1
     half_step = Candidate("c", ("l1",), torch.tensor([0]), 5, latency_saved=1.0)
     assert objective(1.1, half_step) == pytest.approx(0.1)  # below a step: per ms saved
-    block = UnitCandidate("d", (), torch.zeros(0), 30, latency_saved=6.0, paths=("d",))
-    assert objective(1.5, block) == pytest.approx(0.5 / 6)  # indivisible: all of its saving
+
+
+def test_blocks_count_all_of_their_saving():
+    """A block is removed whole: of two, the one costing less loss per ms saved wins, not the
+    one costing less loss (both save more than a step, which capped them alike)."""
+    objective = OBJECTIVES.get("loss_per_latency")(1.0, 2.0)
+
+    def block(ms: float) -> UnitCandidate:
+        return UnitCandidate("d", (), torch.zeros(0), 30, latency_saved=ms, paths=("d",))
+
+    assert objective(1.5, block(6.0)) == pytest.approx(0.5 / 6)
+    assert objective(1.5, block(6.0)) < objective(1.4, block(3.0))  # 0.083 < 0.133 per ms
 
 
 @pytest.mark.parametrize("name", ["loss_per_latency", "loss_per_mac"])
@@ -195,8 +206,7 @@ def test_of_removals_that_lower_the_loss_the_one_saving_more_wins(name):
     objective = OBJECTIVES.get(name)(1.0, 2.0)
     tiny = Candidate("a", ("l1",), torch.tensor([0]), 1, latency_saved=0.01)
     step = Candidate("b", ("l1",), torch.tensor([0, 1]), 100, latency_saved=2.0)
-    worse = Candidate("c", ("l1",), torch.tensor([0, 1]), 100, latency_saved=2.0)
-    assert objective(0.9, step) < objective(0.9, tiny) < objective(1.01, worse)
+    assert objective(0.9, step) < objective(0.9, tiny) < objective(1.01, step)
     assert objective(0.8, tiny) < objective(0.9, tiny)  # still lower for a lower loss
 
 
@@ -281,11 +291,7 @@ def test_the_default_objective_follows_the_target():
     assert PruneConfig().search_objective == "loss"
     latency = replace(PruneConfig(), target_latency_reduction=0.3)
     assert latency.search_objective == "loss_per_latency"
-    channels = replace(latency, objective="loss", granularity=("channel",))
-    assert channels.search_objective == "loss"
-    with pytest.raises(AutopruneError, match="does not compare removals of different sizes"):
-        replace(latency, objective="loss")  # blocks and channels in one pool
-    assert replace(latency, objective="loss", macs_shares=(0.5, 0.5)).search_objective == "loss"
+    assert replace(latency, objective="loss").search_objective == "loss"
 
 
 @pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
@@ -367,20 +373,17 @@ def test_a_residual_conv_is_timed_without_what_follows_the_addition():
     assert followers[:3] == [("BatchNorm2d", "ReLU"), ("BatchNorm2d", "ReLU"), ("BatchNorm2d",)]
 
 
-def resnet32_latency_pruner(shares: tuple[float, ...]) -> Pruner:
+@pytest.mark.parametrize("shares", [(), (1.0, 0.0)])
+def test_blocks_leave_under_a_latency_target_costed_by_their_layers(shares):
+    """Blocks first, to their share of the predicted latency (by default 0.75 of it; all of it:
+    channels finish what no block fits), then channels to the target; the prediction without
+    the removed blocks is the backend's measurement."""
     torch.manual_seed(0)
-    resnet = create_model("resnet32")  # more blocks than fit the target
+    resnet = create_model("resnet32")  # more blocks than fit 0.75 of the target
+    example = torch.zeros(1, 3, 16, 16)
     train, _ = synthetic_task(channels=3)
     config = latency_config(granularity=None, target_latency_reduction=0.2, macs_shares=shares)
-    return Pruner(resnet, torch.zeros(1, 3, 16, 16), config, calib_data=train)
-
-
-@pytest.mark.parametrize("shares", [(0.75, 0.25), (1.0, 0.0)])
-def test_blocks_leave_under_a_latency_target_costed_by_their_layers(shares):
-    """Blocks first, to their share of the predicted latency (all of it: channels finish what
-    no block fits), then channels to the target; the prediction without the removed blocks is
-    the backend's measurement."""
-    pruner = resnet32_latency_pruner(shares)
+    pruner = Pruner(resnet, example, config, calib_data=train)
     target = pruner.latency
     candidates = pruner.candidates()
     assert candidates and all(c.paths and c.latency_saved > 0 for c in candidates)
@@ -398,57 +401,13 @@ def test_blocks_leave_under_a_latency_target_costed_by_their_layers(shares):
     blocks = grains.count("block")
     assert blocks and grains == ["block"] * blocks + ["channel"] * (len(grains) - blocks)
     before_channels = 1 - history[blocks - 1]["latency_predicted_ms"] / target.dense_ms
-    if shares[-1] == 0:  # blocks to the target; channels finish only what no block fits
+    if shares:  # blocks to the target; channels finish only what no block fits
         assert fitting == [] or before_channels >= 0.2 - 0.005
     else:
-        assert before_channels >= shares[0] * 0.2 - 0.005  # the blocks' share
+        assert before_channels >= LATENCY_COARSE_SHARE * 0.2 - 0.005  # the blocks' share
         assert fitting  # a block would still fit: the share, not the blocks, ended the phase
     assert 1 - history[-1]["latency_predicted_ms"] / target.dense_ms >= 0.2 - 0.005
     assert target.predicted_ms() == pytest.approx(fake_ms(pruner.model, (3, 16, 16), 1))
-
-
-class RecordingScorer:
-    """The pruner's scorer, recording what each call scored and the objective it was given."""
-
-    def __init__(self, inner) -> None:
-        self.inner, self.calls = inner, []
-
-    def __call__(self, graph, candidates, calib, objective):
-        losses = self.inner(graph, candidates, calib, objective)
-        self.calls.append((list(candidates), list(losses), objective))
-        return losses
-
-    @property
-    def last_stats(self):
-        return self.inner.last_stats
-
-
-def test_by_default_blocks_and_channels_compete_in_one_pool_by_loss_per_ms():
-    """With a latency target and no shares every step scores the blocks and the channel steps
-    together and applies the best by the objective, whichever granularity it is; a resumed
-    run replays steps of both."""
-    pruner = resnet32_latency_pruner(())
-    assert pruner.config.pooled and [g.name for g in pruner.grains] == ["block+channel"]
-    pruner.scorer = recorder = RecordingScorer(pruner.scorer)
-    taken, saved = [], None
-    while (entry := pruner.step()) is not None:
-        candidates, losses, objective = recorder.calls[-1]
-        values = [objective(v, c) for v, c in zip(losses, candidates, strict=True)]
-        best = candidates[min(range(len(values)), key=values.__getitem__)]
-        assert {c.granularity for c in candidates} == {"block", "channel"} or not any(
-            c.granularity == "block" for c in candidates
-        )
-        assert entry["granularity"] == best.granularity
-        assert entry["removed"] == {k: int(v.numel()) for k, v in best.removal().items()}
-        taken.append(entry["granularity"])
-        if saved is None and set(taken) == {"block", "channel"}:
-            saved = copy.deepcopy(pruner.state_dict())
-    assert saved is not None  # both granularities won steps
-    resumed = resnet32_latency_pruner(())
-    resumed.scorer = RecordingScorer(resumed.scorer)  # the settings the state was saved with
-    resumed.load_state_dict(saved)
-    assert [n for n, _ in resumed.state.applied] == taken[: len(resumed.state.applied)]
-    assert 1 - pruner.latency.predicted_ms() / pruner.latency.dense_ms >= 0.2 - 0.005
 
 
 def test_latency_targets_refuse_weights_and_fixed_channels_but_take_blocks():

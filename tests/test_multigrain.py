@@ -246,20 +246,14 @@ def test_the_default_granularities_and_shares_follow_the_target():
     assert PruneConfig(granularity="block,channel").target_shares == (0.5, 0.5)
     latency = replace(macs, target_latency_reduction=0.4)  # the default follows the target
     assert latency.granularities == ("block", "channel")
-    assert latency.pooled and goals(latency) == {"block+channel": 0.4}  # one pool: all of it
+    assert goals(latency) == pytest.approx({"block": 0.3, "channel": 0.4})
     three = replace(latency, granularity="block,layer,channel")
-    assert three.pooled and goals(three) == {"block+layer+channel": 0.4}
-    split = replace(latency, macs_shares=(0.75, 0.25))  # in turn, by shares
-    assert not split.pooled and goals(split) == pytest.approx({"block": 0.3, "channel": 0.4})
+    assert three.target_shares == (0.375, 0.375, 0.25)
+    assert replace(latency, macs_shares=(0.5, 0.5)).target_shares == (0.5, 0.5)
     assert replace(latency, granularity="channel").target_shares == (1.0,)
-    assert not replace(latency, granularity="channel").pooled  # one granularity: no pool
     # what the summary and a saved state record: the settings as the run used them
     record = latency.resolved()
-    assert (record.granularity, record.macs_shares, record.pooled) == (
-        ("block", "channel"),
-        (),
-        True,
-    )
+    assert (record.granularity, record.macs_shares) == (("block", "channel"), (0.75, 0.25))
     blocks_only = replace(record, macs_shares=(1.0, 0.0))  # a share of 0: what blocks leave
     assert goals(blocks_only) == pytest.approx({"block": 0.4, "channel": 0.4})
     assert record.objective == "loss_per_latency"

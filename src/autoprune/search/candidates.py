@@ -32,12 +32,10 @@ class Candidate:
     """Removing ``idxs`` (sorted) from ``group``, as ``criteria`` would; saves ``macs_saved``.
 
     The other granularities subclass :class:`GrainCandidate` and override the methods; channel
-    candidates are tried by :func:`~autoprune.graph.mask_channels`. ``granularity`` names the
-    one that applies it (candidates of several compete in a pool: :class:`~.granularity.Pooled`);
-    a ``divisible`` removal could be taken a step at a time, an indivisible one (a block) not.
+    candidates are tried by :func:`~autoprune.graph.mask_channels`. A ``divisible`` removal
+    could be taken a step at a time, an indivisible one (a block) only whole.
     """
 
-    granularity: ClassVar[str] = "channel"
     divisible: ClassVar[bool] = True
 
     group: str  # ChannelGroup.name in the current PruningGraph
@@ -115,8 +113,9 @@ def loss_per_latency(base_loss: float, step_ms: float = math.inf) -> Objective:
     latency target only): steps snap to the widths the backend likes, so their sizes vary.
     A divisible removal's saving counts up to one step's ``step_ms``: the ratio alone favours
     the largest (the stem's residual channels), whose damage no later step undoes, where a
-    step's worth of them would do. An indivisible one (a block) counts all of its saving: it
-    competes with the steps of channels that would save as much."""
+    step's worth of them would do. An indivisible one (a block) counts all of its saving, so
+    of two blocks the one saving more per loss wins: a model's blocks differ in latency
+    (docs/benchmarks/latency_shares_mobilenetv2.md)."""
 
     def objective(loss: float, candidate: Candidate) -> float:
         saved = candidate.latency_saved

@@ -17,6 +17,11 @@ from .granularity import GRANULARITIES, check_granularity
 from .schedules import ALLOCATIONS, SCHEDULES
 from .scorers import SCORERS
 
+# With a latency target the granularities before ``channel`` take this share of it: a layer's
+# fixed cost stays until the layer goes. All of it (``macs_shares=(1, 0)``) did better on
+# ResNet-56 and worse on MobileNetV2 (docs/benchmarks/latency_shares*.md).
+LATENCY_COARSE_SHARE = 0.75
+
 
 def default_criteria() -> tuple[str, ...]:
     """Every registered criterion except the controls (``random``): the seed method's pool."""
@@ -85,12 +90,13 @@ class PruneConfig:
     ``block``, ``layer``, ``channel``, ``weight``; None: ``channel``, or ``block,channel`` with a
     latency target); the structured ones share the target by ``macs_shares`` (cumulative, in
     order; a share of 0: only what the ones before leave; when empty: equal, but with a latency
-    target they compete for all of it in one pool, :attr:`pooled`), ``weight`` masks the
-    smallest weights, ``weight_step`` of all conv and linear weights per step, until
-    ``weight_sparsity`` of them are zero; a step after which recovery leaves the calibration
-    loss above ``weight_loss_limit`` times its value at the phase's start is undone and ends
-    the phase (None: reach ``weight_sparsity`` whatever it costs). ``adapt_norms``: blocks and
-    layers are scored, and the chosen one applied, with BatchNorm statistics re-estimated on the
+    target the coarser ones take :data:`LATENCY_COARSE_SHARE` of it and ``channel`` the
+    rest), ``weight`` masks the smallest weights, ``weight_step`` of all conv and linear
+    weights per step, until ``weight_sparsity`` of them are zero; a step after which recovery
+    leaves the calibration loss above ``weight_loss_limit`` times its value at the phase's
+    start is undone and ends the phase
+    (None: reach ``weight_sparsity`` whatever it costs). ``adapt_norms``: blocks and layers
+    are scored, and the chosen one applied, with BatchNorm statistics re-estimated on the
     calibration images (:mod:`.granularity.norm_stats`). ``verify_graph``: before channels are
     pruned, every group loses one unit on a copy and those whose pruned outputs differ from the
     masked ones are frozen (:func:`autoprune.graph.verify_groups`).
@@ -211,10 +217,9 @@ class PruneConfig:
     macs_shares: tuple[float, ...] = field(
         default=(),
         metadata=_cli(
-            "Comma-separated shares of the target per structured granularity, taken in turn "
-            "(default: equal; with --target-latency none: blocks, layers and channels compete "
-            "in one pool every step, by loss per ms saved; a share of 0: only what the ones "
-            "before leave)."
+            "Comma-separated shares of the target per structured granularity (default: equal; "
+            "with --target-latency blocks and layers take 0.75, channels the rest; a share of "
+            "0: only what the ones before leave)."
         ),
     )
     weight_sparsity: float = field(
@@ -357,25 +362,16 @@ class PruneConfig:
         return [n for n in self.granularities if GRANULARITIES.get(n).structured]
 
     @property
-    def pooled(self) -> bool:
-        """Whether the structured granularities compete in one pool every step
-        (:class:`~.granularity.Pooled`) rather than take shares of the target in turn: with a
-        latency target and no ``macs_shares`` (the share that suits blocks differs between
-        models: docs/benchmarks/latency_shares*.md)."""
-        return (
-            self.target_latency_reduction is not None
-            and not self.macs_shares
-            and len(self.structured_granularities) > 1
-        )
-
-    @property
     def target_shares(self) -> tuple[float, ...]:
-        """Each structured granularity's share of the target: ``macs_shares``, else equal
-        (none when :attr:`pooled`)."""
+        """Each structured granularity's share of the target: ``macs_shares``, else equal, but
+        with a latency target the ones before ``channel`` share :data:`LATENCY_COARSE_SHARE`."""
         structured = self.structured_granularities
-        if self.macs_shares or not structured or self.pooled:
+        if self.macs_shares or not structured:
             return self.macs_shares
-        return (1.0 / len(structured),) * len(structured)
+        coarse = len(structured) - 1
+        if self.target_latency_reduction is None or structured[-1:] != ["channel"] or not coarse:
+            return (1.0 / len(structured),) * len(structured)
+        return (LATENCY_COARSE_SHARE / coarse,) * coarse + (1 - LATENCY_COARSE_SHARE,)
 
     def resolved(self) -> PruneConfig:
         """These settings with the defaults that follow the target filled in, as the run uses
@@ -411,12 +407,6 @@ def _check_latency_target(config: PruneConfig) -> None:
             "channel) and, for channels, a loss-aware schedule (auto, "
             "saliency-then-similarity); use target_macs_reduction for "
             f"{', '.join(unstructured) or 'the fixed schedule'}"
-        )
-    if config.pooled and config.search_objective == "loss":
-        raise AutopruneError(
-            "objective 'loss' does not compare removals of different sizes, as blocks and "
-            "channels competing in one pool are: use loss_per_latency, or give macs_shares "
-            "(--macs-shares) to take the granularities in turn"
         )
 
 

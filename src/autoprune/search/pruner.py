@@ -209,10 +209,9 @@ class Pruner:
         self._check_finite(step.loss, "with the chosen removal")
         limited = grain.loss_limit is not None and state.grain_loss is not None
         before = (state.loss, copy.deepcopy(self.model.state_dict())) if limited else None
-        member = grain.member(step.granularity)  # a pool's steps are of its members
-        self._apply(member, step.removal)
+        self._apply(grain, step.removal)
         reduction = self.macs_reduction
-        entry = self._record(member, step, reduction, time.perf_counter() - t0)
+        entry = self._record(grain, step, reduction, time.perf_counter() - t0)
         state.timings["search_s"] += entry["seconds"]
         state.loss = step.loss
         if grain.settle(self.graph, self.calib):
@@ -231,7 +230,7 @@ class Pruner:
         if before is not None and self._over_limit(grain):
             self._undo(grain, *before)
             return None
-        state.applied.append((member.name, list(step.removal.items())))
+        state.applied.append((grain.name, list(step.removal.items())))
         state.iteration += 1
         state.history.append(entry)
         distributed.check_in_sync(self.model, f"at iteration {state.iteration}")
@@ -360,7 +359,7 @@ class Pruner:
         if self.latency is not None and fit is not None:  # decide as the saved run did
             self.latency.load_fit(fit)
         self.state.update(saved)
-        grains = {g.name: g for phase in self.grains for g in phase.members}
+        grains = {g.name: g for g in self.grains}
         for name, removal in self.state.applied:
             self._apply(grains[name], dict(removal))
         device = next(self.model.parameters()).device

@@ -271,16 +271,16 @@ def _ranking(
 def choose(
     ctx: SearchContext,
     candidates: Sequence[Candidate],
+    granularity: str = "channel",
     fill: Mapping[str, Any] | None = None,
     image_losses: torch.Tensor | None = None,
 ) -> Step:
-    """The candidate with the best objective on the calibration set, as the step to apply
-    (by the candidate's granularity); with ``fill`` (the criteria's state), topped up from
-    other groups where it saves less than a step (:func:`_fill`). ``image_losses``: the
-    current model's loss per calibration image, where a pass already measured them (the
-    scorer need not)."""
+    """The candidate with the best objective on the calibration set, as the step to apply;
+    with ``fill`` (the criteria's state), topped up from other groups where it saves less
+    than a step (:func:`_fill`). ``image_losses``: the current model's loss per calibration
+    image, where a pass already measured them (the scorer need not)."""
     if ctx.calib is None or ctx.scorer is None or ctx.loss is None:
-        raise AutopruneError(f"granularity {candidates[0].granularity!r} needs calibration data")
+        raise AutopruneError(f"granularity {granularity!r} needs calibration data")
     objective = ctx.objective()
     calib = replace(ctx.calib, image_losses=image_losses)
     losses = ctx.scorer(ctx.graph, candidates, calib, objective)
@@ -296,7 +296,7 @@ def choose(
         losses[best],
         len(candidates),
         dict(ctx.scorer.last_stats),
-        chosen.granularity,
+        granularity,
     )
     return step if fill is None else _fill(ctx, candidates, losses, step, fill, objective)
 

@@ -54,16 +54,7 @@ class Granularity(ABC):
     def propose(self, ctx: SearchContext) -> Step | None:
         """The next step, or None when this granularity has nothing left to offer."""
         candidates = self.candidates(ctx)
-        return choose(ctx, candidates) if candidates else None
-
-    @property
-    def members(self) -> tuple[Granularity, ...]:
-        """The granularities whose steps this phase takes (:class:`Pooled`: several)."""
-        return (self,)
-
-    def member(self, name: str) -> Granularity:
-        """The member that applies a step of granularity ``name``."""
-        return next(m for m in self.members if m.name == name)
+        return choose(ctx, candidates, self.name) if candidates else None
 
     @abstractmethod
     def apply(self, graph: PruningGraph, removal: Mapping[str, torch.Tensor]) -> None:
@@ -80,40 +71,6 @@ class Granularity(ABC):
 
 
 GRANULARITIES: Registry[type[Granularity]] = Registry("granularity")
-
-
-class Pooled(Granularity):
-    """Structured granularities in one phase: every step scores all their candidates together
-    and takes the best by the objective (loss per ms or per MAC saved), so a model loses
-    blocks while they cost less per saving than channels do, and channels where they cost
-    less. A fixed split of the target suits one model and not another
-    (docs/benchmarks/latency_shares*.md). Each step is applied by its candidate's member."""
-
-    def __init__(
-        self, members: Sequence[Granularity], config: PruneConfig, goal: float, schedule: Schedule
-    ) -> None:
-        super().__init__("+".join(m.name for m in members), config, goal, schedule)
-        self._members = tuple(members)
-
-    @property
-    def members(self) -> tuple[Granularity, ...]:
-        return self._members
-
-    @property
-    def needs_calibration(self) -> bool:
-        return any(m.needs_calibration for m in self._members)
-
-    def candidates(self, ctx: SearchContext) -> list[Candidate]:
-        return [c for m in self._members for c in m.candidates(ctx)]
-
-    def apply(self, graph: PruningGraph, removal: Mapping[str, torch.Tensor]) -> None:
-        raise TypeError("a pool's steps are applied by its members: use member(step.granularity)")
-
-    def settle(self, graph: PruningGraph, calib: CalibrationSet | None) -> bool:
-        """The first member's that settles (units: the norm statistics re-estimated), after
-        every step, channels' too: the loss each block candidate is compared with is then of
-        the model with its statistics estimated as the candidate's are."""
-        return any(m.settle(graph, calib) for m in self._members)
 
 
 def check_granularity(config: PruneConfig) -> None:
@@ -140,20 +97,13 @@ def check_granularity(config: PruneConfig) -> None:
 
 
 def plan(config: PruneConfig, schedule: Schedule) -> list[Granularity]:
-    """The run's phases in order, each with its goal: structured granularities share the
-    target (MACs, or predicted latency) by ``config.target_shares``, or pool for the whole of
-    it (``config.pooled``); ``weight`` aims at ``weight_sparsity``."""
+    """The run's granularities in order, each with its goal: structured ones share the target
+    (MACs, or predicted latency) by ``config.target_shares``, ``weight`` aims at
+    ``weight_sparsity``."""
     structured = config.structured_granularities
-    target = config.target_latency_reduction or config.target_macs_reduction
-    if config.pooled:
-        pool = [GRANULARITIES.get(n)(n, config, target, schedule) for n in structured]
-        rest = [n for n in config.granularities if n not in structured]
-        return [
-            Pooled(pool, config, target, schedule),
-            *(GRANULARITIES.get(n)(n, config, config.weight_sparsity, schedule) for n in rest),
-        ]
     shares = config.target_shares
     total = sum(shares)
+    target = config.target_latency_reduction or config.target_macs_reduction
     goals = {
         n: target * min(1.0, s / total) for n, s in zip(structured, accumulate(shares), strict=True)
     }

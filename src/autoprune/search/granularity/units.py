@@ -191,18 +191,13 @@ def substitute_identity(modules: Sequence[nn.Module]) -> Any:
 
 @dataclass(frozen=True)
 class UnitCandidate(GrainCandidate):
-    """Replacing the modules at ``paths`` by the identity (``group`` names the unit, a
-    block or layer by ``kind``), the norms then holding ``norm_stats``
-    (:mod:`.norm_stats`; the model's own where empty)."""
+    """Replacing the modules at ``paths`` by the identity (``group`` names the unit), the
+    norms then holding ``norm_stats`` (:mod:`.norm_stats`; the model's own where empty).
+    Indivisible: the objective counts all of its saving."""
 
     divisible: ClassVar[bool] = False
     paths: tuple[str, ...] = ()
-    kind: str = "block"
     norm_stats: NormStats = field(default_factory=dict, compare=False)
-
-    @property  # type: ignore[override]  # the unit's kind, not one for the class
-    def granularity(self) -> str:
-        return self.kind
 
     def _modules(self, graph: PruningGraph) -> list[nn.Module]:
         return [graph.model.get_submodule(p) for p in self.paths]
@@ -267,7 +262,6 @@ class _Units(Granularity):
                         saved,
                         latency_saved=0.0 if latency is None else cost,
                         paths=unit.paths,
-                        kind=self.kind,
                     )
                 )
         if self._adapts(graph, ctx.calib):

@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -151,8 +151,6 @@ def sparse_macs(model: nn.Module, inputs: tuple[torch.Tensor, ...], dense_macs: 
 class WeightCandidate(GrainCandidate):
     """Masking the weights at flat positions ``idxs`` of the layer named ``group``."""
 
-    granularity: ClassVar[str] = "weight"
-
     def trial(self, graph: PruningGraph) -> AbstractContextManager[Any]:
         return zeroed(graph.model.get_submodule(self.group), self.idxs)
 
@@ -166,8 +164,6 @@ class WeightCandidate(GrainCandidate):
 @dataclass(frozen=True)
 class SpreadWeightCandidate(GrainCandidate):
     """Masking weights in several layers at once: ``parts`` pairs a layer with its positions."""
-
-    granularity: ClassVar[str] = "weight"
 
     parts: tuple[tuple[str, torch.Tensor], ...] = ()
 
