@@ -19,7 +19,8 @@ from .scorers import SCORERS
 
 # With a latency target the granularities before ``channel`` take this share of it: a layer's
 # fixed cost stays until the layer goes. All of it (``macs_shares=(1, 0)``) did better on
-# ResNet-56 and worse on MobileNetV2 (docs/benchmarks/latency_shares*.md).
+# ResNet-56 and worse on MobileNetV2; blocks and channels competing every step in one pool
+# did worse on both (docs/benchmarks/latency_shares*.md).
 LATENCY_COARSE_SHARE = 0.75
 
 
