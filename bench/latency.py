@@ -60,7 +60,6 @@ from torch import nn
 import autoprune
 from autoprune.data import ImageData, load_dataset
 from autoprune.measure import BACKENDS, count_macs, time_runner
-from autoprune.search.granularity.units import UnitCandidate
 from autoprune.search.schedules import TOLERANCE
 from autoprune.train import distillation
 
@@ -415,8 +414,8 @@ def _adapted(settings: dict[str, Any]) -> str:
 
 
 def _block_ranking(results: dict[str, Any]) -> str:
-    """How autoprune-latency ranked blocks: recorded by the run (before 1e051c0 by the loss
-    alone, each block's saving counted as one step)."""
+    """How autoprune-latency ranked blocks: by the loss (each block's saving counted as one
+    step), but in the runs recorded with blocks counted whole (1e051c0 to 2aaec7e)."""
     return results.get("block_ranking", "loss")
 
 
@@ -460,8 +459,8 @@ def shares_table(paths: list[Path], out: Path) -> None:
         f"`bench/latency.py{first['flags']}` with other `--granularity` / `--shares` / "
         f"`--no-adapt-norms`. {protocol} Adaptive BN: blocks scored, and applied, with "
         "BatchNorm statistics re-estimated on the calibration images (runs before it: no). "
-        "Blocks ranked by the loss (each block's saving counted as one step: runs before "
-        "1e051c0) or by the loss per ms saved.",
+        "Blocks ranked by the loss (each block's saving counted as one step) or, in runs "
+        "recorded from 1e051c0 to 2aaec7e, by the loss per ms saved.",
         "",
         "| removing | adaptive BN | blocks ranked by | target | MACs red. | blocks removed | "
         "speed-up measured | acc. after prune | acc. after fine-tune | load (1 min) | results |",
@@ -501,7 +500,6 @@ def report(args: argparse.Namespace, targets: list[dict[str, Any]]) -> None:
         "machine": machine(),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "removing": removing,
-        "block_ranking": "loss" if UnitCandidate.divisible else "loss per ms saved",
         "protocol": (
             f"Each method prunes {_recovery(args)} (calibration {args.calib} images, step "
             f"{args.step:g}), then gets {args.finetune_epochs:g} epoch(s) of distilled fine-tune "

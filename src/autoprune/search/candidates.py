@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -32,11 +32,8 @@ class Candidate:
     """Removing ``idxs`` (sorted) from ``group``, as ``criteria`` would; saves ``macs_saved``.
 
     The other granularities subclass :class:`GrainCandidate` and override the methods; channel
-    candidates are tried by :func:`~autoprune.graph.mask_channels`. A ``divisible`` removal
-    could be taken a step at a time, an indivisible one (a block) only whole.
+    candidates are tried by :func:`~autoprune.graph.mask_channels`.
     """
-
-    divisible: ClassVar[bool] = True
 
     group: str  # ChannelGroup.name in the current PruningGraph
     criteria: tuple[str, ...]  # every criterion in the pool that picks exactly these channels
@@ -111,17 +108,13 @@ def per_saving(increase: float, saved: float) -> float:
 def loss_per_latency(base_loss: float, step_ms: float = math.inf) -> Objective:
     """Loss increase over ``base_loss`` per millisecond the step is predicted to save (with a
     latency target only): steps snap to the widths the backend likes, so their sizes vary.
-    A divisible removal's saving counts up to one step's ``step_ms``: the ratio alone favours
-    the largest (the stem's residual channels), whose damage no later step undoes, where a
-    step's worth of them would do. An indivisible one (a block) counts all of its saving, so
-    of two blocks the one saving more per loss wins: a model's blocks differ in latency
-    (docs/benchmarks/latency_shares_mobilenetv2.md)."""
+    A saving counts up to one step's ``step_ms``: the ratio alone favours the largest
+    removals (a block, the stem's residual channels), whose damage no later step undoes.
+    Counting a block's whole saving ranks blocks by loss per ms: better on MobileNetV2, worse
+    on ResNet-56 (docs/benchmarks/latency_shares*.md)."""
 
     def objective(loss: float, candidate: Candidate) -> float:
-        saved = candidate.latency_saved
-        return per_saving(
-            loss - base_loss, max(1e-9, min(saved, step_ms) if candidate.divisible else saved)
-        )
+        return per_saving(loss - base_loss, max(1e-9, min(candidate.latency_saved, step_ms)))
 
     return objective
 

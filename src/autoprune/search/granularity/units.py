@@ -192,10 +192,8 @@ def substitute_identity(modules: Sequence[nn.Module]) -> Any:
 @dataclass(frozen=True)
 class UnitCandidate(GrainCandidate):
     """Replacing the modules at ``paths`` by the identity (``group`` names the unit), the
-    norms then holding ``norm_stats`` (:mod:`.norm_stats`; the model's own where empty).
-    Indivisible: the objective counts all of its saving."""
+    norms then holding ``norm_stats`` (:mod:`.norm_stats`; the model's own where empty)."""
 
-    divisible: ClassVar[bool] = False
     paths: tuple[str, ...] = ()
     norm_stats: NormStats = field(default_factory=dict, compare=False)
 
