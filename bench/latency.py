@@ -415,7 +415,7 @@ def _adapted(settings: dict[str, Any]) -> str:
 
 def _block_ranking(results: dict[str, Any]) -> str:
     """How autoprune-latency ranked blocks: by the loss (each block's saving counted as one
-    step), but in the runs recorded with blocks counted whole (1e051c0 to 2aaec7e)."""
+    step), but in the runs recorded while blocks were counted whole (1d7c460 up to b7d9a73)."""
     return results.get("block_ranking", "loss")
 
 
@@ -460,7 +460,7 @@ def shares_table(paths: list[Path], out: Path) -> None:
         f"`--no-adapt-norms`. {protocol} Adaptive BN: blocks scored, and applied, with "
         "BatchNorm statistics re-estimated on the calibration images (runs before it: no). "
         "Blocks ranked by the loss (each block's saving counted as one step) or, in runs "
-        "recorded from 1e051c0 to 2aaec7e, by the loss per ms saved.",
+        "recorded from 1d7c460 up to b7d9a73, by the loss per ms saved.",
         "",
         "| removing | adaptive BN | blocks ranked by | target | MACs red. | blocks removed | "
         "speed-up measured | acc. after prune | acc. after fine-tune | load (1 min) | results |",
