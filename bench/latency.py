@@ -31,6 +31,7 @@ Writes docs/benchmarks/latency.{json,md}, latency_<model>.{json,md} for other mo
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import statistics
@@ -137,6 +138,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=None, help="default: all cores")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--finetune-seeds",
+        default="",
+        help="comma-separated: each pruned model fine-tuned once per seed, from the same "
+        "pruned weights (default: --seed); its accuracy is their mean",
+    )
     p.add_argument("--reduced", action="store_true", help="ResNet-20, small sizes")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     p.add_argument("--out", type=Path, default=None, help="default: docs/benchmarks/latency*")
@@ -167,6 +174,7 @@ def parse_args() -> argparse.Namespace:
         args.runs = SMOKE / "latency-runs"
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    args.finetune_seeds = [int(s) for s in args.finetune_seeds.split(",") if s] or [args.seed]
     return args
 
 
@@ -269,16 +277,17 @@ def run_target(
         model, extra = METHODS[method](dense, train, backend, batch, args)
         search_s = time.perf_counter() - start
         after_prune = accuracy(model, test)
-        finetune(
-            model, train, args.finetune_epochs, lr=args.finetune_lr, seed=args.seed, loss_fn=kd
-        )
+        macs_reduction = 1 - count_macs(model, example) / dense_macs
+        model, finetuned = finetuned_per_seed(model, train, test, kd, args)
         models[method] = model
         rows.append(
             {
                 "method": method,
-                "macs_reduction": 1 - count_macs(model, example) / dense_macs,
+                "macs_reduction": macs_reduction,
                 "accuracy_after_prune": after_prune,
-                "accuracy_after_finetune": accuracy(model, test),
+                "accuracy_after_finetune": statistics.mean(finetuned),
+                "accuracy_after_finetune_per_seed": finetuned,
+                "finetune_seeds": args.finetune_seeds,
                 "search_s": round(search_s, 1),
                 **extra,
             }
@@ -299,6 +308,30 @@ def run_target(
         "rows": rows,
         "machine": machine(),  # each target's own: ``--keep`` may join targets of two runs
     }
+
+
+def finetuned_per_seed(
+    pruned: nn.Module, train: ImageData, test: ImageData, kd, args: argparse.Namespace
+) -> tuple[nn.Module, list[float]]:
+    """The pruned model fine-tuned from the same weights once per ``--finetune-seeds`` (the
+    order of the batches and augmentations differs): the first seed's model, to time (every
+    seed's has the same layers), and each one's test accuracy. Several seeds show how much of
+    a difference between methods the fine-tune alone can make."""
+    models, accuracies = [], []
+    for i, seed in enumerate(args.finetune_seeds):
+        model = pruned if i == len(args.finetune_seeds) - 1 else copy.deepcopy(pruned)
+        finetune(model, train, args.finetune_epochs, lr=args.finetune_lr, seed=seed, loss_fn=kd)
+        models.append(model)
+        accuracies.append(accuracy(model, test))
+    return models[0], accuracies
+
+
+def _finetuned(row: dict[str, Any]) -> str:
+    """Accuracy after the fine-tune: the mean, ± the standard deviation over fine-tune seeds
+    where there were several (runs before ``--finetune-seeds`` had one)."""
+    per_seed = row.get("accuracy_after_finetune_per_seed", [])
+    spread = f" ± {statistics.stdev(per_seed):.2f}" if len(per_seed) > 1 else ""
+    return f"{row['accuracy_after_finetune']:.2f}{spread}"
 
 
 def write(out: Path, results: dict[str, Any]) -> None:
@@ -339,7 +372,7 @@ def write(out: Path, results: dict[str, Any]) -> None:
                 f"{row.get('removed', {}).get('blocks', 0)} | "
                 f"{row['median_ms']:.2f} | {row['speedup']:.2f}x | {predicted} | {error} | "
                 f"{checks or '–'} | "
-                f"{row['accuracy_after_prune']:.2f} | {row['accuracy_after_finetune']:.2f} | "
+                f"{row['accuracy_after_prune']:.2f} | {_finetuned(row)} | "
                 f"{row['search_s']:.0f} |"
             )
         lines.append("")
@@ -419,6 +452,16 @@ def _block_ranking(results: dict[str, Any]) -> str:
     return results.get("block_ranking", "loss")
 
 
+def _seeds(args: argparse.Namespace) -> str:
+    seeds = args.finetune_seeds
+    if len(seeds) == 1:
+        return ""
+    return (
+        f" (repeated from the same pruned model with seeds {', '.join(map(str, seeds))}: "
+        "accuracy after fine-tune is their mean ± standard deviation)"
+    )
+
+
 def _recovery(args: argparse.Namespace) -> str:
     if not args.recover_steps:
         return "without recovery"
@@ -470,7 +513,7 @@ def shares_table(paths: list[Path], out: Path) -> None:
         f"| {r['removing']} | {r['adapted']} | {r['ranking']} | {r['target']} | "
         f"{100 * r['macs_reduction']:.1f} % | "
         f"{r.get('removed', {}).get('blocks', 0)} | {r['speedup']:.2f}x | "
-        f"{r['accuracy_after_prune']:.2f} | {r['accuracy_after_finetune']:.2f} | "
+        f"{r['accuracy_after_prune']:.2f} | {_finetuned(r)} | "
         f"{r['machine']['load_average'][0]:.1f} | {r['source']} |"
         for r in runs
     ]
@@ -503,7 +546,8 @@ def report(args: argparse.Namespace, targets: list[dict[str, Any]]) -> None:
         "protocol": (
             f"Each method prunes {_recovery(args)} (calibration {args.calib} images, step "
             f"{args.step:g}), then gets {args.finetune_epochs:g} epoch(s) of distilled fine-tune "
-            f"on {args.train_size} training images; accuracy on {args.test_size} test images. "
+            f"on {args.train_size} training images{_seeds(args)}; accuracy on {args.test_size} "
+            "test images. "
             f"autoprune-latency targets a {args.speedup:g}x speed-up on the backend and batch "
             "of its table (predicted, and measured on the way and at the end of the search: "
             "pruning goes on while the measurement falls short), removing "
