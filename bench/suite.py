@@ -26,7 +26,7 @@ SCRIPTS = (  # a script, with its arguments where it runs more than once
     "quality.py",
     "search_cost.py",
     "speed.py",
-    "latency.py",
+    "latency.py --finetune-seeds 0,1",
     "latency.py --model mobilenetv2",
     "scorer_tricks.py",
     "search_speed.py",
