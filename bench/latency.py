@@ -59,9 +59,12 @@ from _tp_baselines import prune_with_tp
 from torch import nn
 
 import autoprune
+from autoprune._forward import eval_mode
 from autoprune.data import ImageData, load_dataset
+from autoprune.feed import calibration_for
 from autoprune.measure import BACKENDS, count_macs, time_runner
 from autoprune.search.schedules import TOLERANCE
+from autoprune.task import Task
 from autoprune.train import distillation
 
 RUNS = REPO / "runs" / "bench-latency"
@@ -128,6 +131,15 @@ def parse_args() -> argparse.Namespace:
         default=True,
         help="blocks scored with BatchNorm statistics re-estimated (autoprune's default)",
     )
+    p.add_argument(
+        "--calib-targets",
+        default="labels",
+        choices=("labels", "teacher"),
+        help="what autoprune-latency's calibration loss compares with: the labels "
+        "(cross-entropy, autoprune's), or the dense model's outputs (T^2 KL at "
+        "--calib-temperature, the distillation's soft term)",
+    )
+    p.add_argument("--calib-temperature", type=float, default=4.0)
     p.add_argument("--step", type=float, default=0.01)
     p.add_argument("--recover-steps", type=int, default=0, help="0: the protocol's none")
     p.add_argument("--train-size", type=int, default=50_000)
@@ -190,6 +202,7 @@ def autoprune_latency(dense, train, backend, batch, args) -> tuple[nn.Module, di
         latency_batch=batch,
         **_grains(args),
         **_search(args),
+        **CALIB_TARGETS[args.calib_targets](dense, train, args),
     )
     summary = result.summary
     return result.model, {"latency_model": summary["latency"], "removed": summary["removed"]}
@@ -205,6 +218,34 @@ def autoprune_macs(dense, train, backend, batch, args) -> tuple[nn.Module, dict]
 def tp_l1_global(dense, train, backend, batch, args) -> tuple[nn.Module, dict]:
     example = torch.zeros(1, *SETUPS[args.model].input_shape)
     return prune_with_tp(dense, example, "tp-l1-global", args.macs_target, TOLERANCE, None), {}
+
+
+def _teacher_targets(dense: nn.Module, train: ImageData, args) -> dict[str, Any]:
+    """The calibration images autoprune draws (the same ones), each with the dense model's
+    log-probabilities at ``--calib-temperature`` for a target, and the loss that compares a
+    candidate's with them: ``T^2 KL(dense || candidate)`` per image, as the fine-tune's soft
+    term (never below 0, so the fast scorer's bound holds)."""
+    t = args.calib_temperature
+    calib = calibration_for(dense, train, args.calib, seed=args.seed)
+    with torch.no_grad(), eval_mode(dense):
+        images = torch.cat([x for x, _ in calib.batches])
+        targets = torch.log_softmax(dense(images) / t, dim=1)
+
+    def soft_kl(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        log_q = torch.log_softmax(prediction.float() / t, dim=1)
+        return t * t * (target.exp() * (target - log_q)).sum(1)
+
+    data = torch.utils.data.TensorDataset(images, targets)
+    return {
+        "calib_data": torch.utils.data.DataLoader(data, batch_size=128),
+        "task": Task(loss_fn=soft_kl, loss_floor=0.0),
+    }
+
+
+CALIB_TARGETS: dict[str, Callable[[nn.Module, ImageData, argparse.Namespace], dict[str, Any]]] = {
+    "labels": lambda dense, train, args: {},
+    "teacher": _teacher_targets,
+}
 
 
 def _grains(args: argparse.Namespace) -> dict[str, Any]:
@@ -446,6 +487,14 @@ def _adapted(settings: dict[str, Any]) -> str:
     return "yes" if settings.get("adapt_norms", False) else "no"
 
 
+def _calib_against(settings: dict[str, Any]) -> str:
+    """What autoprune-latency's calibration loss compared with (the labels in runs recorded
+    before ``--calib-targets``)."""
+    if settings.get("calib_targets", "labels") == "labels":
+        return "the labels"
+    return f"the dense model's outputs, T^2 KL at T = {settings['calib_temperature']:g}"
+
+
 def _block_ranking(results: dict[str, Any]) -> str:
     """How autoprune-latency ranked blocks: by the loss (each block's saving counted as one
     step), but in the runs recorded while blocks were counted whole (1d7c460 up to b7d9a73)."""
@@ -483,6 +532,7 @@ def shares_table(paths: list[Path], out: Path) -> None:
                     "removing": results["removing"],
                     "adapted": _adapted(results["settings"]),
                     "ranking": _block_ranking(results),
+                    "against": _calib_against(results["settings"]),
                     "target": f"{target['backend']}, batch {target['batch']}",
                     "machine": target.get("machine", results["machine"]),
                     **row,
@@ -494,6 +544,7 @@ def shares_table(paths: list[Path], out: Path) -> None:
     protocol = re.sub(
         r"removing .*?; the others", "removing as the table says; the others", first["protocol"]
     )
+    protocol = re.sub(r"; autoprune-latency's calibration loss against [^)]*", "", protocol)
     lines = [
         f"# Latency target: the share of blocks, and adaptive BN ({first['model']} on "
         f"{first.get('data', 'CIFAR-10-JPEG75')})",
@@ -505,12 +556,13 @@ def shares_table(paths: list[Path], out: Path) -> None:
         "Blocks ranked by the loss (each block's saving counted as one step) or, in runs "
         "recorded from 1d7c460 up to b7d9a73, by the loss per ms saved.",
         "",
-        "| removing | adaptive BN | blocks ranked by | target | MACs red. | blocks removed | "
-        "speed-up measured | acc. after prune | acc. after fine-tune | load (1 min) | results |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| removing | adaptive BN | blocks ranked by | calibration loss against | target | "
+        "MACs red. | blocks removed | speed-up measured | acc. after prune | acc. after "
+        "fine-tune | load (1 min) | results |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['removing']} | {r['adapted']} | {r['ranking']} | {r['target']} | "
+        f"| {r['removing']} | {r['adapted']} | {r['ranking']} | {r['against']} | {r['target']} | "
         f"{100 * r['macs_reduction']:.1f} % | "
         f"{r.get('removed', {}).get('blocks', 0)} | {r['speedup']:.2f}x | "
         f"{r['accuracy_after_prune']:.2f} | {_finetuned(r)} | "
@@ -545,7 +597,9 @@ def report(args: argparse.Namespace, targets: list[dict[str, Any]]) -> None:
         "removing": removing,
         "protocol": (
             f"Each method prunes {_recovery(args)} (calibration {args.calib} images, step "
-            f"{args.step:g}), then gets {args.finetune_epochs:g} epoch(s) of distilled fine-tune "
+            f"{args.step:g}; autoprune-latency's calibration loss against "
+            f"{_calib_against(vars(args))}), then gets {args.finetune_epochs:g} epoch(s) of "
+            "distilled fine-tune "
             f"on {args.train_size} training images{_seeds(args)}; accuracy on {args.test_size} "
             "test images. "
             f"autoprune-latency targets a {args.speedup:g}x speed-up on the backend and batch "
