@@ -205,7 +205,12 @@ def autoprune_latency(dense, train, backend, batch, args) -> tuple[nn.Module, di
         **CALIB_TARGETS[args.calib_targets](dense, train, args),
     )
     summary = result.summary
-    return result.model, {"latency_model": summary["latency"], "removed": summary["removed"]}
+    units = [h["group"] for h in result.history if h["granularity"] in ("block", "layer")]
+    return result.model, {
+        "latency_model": summary["latency"],
+        "removed": summary["removed"],
+        "removed_units": units,  # the blocks and layers, in the order the search took them
+    }
 
 
 def autoprune_macs(dense, train, backend, batch, args) -> tuple[nn.Module, dict]:
