@@ -38,7 +38,7 @@ class Candidate:
     group: str  # ChannelGroup.name in the current PruningGraph
     criteria: tuple[str, ...]  # every criterion in the pool that picks exactly these channels
     idxs: torch.Tensor
-    macs_saved: int  # exact, from graph.macs
+    macs_saved: int  # exact (ChannelGroup.macs_saved)
     params_saved: int = 0  # set where no MACs are saved (weights): loss_per_mac divides by it
     latency_saved: float = 0.0  # predicted ms, with a latency target (:mod:`.latency_target`)
     # the calibration loss after the removal, predicted from gradients (:func:`with_predictions`)
@@ -203,7 +203,6 @@ def make_candidates(
     ``taylor`` where no gradient arrives) offers nothing there instead of stopping the search.
     """
     criteria = tuple(criteria)
-    current = graph.macs()
     candidates = []
     for group in graph.groups():
         limit = limits.get(group.name, 0)
@@ -213,8 +212,7 @@ def make_candidates(
         if n < 1:
             continue
         for idxs, names in distinct_choices(group, criteria, n, state):
-            saved = current - graph.macs(group, idxs)
-            candidates.append(Candidate(group.name, names, idxs, saved))
+            candidates.append(Candidate(group.name, names, idxs, group.macs_saved(idxs)))
     return candidates
 
 

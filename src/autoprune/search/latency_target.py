@@ -262,7 +262,6 @@ class LatencyTarget:
         graph, criteria = self.graph, tuple(criteria)
         remaining = (self.target - self.reduction) * self.dense_ms
         goal = min(step * self.dense_ms, remaining)
-        current_macs = graph.macs()
         candidates = []
         for group in graph.groups():
             options = self.options(group, limits.get(group.name, 0))
@@ -270,9 +269,8 @@ class LatencyTarget:
                 continue
             n, saved = min(options, key=lambda o: abs(o[1] - goal))
             for idxs, names in distinct_choices(group, criteria, n, state):
-                macs = current_macs - graph.macs(group, idxs)
-                offer = Candidate(group.name, names, idxs, macs, latency_saved=saved)
-                candidates.append(offer)
+                macs = group.macs_saved(idxs)
+                candidates.append(Candidate(group.name, names, idxs, macs, latency_saved=saved))
         if goal < step * self.dense_ms:  # the last step: keep those landing on the target
             slack = TOLERANCE * self.dense_ms
             landing = [c for c in candidates if abs(goal - c.latency_saved) <= slack]
