@@ -500,6 +500,11 @@ def _calib_against(settings: dict[str, Any]) -> str:
     return f"the dense model's outputs, T^2 KL at T = {settings['calib_temperature']:g}"
 
 
+def _calibration(settings: dict[str, Any]) -> str:
+    """How many calibration images autoprune-latency scored on, and the seed that drew them."""
+    return f"{settings['calib']} (seed {settings['seed']})"
+
+
 def _block_ranking(results: dict[str, Any]) -> str:
     """How autoprune-latency ranked blocks: by the loss (each block's saving counted as one
     step), but in the runs recorded while blocks were counted whole (1d7c460 up to b7d9a73)."""
@@ -538,6 +543,7 @@ def shares_table(paths: list[Path], out: Path) -> None:
                     "adapted": _adapted(results["settings"]),
                     "ranking": _block_ranking(results),
                     "against": _calib_against(results["settings"]),
+                    "calibration": _calibration(results["settings"]),
                     "target": f"{target['backend']}, batch {target['batch']}",
                     "machine": target.get("machine", results["machine"]),
                     **row,
@@ -564,13 +570,14 @@ def shares_table(paths: list[Path], out: Path) -> None:
         "the dense model's outputs at temperature T. Accuracy after fine-tune: mean ± sd "
         "where the run fine-tuned with several seeds.",
         "",
-        "| removing | adaptive BN | blocks ranked by | calibration loss against | target | "
-        "MACs red. | blocks removed | speed-up measured | acc. after prune | acc. after "
-        "fine-tune | load (1 min) | results |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| removing | adaptive BN | blocks ranked by | calibration loss against | calibration "
+        "images (draw) | target | MACs red. | blocks removed | speed-up measured | acc. after "
+        "prune | acc. after fine-tune | load (1 min) | results |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['removing']} | {r['adapted']} | {r['ranking']} | {r['against']} | {r['target']} | "
+        f"| {r['removing']} | {r['adapted']} | {r['ranking']} | {r['against']} | "
+        f"{r['calibration']} | {r['target']} | "
         f"{100 * r['macs_reduction']:.1f} % | "
         f"{r.get('removed', {}).get('blocks', 0)} | {r['speedup']:.2f}x | "
         f"{r['accuracy_after_prune']:.2f} | {_finetuned(r)} | "
