@@ -140,6 +140,12 @@ def parse_args() -> argparse.Namespace:
         "--calib-temperature, the distillation's soft term)",
     )
     p.add_argument("--calib-temperature", type=float, default=4.0)
+    p.add_argument(
+        "--break-unit-ties",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="autoprune-latency: of blocks whose losses tie, remove the one with fewest parameters",
+    )
     p.add_argument("--step", type=float, default=0.01)
     p.add_argument("--recover-steps", type=int, default=0, help="0: the protocol's none")
     p.add_argument("--train-size", type=int, default=50_000)
@@ -256,7 +262,11 @@ CALIB_TARGETS: dict[str, Callable[[nn.Module, ImageData, argparse.Namespace], di
 def _grains(args: argparse.Namespace) -> dict[str, Any]:
     """autoprune-latency's granularities and their shares: autoprune's defaults unless given."""
     shares = tuple(float(x) for x in args.shares.split(",") if x)
-    return {"granularity": args.granularity, "macs_shares": shares}
+    return {
+        "granularity": args.granularity,
+        "macs_shares": shares,
+        "break_unit_ties": args.break_unit_ties,
+    }
 
 
 def _search(args: argparse.Namespace) -> dict[str, Any]:
@@ -508,7 +518,10 @@ def _calibration(settings: dict[str, Any]) -> str:
 def _block_ranking(results: dict[str, Any]) -> str:
     """How autoprune-latency ranked blocks: by the loss (each block's saving counted as one
     step), but in the runs recorded while blocks were counted whole (1d7c460 up to b7d9a73)."""
-    return results.get("block_ranking", "loss")
+    ranking = results.get("block_ranking", "loss")
+    if results["settings"].get("break_unit_ties"):
+        ranking += "; of tied ones (within one standard error), the fewest parameters"
+    return ranking
 
 
 def _seeds(args: argparse.Namespace) -> str:

@@ -31,7 +31,15 @@ from autoprune.search.calibration import CalibrationSet
 from autoprune.search.candidates import loss_objective
 from autoprune.search.granularity._base import EMPTY, plan
 from autoprune.search.granularity.norm_stats import estimate_norm_stats, load_norm_stats
-from autoprune.search.granularity.units import UnitCandidate, adapted, find_units
+from autoprune.search.granularity.units import (
+    UnitCandidate,
+    adapted,
+    fewest_params_of_tied,
+    find_units,
+    tied_with,
+    unit_image_losses,
+    unit_params,
+)
 from autoprune.search.granularity.weight import (
     MASK,
     SPREAD_SCORES,
@@ -43,7 +51,7 @@ from autoprune.search.granularity.weight import (
     masks_held,
     weight_layers,
 )
-from autoprune.search.schedules import SCHEDULES
+from autoprune.search.schedules import SCHEDULES, Step
 from autoprune.train import TrainConfig, fit
 
 X32 = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -141,6 +149,55 @@ def test_masked_scoring_equals_physical_removal(resnet20):
     ]
     scorers_agree(graph, weights, calib)
     assert not graph.masks.active and not hasattr(conv, MASK)
+
+
+def test_losses_tie_within_one_standard_error_of_their_per_image_difference():
+    base = torch.tensor([0.0, 1.0, 2.0, 3.0] * 4)
+    noise = torch.tensor([1.0, -1.0] * 8)
+    losses = {
+        "best": base,
+        "noisy": base + 0.1 + noise,  # 0.1 higher, standard error of the difference ~0.26
+        "clear": base + 0.1 + 0.01 * noise,  # 0.1 higher, standard error ~0.003
+        "lower": base - 0.5,  # lower than the loss-aware choice: ties too
+    }
+    assert tied_with(losses, "best") == ["best", "noisy", "lower"]
+
+
+@pytest.mark.parametrize(
+    ("first", "gap", "expected"),
+    [
+        ("layer3.1", 0.0, "layer1.1"),  # tied: the smaller block
+        ("layer3.1", 5.0, "layer3.1"),  # the loss tells them apart: the loss-aware choice stays
+        ("layer1.1", 0.0, "layer1.1"),  # the smaller one ranked first stays
+    ],
+)
+def test_tied_blocks_give_way_to_the_one_removing_fewest_parameters(resnet20, first, gap, expected):
+    """A first-stage block (16 channels) holds a tenth of the parameters of a last-stage one
+    (64): where their losses tie, removing it leaves the fine-tune more to recover with."""
+    graph = build_graph(copy.deepcopy(resnet20), X32[:1])
+    units = {u.name: u for u in units_of(resnet20, "block")}
+    both = [UnitCandidate(n, (), EMPTY, 1, paths=units[n].paths) for n in ("layer3.1", "layer1.1")]
+    assert 10 * unit_params(graph, both[1]) < unit_params(graph, both[0])
+    spread = torch.tensor([0.0, 2.0, 1.0, 3.0])
+    other = "layer1.1" if first == "layer3.1" else "layer3.1"
+    losses = {first: spread, other: spread.flip(0) + gap}  # the same mean, or gap higher
+    step = Step(dict.fromkeys(units[first].paths, EMPTY), (), 1.5, 2, {})
+    chosen = fewest_params_of_tied(graph, both, step, losses)
+    assert list(chosen.removal) == list(units[expected].paths)
+    assert chosen.loss == pytest.approx(float(losses[expected].mean()))
+    assert chosen.stats == {"tied": 1 if gap else 2, "loss_ranked_first": first}
+
+
+def test_unit_image_losses_average_to_the_scorers_loss(resnet20):
+    graph = build_graph(copy.deepcopy(resnet20), X32[:1])
+    calib = CalibrationSet([(X32, torch.arange(len(X32)) % 10)])
+    candidates = [
+        UnitCandidate(u.name, (), EMPTY, 1, paths=u.paths) for u in units_of(resnet20, "block")[:3]
+    ]
+    image = unit_image_losses(graph, calib, candidates)
+    exact = create_scorer("exhaustive")(graph, candidates, calib, loss_objective(0.0))
+    assert [float(image[c.group].mean()) for c in candidates] == pytest.approx(exact, rel=1e-5)
+    assert all(len(v) == len(X32) for v in image.values())
 
 
 def test_weight_masks_survive_training_and_save_load(tmp_path: Path):
@@ -410,13 +467,14 @@ def test_unit_candidates_are_scored_with_their_model_s_batchnorm_statistics(resn
         assert sorted(candidate.norm_stats, key=order.index) == order[max(inside) + 1 :]
 
 
-@pytest.mark.parametrize("adapt", [True, False])
-def test_a_block_step_leaves_the_statistics_it_was_scored_with(resnet20, adapt):
+@pytest.mark.parametrize(("adapt", "ties"), [(True, False), (False, False), (True, True)])
+def test_a_block_step_leaves_the_statistics_it_was_scored_with(resnet20, adapt, ties):
     settings = {**SMALL, "granularity": "block", "target_macs_reduction": 0.2}
-    config = PruneConfig(**settings, adapt_norms=adapt)
+    config = PruneConfig(**settings, adapt_norms=adapt, break_unit_ties=ties)
     pruner = Pruner(resnet20, EXAMPLE, config, calib_data=TRAIN)
     entry = pruner.step()
     assert entry is not None and entry["granularity"] == "block"
+    assert ("tied" in entry["scorer"]) is ties
     assert pruner.calib is not None
     left = estimate_norm_stats(pruner.model, pruner.calib.batches)
     assert (left == {}) is adapt  # adapted: already what the calibration images give

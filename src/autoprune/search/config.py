@@ -98,7 +98,9 @@ class PruneConfig:
     start is undone and ends the phase
     (None: reach ``weight_sparsity`` whatever it costs). ``adapt_norms``: blocks and layers
     are scored, and the chosen one applied, with BatchNorm statistics re-estimated on the
-    calibration images (:mod:`.granularity.norm_stats`). ``verify_graph``: before channels are
+    calibration images (:mod:`.granularity.norm_stats`); ``break_unit_ties``: of those whose
+    losses the calibration images cannot tell apart, the one removing the fewest parameters
+    (:func:`.granularity.units.fewest_params_of_tied`). ``verify_graph``: before channels are
     pruned, every group loses one unit on a copy and those whose pruned outputs differ from the
     masked ones are frozen (:func:`autoprune.graph.verify_groups`).
 
@@ -243,6 +245,13 @@ class PruneConfig:
         metadata=_cli(
             "Score and apply block and layer removals with BatchNorm statistics re-estimated "
             "on the calibration images (adaptive BN)."
+        ),
+    )
+    break_unit_ties: bool = field(
+        default=False,
+        metadata=_cli(
+            "Where block (layer) removals' calibration losses differ by less than one standard "
+            "error of their per-image difference, remove the one with the fewest parameters."
         ),
     )
     verify_graph: bool = field(

@@ -18,6 +18,7 @@ computes exactly what the removal does; applying it replaces each module by
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -26,14 +27,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..._forward import hooked, patched_forwards, run_eval
+from ..._forward import eval_mode, hooked, patched_forwards, run_eval
 from ...graph import PruningGraph
 from ...graph._rules import CONV_TYPES
 from ...graph.units import remove_modules, removed_paths
 from ...io.removals import REMOVALS, SavedRemovals
 from ..calibration import CalibrationSet
 from ..candidates import GrainCandidate
-from ..schedules import TOLERANCE, SearchContext
+from ..schedules import TOLERANCE, SearchContext, Step, choose
 from ._base import EMPTY, GRANULARITIES, Granularity, touches_ignored
 from .norm_stats import (
     NormStats,
@@ -230,6 +231,57 @@ def adapted(
     return [replace(c, norm_stats=s) for c, s in zip(candidates, stats, strict=True)]
 
 
+TIE = 1.0  # two units' losses closer than this many standard errors of their difference tie
+
+
+def tied_with(image_losses: Mapping[str, torch.Tensor], best: str) -> list[str]:
+    """The units whose calibration loss is not higher than ``best``'s by more than :data:`TIE`
+    standard errors of the per-image difference (``best`` among them): a difference the draw
+    of the calibration images could make or unmake."""
+    ref = image_losses[best]
+
+    def tied(losses: torch.Tensor) -> bool:
+        diff = (losses - ref).double()
+        return float(diff.mean()) <= TIE * float(diff.std()) / math.sqrt(len(diff))
+
+    return [name for name, losses in image_losses.items() if name == best or tied(losses)]
+
+
+def unit_params(graph: PruningGraph, candidate: UnitCandidate) -> int:
+    return sum(p.numel() for m in candidate._modules(graph) for p in m.parameters())
+
+
+def unit_image_losses(
+    graph: PruningGraph, calib: CalibrationSet, candidates: Sequence[UnitCandidate]
+) -> dict[str, torch.Tensor]:
+    """Each candidate's loss per calibration image, its removal tried (on the CPU, fp32)."""
+    image_losses = {}
+    with torch.no_grad(), eval_mode(graph.model):
+        for c in candidates:
+            with c.trial(graph):
+                image_losses[c.group] = torch.cat(
+                    [calib.task.losses(graph.model(x), y).float().cpu() for x, y in calib.batches]
+                )
+    return image_losses
+
+
+def fewest_params_of_tied(
+    graph: PruningGraph,
+    candidates: Sequence[UnitCandidate],
+    step: Step,
+    image_losses: Mapping[str, torch.Tensor],
+) -> Step:
+    """``step`` (the loss-aware choice), or the tied unit (:func:`tied_with`) removing the
+    fewest parameters in its place: where the calibration loss cannot tell units apart, the
+    one that leaves the fine-tune the most to recover with."""
+    best = next(c.group for c in candidates if set(c.removal()) == set(step.removal))
+    tied = [c for c in candidates if c.group in tied_with(image_losses, best)]
+    pick = min(tied, key=lambda c: (unit_params(graph, c), float(image_losses[c.group].mean())))
+    stats = {**step.stats, "tied": len(tied), "loss_ranked_first": best}
+    loss = float(image_losses[pick.group].mean())
+    return Step(pick.removal(), (), loss, step.candidates, stats, step.granularity)
+
+
 class _Units(Granularity):
     """Every block or layer whose removal stays within the target is a candidate; with a
     latency target each is costed by the predicted latency of its layers. With
@@ -266,6 +318,18 @@ class _Units(Granularity):
             assert ctx.calib is not None
             return adapted(graph, ctx.calib, candidates)
         return candidates
+
+    def propose(self, ctx: SearchContext) -> Step | None:
+        """The loss-aware choice; with ``config.break_unit_ties`` the unit removing the fewest
+        parameters of those whose loss ties with it (:func:`fewest_params_of_tied`)."""
+        candidates = self.candidates(ctx)
+        if not candidates:
+            return None
+        step = choose(ctx, candidates, self.name)
+        if not self.config.break_unit_ties or ctx.calib is None or len(candidates) < 2:
+            return step
+        image_losses = unit_image_losses(ctx.graph, ctx.calib, candidates)
+        return fewest_params_of_tied(ctx.graph, candidates, step, image_losses)
 
     def _adapts(self, graph: PruningGraph, calib: CalibrationSet | None) -> bool:
         return self.config.adapt_norms and calib is not None and has_norms(graph.model)
