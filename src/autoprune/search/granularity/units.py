@@ -254,7 +254,8 @@ def unit_params(graph: PruningGraph, candidate: UnitCandidate) -> int:
 def unit_image_losses(
     graph: PruningGraph, calib: CalibrationSet, candidates: Sequence[UnitCandidate]
 ) -> dict[str, torch.Tensor]:
-    """Each candidate's loss per calibration image, its removal tried (on the CPU, fp32)."""
+    """Each candidate's loss per calibration image with its removal tried (returned on the
+    CPU, in fp32): the scorer keeps only their sums, the tie needs their spread."""
     image_losses = {}
     with torch.no_grad(), eval_mode(graph.model):
         for c in candidates:
