@@ -74,6 +74,7 @@ GPU_VARIANTS: dict[str, dict[str, Any]] = {
     FROM_INPUT: {"precision": "fp32", "prefix_cache": False},
     "stacked from the input (no prefix cache), bf16": {"precision": "bf16", "prefix_cache": False},
 }
+ALL_VARIANTS = {**VARIANTS, **GPU_VARIANTS}
 # The library stacks on a GPU only; on a CPU the stacked variants stack with this budget, to
 # show what stacking does there.
 CPU_STACK_BYTES = 64 << 20
@@ -83,7 +84,7 @@ def variants_for(device: str) -> dict[str, dict[str, Any]]:
     """``VARIANTS`` (and on a GPU ``GPU_VARIANTS``), the stacked ones given a budget on a CPU
     (where the default is none)."""
     if device != "cpu":
-        return {**VARIANTS, **GPU_VARIANTS}
+        return ALL_VARIANTS
     return {
         name: options
         if options.get("stack") is False
@@ -462,7 +463,7 @@ def outside_scoring(log: list[dict[str, Any]]) -> float:
 def summarise(log: list[dict[str, Any]], other_s: float) -> dict[str, dict[str, Any]]:
     """Per variant: scoring time, the search time it would take, ratio and winner agreement."""
     summary = {}
-    for name in {**VARIANTS, **GPU_VARIANTS}:
+    for name in ALL_VARIANTS:
         ran = [r for r in log if name in r["variants"]]
         if not ran:
             continue
